@@ -1,0 +1,68 @@
+# halfclose: every target creates .venv/ on first use, so each works from a
+# fresh clone.  Targets that touch the kernel need root (the lab makes network
+# namespaces); `make test` skips those tests with a reason when not root.
+SHELL := /bin/bash
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: help venv deps demo lab-up lab-down test test-unit test-kernel test-kube test-chart \
+        lint fmt typecheck crds bench bench-agent image clean
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
+
+$(STAMP): pyproject.toml setup.py
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP) ## create .venv/ with halfclose and the dev tools
+
+deps: ## install the system tools the lab and tests use (Debian; root)
+	bash .ci/system-deps
+
+demo: deps $(STAMP) ## reproduce the leak in the built-in lab and fix it (root)
+	$(BIN)/halfclose demo
+
+test: deps $(STAMP) ## all tests: unit, real-kernel, API emulator, chart
+	$(BIN)/pytest
+
+test-unit: $(STAMP)
+	$(BIN)/pytest -m "not kernel and not kube and not chart"
+
+test-kernel: $(STAMP)
+	$(BIN)/pytest -m kernel
+
+test-kube: $(STAMP)
+	$(BIN)/pytest -m kube
+
+test-chart: $(STAMP)
+	$(BIN)/pytest -m chart
+
+lint: $(STAMP) ## ruff, mypy and the layer contract (import-linter)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+fmt: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+crds: $(STAMP) ## regenerate crds/*.yaml (and the chart's copy) from the Python model
+	$(BIN)/python -m halfclose.api.generate
+
+bench: $(STAMP) ## scan benchmark against ss + conntrack on the same netns (root)
+	$(BIN)/python -m bench.scan
+
+bench-agent: $(STAMP) ## leak lifetime and agent footprint (root)
+	$(BIN)/python -m bench.agent
+
+image: ## build the container image (needs a Docker engine)
+	docker build -t halfclose:dev .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,199 @@
+"""Plain data the pure core works on (design.md §2).
+
+Everything here is immutable and free of I/O: the kernel layer builds these from
+netlink dumps, the classifier reads them, and the reporting layers serialise
+them.  Nothing in this module knows about Kubernetes or sockets-the-syscall.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class TcpState(enum.IntEnum):
+    """Kernel TCP states, numbered as in include/net/tcp_states.h."""
+
+    ESTABLISHED = 1
+    SYN_SENT = 2
+    SYN_RECV = 3
+    FIN_WAIT1 = 4
+    FIN_WAIT2 = 5
+    TIME_WAIT = 6
+    CLOSE = 7
+    CLOSE_WAIT = 8
+    LAST_ACK = 9
+    LISTEN = 10
+    CLOSING = 11
+    NEW_SYN_RECV = 12
+
+    @property
+    def ss_name(self) -> str:
+        """The spelling `ss` prints (FIN-WAIT-2, CLOSE-WAIT, ...)."""
+        return _SS_NAMES[self]
+
+    @property
+    def mask(self) -> int:
+        """Bit for sock_diag's ``idiag_states`` kernel-side filter."""
+        return 1 << int(self)
+
+
+_SS_NAMES = {
+    TcpState.ESTABLISHED: "ESTAB",
+    TcpState.SYN_SENT: "SYN-SENT",
+    TcpState.SYN_RECV: "SYN-RECV",
+    TcpState.FIN_WAIT1: "FIN-WAIT-1",
+    TcpState.FIN_WAIT2: "FIN-WAIT-2",
+    TcpState.TIME_WAIT: "TIME-WAIT",
+    TcpState.CLOSE: "UNCONN",
+    TcpState.CLOSE_WAIT: "CLOSE-WAIT",
+    TcpState.LAST_ACK: "LAST-ACK",
+    TcpState.LISTEN: "LISTEN",
+    TcpState.CLOSING: "CLOSING",
+    TcpState.NEW_SYN_RECV: "SYN-RECV",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    ip: IPAddress
+    port: int
+
+    def __str__(self) -> str:
+        # Spelled as `ss` prints it: brackets around IPv6, and IPv4-mapped
+        # IPv6 addresses shown as `ss` does ([::ffff:192.0.2.1]:80).
+        if self.ip.version == 6:
+            return f"[{self.ip}]:{self.port}"
+        return f"{self.ip}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        """Inverse of ``str()``: ``"127.0.0.1:15001"`` or ``"[::1]:15001"``."""
+        host, _, port = text.rpartition(":")
+        return cls(ipaddress.ip_address(host.strip("[]")), int(port))
+
+
+@dataclass(frozen=True, slots=True)
+class FlowTuple:
+    """One direction of a conntrack entry (TCP only): src -> dst."""
+
+    src: IPAddress
+    sport: int
+    dst: IPAddress
+    dport: int
+
+    def __str__(self) -> str:
+        return f"src={self.src} dst={self.dst} sport={self.sport} dport={self.dport}"
+
+
+@dataclass(frozen=True, slots=True)
+class SocketRecord:
+    """One TCP socket as sock_diag reports it (the fields the core needs).
+
+    ``inode`` is 0 for an orphan (closed by its process, owned by the kernel,
+    which runs tcp_fin_timeout on it): such sockets are never ours to judge.
+    ``cookie`` is the 64-bit socket cookie; SOCK_DESTROY must carry it
+    (design.md §3: without it a stale tuple fell through to the listener).
+    The two ``last_*_ms`` values come from tcp_info and are ages in
+    milliseconds at dump time; None when tcp_info was not in the dump.
+    """
+
+    state: TcpState
+    local: Endpoint
+    peer: Endpoint
+    cookie: int
+    inode: int
+    uid: int
+    last_data_recv_ms: int | None = None
+    last_ack_recv_ms: int | None = None
+    ifindex: int = 0
+
+    @property
+    def orphan(self) -> bool:
+        return self.inode == 0
+
+    @property
+    def idle_seconds(self) -> float | None:
+        """Seconds since the peer last sent anything (data or a bare ACK)."""
+        ages = [a for a in (self.last_data_recv_ms, self.last_ack_recv_ms) if a is not None]
+        return min(ages) / 1000.0 if ages else None
+
+    @property
+    def nat_reply_tuple(self) -> FlowTuple:
+        """The conntrack *reply* tuple that carries this socket's NAT mapping.
+
+        For a proxy socket ``127.0.0.1:15001 <-> app:eport`` reached through
+        REDIRECT, the entry's reply direction is ``src=127.0.0.1:15001
+        dst=app:eport`` (design.md §2).  The same holds for inbound
+        REDIRECT (pod-ip:15006) and, trivially, for TPROXY where no
+        translation happens.
+        """
+        return FlowTuple(self.local.ip, self.local.port, self.peer.ip, self.peer.port)
+
+
+@dataclass(frozen=True, slots=True)
+class ConntrackEntry:
+    """A TCP conntrack entry, as ctnetlink reports it.
+
+    ``tcp_state`` is the conntrack TCP state name (ESTABLISHED, CLOSE_WAIT,
+    ...); ``timeout`` the seconds left; ``status`` the IPS_* bit set
+    (FIXED_TIMEOUT is bit 10); ``entry_id`` is ctnetlink's CTA_ID (0 if absent).
+    """
+
+    original: FlowTuple
+    reply: FlowTuple
+    tcp_state: str
+    timeout: int
+    status: int = 0
+    mark: int = 0
+    zone: int = 0
+    entry_id: int = 0
+
+    IPS_FIXED_TIMEOUT = 1 << 10
+
+    @property
+    def fixed_timeout(self) -> bool:
+        return bool(self.status & self.IPS_FIXED_TIMEOUT)
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """The process holding a socket (from /proc/<pid>/fd)."""
+
+    pid: int
+    process: str
+    fd: int = -1
+
+
+class Kind(enum.StrEnum):
+    LEAKED = "leaked"
+    AT_RISK = "at-risk"
+
+
+class Outcome(enum.StrEnum):
+    """What happened to a finding when an action ran (design.md §4 ``action``)."""
+
+    NONE = "none"
+    KILLED = "killed"
+    EXTENDED = "extended"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """A socket the classifier flagged, with what it was correlated to.
+
+    ``entry`` is the live conntrack entry (None for a leak: its absence is
+    the proof).  ``upstream`` is the proxy's paired CLOSE_WAIT socket when it
+    could be determined.
+    """
+
+    kind: Kind
+    socket: SocketRecord
+    owner: Owner | None
+    entry: ConntrackEntry | None = None
+    upstream: SocketRecord | None = None

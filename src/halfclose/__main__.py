@@ -1,0 +1,5 @@
+import sys
+
+from halfclose.cli.main import main
+
+sys.exit(main())

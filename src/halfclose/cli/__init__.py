@@ -1,0 +1,1 @@
+"""The ``halfclose`` command line (entry point layer)."""
