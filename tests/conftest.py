@@ -1,0 +1,3 @@
+"""Shared fixtures: each support plugin registers its own (see tests/support/)."""
+
+pytest_plugins: list[str] = []

@@ -1,0 +1,1 @@
+"""First-class test support: the Kubernetes API emulator, lab fixtures."""
