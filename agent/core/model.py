@@ -66,6 +66,10 @@ class Endpoint:
         # Spelled as `ss` prints it: brackets around IPv6, and IPv4-mapped
         # IPv6 addresses shown as `ss` does ([::ffff:192.0.2.1]:80).
         if self.ip.version == 6:
+            # Python < 3.13 prints a mapped address in hex (::ffff:7f00:1).
+            mapped = self.ip.ipv4_mapped
+            if mapped is not None:
+                return f"[::ffff:{mapped}]:{self.port}"
             return f"[{self.ip}]:{self.port}"
         return f"{self.ip}:{self.port}"
 
@@ -110,6 +114,11 @@ class SocketRecord:
     last_data_recv_ms: int | None = None
     last_ack_recv_ms: int | None = None
     ifindex: int = 0
+    # tcp_info byte counters (RFC 4898), None when tcp_info was not in the dump.
+    # A byte-faithful L4 proxy's downstream received what its upstream had
+    # acked and vice versa: pairing uses that (agent/core/pairing.py).
+    bytes_acked: int | None = None
+    bytes_received: int | None = None
 
     @property
     def orphan(self) -> bool:

@@ -1,0 +1,321 @@
+"""Deciding what to do with each finding (pure; docs/remediation.md).
+
+This code decides which sockets in other people's pods get destroyed, so the
+rules are few, explicit and all here:
+
+- ``kill`` only a socket classified *leaked* (FIN_WAIT2, owned by a process,
+  on a capture port, its NAT entry gone), carrying a socket cookie, idle at
+  least ``min_idle_seconds``, and at most ``max_kills`` of them per scan.
+- ``extend`` only the entry of an *at-risk* socket whose entry is in
+  CLOSE_WAIT (the state whose timer forms the leak).
+- Anything else is skipped with a reason a person can read.
+
+``recheck_kill`` / ``recheck_extend`` repeat the same rules against what the
+kernel says right before acting: a socket can close, or its entry vanish or
+reappear, between the scan and the action.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+
+from halfclose.agent.core.model import (
+    ConntrackEntry,
+    Finding,
+    Kind,
+    Outcome,
+    SocketRecord,
+    TcpState,
+)
+
+from halfclose.errors import UserError
+
+# Why 60 s: under the default nf_conntrack_tcp_timeout_close_wait (60 s) a
+# socket cannot be leaked by this mechanism before it has been idle that long
+# (the entry only expires after 60 s without packets), so the default costs
+# nothing for real leaks.  A "leaked" socket younger than that means something
+# unusual removed the entry (a conntrack flush, table pressure), and then the
+# app's next *data* segment can still be picked up mid-stream by conntrack
+# (nf_conntrack_tcp_loose) and re-NATed to the proxy: waiting one more scan is
+# cheap, destroying a connection that would have recovered is not.
+DEFAULT_MIN_IDLE_SECONDS = 60.0
+
+# Bounds the blast radius of a bug (or a surprise) per scan; the rest of a
+# large backlog goes on the next scans.  Field reports show ~1,200 leaked
+# pairs per pod, so a backlog clears in a handful of scans.
+DEFAULT_MAX_KILLS = 200
+
+# What an extended entry (or a patched netns) gets as its CLOSE_WAIT timeout:
+# Envoy's tcp_proxy idle timeout.  Past it the proxy closes the socket itself,
+# so holding the entry longer protects nothing.
+DEFAULT_CLOSE_WAIT_TIMEOUT = 3600
+
+# The kernel clamps conntrack timeouts to INT_MAX jiffies; keep far below.
+MAX_CLOSE_WAIT_TIMEOUT = 7 * 24 * 3600
+
+
+class ActionKind(enum.StrEnum):
+    REPORT = "report"
+    KILL = "kill"
+    EXTEND_CONNTRACK = "extend-conntrack"
+    PATCH_CONNTRACK = "patch-conntrack"
+
+
+class Op(enum.StrEnum):
+    """What the plan does with one finding."""
+
+    NONE = "none"
+    KILL = "kill"
+    EXTEND = "extend"
+
+
+class SkipReason(enum.StrEnum):
+    """Why a finding was left alone (the JSON ``reason`` field)."""
+
+    REPORT_ONLY = "report-only"
+    NETNS_WIDE = "netns-wide-action"  # patch-conntrack acts on the netns, not on sockets
+    NOT_LEAKED = "not-leaked"  # kill asked; the NAT entry is still alive
+    NOT_AT_RISK = "not-at-risk"  # extend asked; the entry is gone already (kill it)
+    NOT_FIN_WAIT2 = "not-fin-wait-2"
+    NOT_CAPTURE_PORT = "not-capture-port"
+    ORPHAN = "orphan"  # no owning process: the kernel's FIN_WAIT2 timer handles it
+    NO_COOKIE = "no-cookie"  # SOCK_DESTROY without a cookie can hit the listener
+    IDLE_UNKNOWN = "idle-unknown"
+    TOO_YOUNG = "too-young"
+    OVER_MAX_KILLS = "over-max-kills"
+    ENTRY_NOT_CLOSE_WAIT = "entry-not-close-wait"
+    FIXED_TIMEOUT = "fixed-timeout"  # the kernel refuses timeout changes on such entries
+    DRY_RUN = "dry-run"
+    # Found by the re-check right before acting:
+    ALREADY_GONE = "already-gone"
+    STATE_CHANGED = "state-changed"
+    ENTRY_REAPPEARED = "entry-reappeared"
+    ENTRY_GONE = "entry-gone"
+    LONG_ENOUGH = "timeout-long-enough"  # never shorten an entry's timeout
+
+
+@dataclass(frozen=True, slots=True)
+class ActionSettings:
+    """What the person asked for (``halfclose scan --action ...``)."""
+
+    action: ActionKind = ActionKind.REPORT
+    min_idle_seconds: float = DEFAULT_MIN_IDLE_SECONDS
+    max_kills: int = DEFAULT_MAX_KILLS
+    dry_run: bool = False
+    close_wait_timeout: int = DEFAULT_CLOSE_WAIT_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if self.min_idle_seconds < 0:
+            raise UserError(f"--min-idle must be >= 0, not {self.min_idle_seconds:g}")
+        if self.max_kills < 0:
+            raise UserError(f"--max-kills must be >= 0, not {self.max_kills}")
+        if not 1 <= self.close_wait_timeout <= MAX_CLOSE_WAIT_TIMEOUT:
+            raise UserError(
+                f"--close-wait-timeout must be 1..{MAX_CLOSE_WAIT_TIMEOUT} seconds, "
+                f"not {self.close_wait_timeout}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    finding: Finding
+    op: Op
+    reason: SkipReason | None = None  # set exactly when op is NONE
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    settings: ActionSettings
+    capture_ports: frozenset[int]
+    decisions: tuple[Decision, ...]
+
+    @property
+    def kills(self) -> list[Decision]:
+        return [d for d in self.decisions if d.op is Op.KILL]
+
+    @property
+    def extends(self) -> list[Decision]:
+        return [d for d in self.decisions if d.op is Op.EXTEND]
+
+
+@dataclass(frozen=True, slots=True)
+class FindingOutcome:
+    """What happened to one finding.  ``would`` is the op a dry run held back."""
+
+    finding: Finding
+    outcome: Outcome
+    reason: SkipReason | None = None
+    error: str | None = None  # errno name when outcome is FAILED
+    would: Op | None = None
+    timeout_before: int | None = None  # extend: entry timeout before/after, seconds
+    timeout_after: int | None = None
+    upstream_closed: bool | None = None  # kill: did the paired CLOSE_WAIT go away?
+
+    @property
+    def json_action(self) -> str:
+        """design.md §4 ``action``: none|killed|extended|failed (a skip is "none")."""
+        return str(Outcome.NONE if self.outcome is Outcome.SKIPPED else self.outcome)
+
+    def to_json_fields(self) -> dict[str, object]:
+        """The fields this adds to a finding's JSON object (additive to §4)."""
+        out: dict[str, object] = {"action": self.json_action}
+        if self.reason is not None:
+            out["reason"] = self.reason.value
+        if self.would is not None:
+            out["would"] = self.would.value
+        if self.error is not None:
+            out["error"] = self.error
+        if self.timeout_before is not None:
+            out["timeout_before"] = self.timeout_before
+        if self.timeout_after is not None:
+            out["timeout_after"] = self.timeout_after
+        if self.upstream_closed is not None:
+            out["upstream_closed"] = self.upstream_closed
+        return out
+
+
+def _socket_guard(sock: SocketRecord, capture_ports: Collection[int]) -> SkipReason | None:
+    """The rules every action shares: only owned FIN_WAIT2 proxy sockets, with a cookie."""
+    if sock.state is not TcpState.FIN_WAIT2:
+        return SkipReason.NOT_FIN_WAIT2
+    if sock.local.port not in capture_ports:
+        return SkipReason.NOT_CAPTURE_PORT
+    if sock.orphan:
+        return SkipReason.ORPHAN
+    if sock.cookie == 0:
+        return SkipReason.NO_COOKIE
+    return None
+
+
+def _kill_reason(
+    finding: Finding, capture_ports: Collection[int], settings: ActionSettings
+) -> SkipReason | None:
+    if finding.kind is not Kind.LEAKED or finding.entry is not None:
+        return SkipReason.NOT_LEAKED
+    guard = _socket_guard(finding.socket, capture_ports)
+    if guard is not None:
+        return guard
+    idle = finding.socket.idle_seconds
+    if idle is None:
+        return SkipReason.IDLE_UNKNOWN
+    if idle < settings.min_idle_seconds:
+        return SkipReason.TOO_YOUNG
+    return None
+
+
+def _extend_reason(finding: Finding, capture_ports: Collection[int]) -> SkipReason | None:
+    if finding.kind is not Kind.AT_RISK or finding.entry is None:
+        return SkipReason.NOT_AT_RISK
+    guard = _socket_guard(finding.socket, capture_ports)
+    if guard is not None:
+        return guard
+    return _entry_guard(finding.entry)
+
+
+def _entry_guard(entry: ConntrackEntry) -> SkipReason | None:
+    if entry.tcp_state != "CLOSE_WAIT":
+        return SkipReason.ENTRY_NOT_CLOSE_WAIT
+    if entry.fixed_timeout:
+        return SkipReason.FIXED_TIMEOUT
+    return None
+
+
+def make_plan(
+    findings: Iterable[Finding], capture_ports: Collection[int], settings: ActionSettings
+) -> Plan:
+    """One decision per finding, in the findings' order.
+
+    When more sockets qualify for a kill than ``max_kills`` allows, the ones
+    idle longest go first: they are the surest leaks and the oldest damage.
+    """
+    ports = frozenset(capture_ports)
+    items = list(findings)
+    decisions: list[Decision] = []
+    if settings.action is ActionKind.KILL:
+        eligible = [f for f in items if _kill_reason(f, ports, settings) is None]
+        eligible.sort(key=lambda f: -(f.socket.idle_seconds or 0.0))
+        chosen = {id(f) for f in eligible[: settings.max_kills]}
+        for f in items:
+            reason = _kill_reason(f, ports, settings)
+            if reason is None and id(f) not in chosen:
+                reason = SkipReason.OVER_MAX_KILLS
+            decisions.append(
+                Decision(f, Op.KILL) if reason is None else Decision(f, Op.NONE, reason)
+            )
+    elif settings.action is ActionKind.EXTEND_CONNTRACK:
+        for f in items:
+            reason = _extend_reason(f, ports)
+            decisions.append(
+                Decision(f, Op.EXTEND) if reason is None else Decision(f, Op.NONE, reason)
+            )
+    else:
+        reason = (
+            SkipReason.NETNS_WIDE
+            if settings.action is ActionKind.PATCH_CONNTRACK
+            else SkipReason.REPORT_ONLY
+        )
+        decisions = [Decision(f, Op.NONE, reason) for f in items]
+    return Plan(settings, ports, tuple(decisions))
+
+
+def recheck_kill(
+    decision: Decision,
+    current: SocketRecord | None,
+    entry_now: ConntrackEntry | None,
+    capture_ports: Collection[int],
+) -> SkipReason | None:
+    """Is the kill still right, given the socket and entry as they are now?
+
+    ``current`` is the socket re-read by tuple *and cookie* (None: gone);
+    ``entry_now`` the entry looked up again by the socket's NAT reply tuple.
+    """
+    planned = decision.finding.socket
+    if current is None:
+        return SkipReason.ALREADY_GONE
+    if current.cookie != planned.cookie:
+        # The tuple now names another socket (the port was reused): ours is gone.
+        return SkipReason.ALREADY_GONE
+    guard = _socket_guard(current, capture_ports)
+    if guard is SkipReason.NOT_FIN_WAIT2:
+        return SkipReason.STATE_CHANGED
+    if guard is not None:
+        return guard
+    if entry_now is not None:
+        return SkipReason.ENTRY_REAPPEARED
+    return None
+
+
+def recheck_extend(
+    decision: Decision,
+    current: SocketRecord | None,
+    entry_now: ConntrackEntry | None,
+    capture_ports: Collection[int],
+    target_timeout: int,
+) -> SkipReason | None:
+    """Is extending still right?  The entry must be the one the scan saw.
+
+    An entry with at least ``target_timeout`` seconds left is left alone: an
+    extension must never shorten what someone (a patched netns) gave it.
+    """
+    planned = decision.finding.socket
+    if current is None or current.cookie != planned.cookie:
+        return SkipReason.ALREADY_GONE
+    guard = _socket_guard(current, capture_ports)
+    if guard is SkipReason.NOT_FIN_WAIT2:
+        return SkipReason.STATE_CHANGED
+    if guard is not None:
+        return guard
+    if entry_now is None:
+        return SkipReason.ENTRY_GONE
+    seen = decision.finding.entry
+    if seen is not None and seen.entry_id and entry_now.entry_id != seen.entry_id:
+        # Same reply tuple, different entry: not the connection the scan judged.
+        return SkipReason.STATE_CHANGED
+    guard = _entry_guard(entry_now)
+    if guard is not None:
+        return guard
+    if entry_now.timeout >= target_timeout:
+        return SkipReason.LONG_ENOUGH
+    return None

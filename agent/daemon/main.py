@@ -1,0 +1,131 @@
+"""``halfclose-agent``: the node agent's entry point (the composition root).
+
+The environment is read here and nowhere else (``AgentSettings.from_env``);
+everything below receives typed settings.  SIGTERM/SIGINT stop the loop, let
+buffered report writes drain for a few seconds, and exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import FrameType
+
+from halfclose.agent.daemon.http import HealthServer
+from halfclose.agent.daemon.loop import Agent
+from halfclose.agent.daemon.metrics import AgentMetrics
+from halfclose.agent.daemon.remediate import EngineRemediator
+from halfclose.agent.daemon.settings import AgentSettings
+from halfclose.agent.kernel.netns import require_root
+from halfclose.agent.kube.client import RawClient, load_api_client
+from halfclose.agent.kube.reports import ReportWriter
+from halfclose.agent.kube.world import KubeWorld
+from prometheus_client import CollectorRegistry
+
+from halfclose.errors import UserError
+
+log = logging.getLogger("halfclose.agent")
+
+
+@dataclass
+class Daemon:
+    """Every long-lived part of a running agent, wired together."""
+
+    settings: AgentSettings
+    registry: CollectorRegistry
+    metrics: AgentMetrics
+    world: KubeWorld
+    writer: ReportWriter
+    agent: Agent
+    http: HealthServer
+
+    @classmethod
+    def build(cls, settings: AgentSettings, registry: CollectorRegistry | None = None) -> Daemon:
+        registry = registry or CollectorRegistry()
+        metrics = AgentMetrics(registry, settings.node_name)
+        try:
+            api = load_api_client(settings.kubeconfig)
+        except Exception as exc:
+            raise UserError(f"cannot load Kubernetes client configuration: {exc}") from None
+        client = RawClient(api)
+        writer = ReportWriter(client, settings.node_name, on_pending=metrics.pending_reports.set)
+        holder: list[Agent] = []
+        world = KubeWorld(
+            client, settings.node_name, lambda: holder[0].notify() if holder else None
+        )
+        agent = Agent(
+            settings,
+            metrics,
+            world,
+            writer,
+            EngineRemediator(settings.state_dir, settings.host_proc),
+        )
+        holder.append(agent)
+        http = HealthServer(
+            settings.metrics_host,
+            settings.metrics_port,
+            registry,
+            healthy=agent.healthy,
+            ready=world.synced,
+        )
+        return cls(settings, registry, metrics, world, writer, agent, http)
+
+    def start(self) -> None:
+        """Start the helper threads (HTTP, writer, watches); the loop is ``run``'s."""
+        self.http.start()
+        self.writer.start()
+        self.world.start()
+
+    def run(self) -> None:
+        """Run the agent loop on the calling thread until ``stop``."""
+        try:
+            self.agent.run()
+        finally:
+            self.world.stop()
+            self.writer.stop(self.settings.shutdown_flush_seconds)
+            self.http.stop()
+
+    def stop(self) -> None:
+        self.agent.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    del argv  # configured by environment only, as a DaemonSet container is
+    try:
+        settings = AgentSettings.from_env()
+        logging.basicConfig(
+            level=settings.log_level,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        require_root()
+        daemon = Daemon.build(settings)
+        try:
+            daemon.start()
+        except OSError as exc:
+            raise UserError(
+                f"cannot serve metrics on port {settings.metrics_port}: {exc}"
+            ) from None
+    except UserError as exc:
+        print(f"halfclose-agent: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        daemon.stop()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    log.info("halfclose-agent on node %s, metrics on :%d", settings.node_name, daemon.http.port)
+    daemon.run()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The agent's Prometheus metrics: every name of docs/metrics.md, defined once.
+
+The registry is injected so tests (and several agents in one process) never
+share the global default.  Per-pod series are removed when the pod goes away
+(``forget_pod``): a node churns through thousands of pods, and a gauge that
+kept every pod that ever existed would be a slow memory leak of its own.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import contextlib
+
+try:
+    VERSION = version("halfclose")
+except PackageNotFoundError:  # running from a source tree without an install
+    VERSION = "0+unknown"
+
+
+# Leak lifetimes: the agent aims at <= 1 s; the status quo is Envoy's 3600 s
+# idle timeout, so the buckets span both.
+LIFETIME_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+SCAN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class AgentMetrics:
+    def __init__(self, registry: CollectorRegistry, node: str) -> None:
+        self.registry = registry
+        pod = ("namespace", "pod")
+        self.leaked = Gauge(
+            "halfclose_leaked_sockets",
+            "Leaked FIN_WAIT2 proxy sockets seen in the last scan",
+            pod,
+            registry=registry,
+        )
+        self.at_risk = Gauge(
+            "halfclose_at_risk_sockets",
+            "At-risk FIN_WAIT2 proxy sockets seen in the last scan",
+            pod,
+            registry=registry,
+        )
+        self.killed = Counter(
+            "halfclose_sockets_killed",
+            "Leaked sockets destroyed with SOCK_DESTROY",
+            pod,
+            registry=registry,
+        )
+        self.kill_failures = Counter(
+            "halfclose_kill_failures",
+            "SOCK_DESTROY attempts that failed (reason = errno name)",
+            (*pod, "reason"),
+            registry=registry,
+        )
+        self.extended = Counter(
+            "halfclose_conntrack_entries_extended",
+            "Conntrack entries extended (PerEntry strategy)",
+            pod,
+            registry=registry,
+        )
+        self.patched_pods = Gauge(
+            "halfclose_conntrack_patched_pods",
+            "Pods whose netns close_wait sysctl the agent has patched",
+            registry=registry,
+        )
+        self.scan_duration = Histogram(
+            "halfclose_scan_duration_seconds",
+            "One netns scan, dump to decision",
+            buckets=SCAN_BUCKETS,
+            registry=registry,
+        )
+        self.scan_errors = Counter(
+            "halfclose_scan_errors",
+            "Scans that failed, by reason",
+            ("reason",),
+            registry=registry,
+        )
+        self.leak_lifetime = Histogram(
+            "halfclose_leak_lifetime_seconds",
+            "NAT entry expiry to leaked socket destroyed",
+            buckets=LIFETIME_BUCKETS,
+            registry=registry,
+        )
+        self.watched_netns = Gauge(
+            "halfclose_watched_netns",
+            "Pod network namespaces the agent watches",
+            registry=registry,
+        )
+        self.pending_reports = Gauge(
+            "halfclose_pending_report_updates",
+            "Report writes buffered while the API is unreachable",
+            registry=registry,
+        )
+        self.info = Gauge(
+            "halfclose_agent_info",
+            "Build and node identity",
+            ("version", "node"),
+            registry=registry,
+        )
+        self.info.labels(version=VERSION, node=node).set(1)
+
+    def forget_pod(self, namespace: str, pod: str) -> None:
+        """Drop every per-pod series of a pod that no longer exists or matches."""
+        for metric in (self.leaked, self.at_risk, self.killed, self.extended):
+            with contextlib.suppress(KeyError):
+                metric.remove(namespace, pod)
+        # kill_failures carries a third label: remove each reason seen for the pod.
+        for labels in list(_label_sets(self.kill_failures)):
+            if labels[:2] == (namespace, pod):
+                self.kill_failures.remove(*labels)
+
+
+def _label_sets(metric: Counter) -> list[tuple[str, ...]]:
+    # prometheus_client keeps children keyed by label values; there is no
+    # public accessor, and collect() gives the same information publicly.
+    out: list[tuple[str, ...]] = []
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                out.append(tuple(sample.labels[n] for n in ("namespace", "pod", "reason")))
+    return out

@@ -1,0 +1,1 @@
+"""Composition: scan -> classify -> (act), one network namespace at a time."""

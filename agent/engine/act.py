@@ -1,0 +1,189 @@
+"""Carrying out a remediation plan in one network namespace (docs/remediation.md).
+
+Every change is preceded by a re-check against the kernel (the socket re-read
+by tuple *and cookie*, its NAT entry looked up again), because a socket can
+close, or an entry vanish, between the scan and the action.  The rules for
+what may be touched live in the pure ``halfclose.agent.core.plan``; this
+module only asks the kernel and applies them.
+
+- kill: ``SOCK_DESTROY`` keyed by the cookie from the re-read.  ENOENT/ESTALE
+  mean the socket went by itself ("already-gone"), not a failure.  Then the
+  proxy's paired upstream CLOSE_WAIT socket is watched for a bounded moment:
+  a proxy that closes its upstream when the downstream errors (Envoy, HAProxy)
+  makes it go; any that stay are reported.
+- extend: a ctnetlink update of that one entry's timeout, *without*
+  IPS_FIXED_TIMEOUT (measured on 6.18: a fixed timeout survives the
+  connection's close and can never be changed or cleared again; a plain one
+  is reset by the connection's next packet, so the entry follows the normal
+  LAST_ACK/TIME_WAIT timeouts once the app closes).
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from halfclose.agent.core.model import ConntrackEntry, Outcome, SocketRecord, TcpState
+from halfclose.agent.core.plan import (
+    Decision,
+    FindingOutcome,
+    Op,
+    Plan,
+    SkipReason,
+    recheck_extend,
+    recheck_kill,
+)
+from halfclose.agent.kernel.conntrack import Conntrack
+from halfclose.agent.kernel.sockdiag import SockDiag
+
+# The socket is gone already: the kernel has nothing to destroy.
+_GONE = frozenset({errno.ENOENT, errno.ESTALE})
+
+
+def errno_name(err: int | None) -> str:
+    if err is None:
+        return "EUNKNOWN"
+    return errno.errorcode.get(err, f"errno {err}")
+
+
+@dataclass(frozen=True, slots=True)
+class ExecSettings:
+    """How long to watch paired upstream sockets go after kills (all of them together)."""
+
+    upstream_wait_seconds: float = 2.0
+    poll_seconds: float = 0.05
+
+
+class Executor:
+    """Applies plans with netlink sockets already open inside the target netns."""
+
+    def __init__(
+        self,
+        diag: SockDiag,
+        conntrack: Conntrack,
+        settings: ExecSettings | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._diag = diag
+        self._ct = conntrack
+        self._settings = settings or ExecSettings()
+        self._clock = clock
+        self._sleep = sleep
+
+    def execute(self, plan: Plan) -> list[FindingOutcome]:
+        """One outcome per decision, in the plan's order."""
+        outcomes: list[FindingOutcome] = []
+        for decision in plan.decisions:
+            if decision.op is Op.KILL:
+                outcomes.append(self._kill(plan, decision))
+            elif decision.op is Op.EXTEND:
+                outcomes.append(self._extend(plan, decision))
+            else:
+                outcomes.append(FindingOutcome(decision.finding, Outcome.SKIPPED, decision.reason))
+        return self._verify_upstreams(outcomes)
+
+    # -- kill ----------------------------------------------------------------
+
+    def _current(self, sock: SocketRecord) -> SocketRecord | None:
+        dumped = self._diag.get(sock)
+        return dumped.record if dumped is not None else None
+
+    def _kill(self, plan: Plan, decision: Decision) -> FindingOutcome:
+        finding = decision.finding
+        try:
+            current = self._current(finding.socket)
+            entry_now = self._ct.get_by_reply(finding.socket.nat_reply_tuple) if current else None
+        except OSError as exc:
+            # A failed re-check must never read as "safe to kill".
+            return FindingOutcome(finding, Outcome.FAILED, error=errno_name(exc.errno))
+        reason = recheck_kill(decision, current, entry_now, plan.capture_ports)
+        if reason is not None:
+            return FindingOutcome(finding, Outcome.SKIPPED, reason)
+        assert current is not None  # recheck_kill returns ALREADY_GONE otherwise
+        if plan.settings.dry_run:
+            return FindingOutcome(finding, Outcome.SKIPPED, SkipReason.DRY_RUN, would=Op.KILL)
+        try:
+            # The re-read record carries the same cookie (the re-check proved
+            # it): SOCK_DESTROY can only hit this socket, never the listener.
+            self._diag.destroy(current)
+        except OSError as exc:
+            if exc.errno in _GONE:
+                return FindingOutcome(finding, Outcome.SKIPPED, SkipReason.ALREADY_GONE)
+            return FindingOutcome(finding, Outcome.FAILED, error=errno_name(exc.errno))
+        return FindingOutcome(finding, Outcome.KILLED)
+
+    def _upstream_open(self, up: SocketRecord) -> bool:
+        """Is the proxy's upstream socket still waiting in CLOSE_WAIT?"""
+        try:
+            current = self._current(up)
+        except OSError:
+            return True  # unknown: report it as still there rather than claim success
+        return current is not None and current.state is TcpState.CLOSE_WAIT
+
+    def _verify_upstreams(self, outcomes: list[FindingOutcome]) -> list[FindingOutcome]:
+        """Wait (bounded, for all together) for the killed sockets' upstream pairs to close."""
+        pending = {
+            i: o.finding.upstream
+            for i, o in enumerate(outcomes)
+            if o.outcome is Outcome.KILLED and o.finding.upstream is not None
+        }
+        if not pending:
+            return outcomes
+        closed: set[int] = set()
+        deadline = self._clock() + self._settings.upstream_wait_seconds
+        while True:
+            for i, up in pending.items():
+                if i not in closed and up is not None and not self._upstream_open(up):
+                    closed.add(i)
+            if len(closed) == len(pending) or self._clock() >= deadline:
+                break
+            self._sleep(self._settings.poll_seconds)
+        result = list(outcomes)
+        for i in pending:
+            o = result[i]
+            result[i] = FindingOutcome(
+                o.finding, o.outcome, o.reason, o.error, o.would, upstream_closed=i in closed
+            )
+        return result
+
+    # -- extend ---------------------------------------------------------------
+
+    def _extend(self, plan: Plan, decision: Decision) -> FindingOutcome:
+        finding = decision.finding
+        target = plan.settings.close_wait_timeout
+        reply = finding.socket.nat_reply_tuple
+        try:
+            current = self._current(finding.socket)
+            entry_now = self._ct.get_by_reply(reply)
+        except OSError as exc:
+            return FindingOutcome(finding, Outcome.FAILED, error=errno_name(exc.errno))
+        reason = recheck_extend(decision, current, entry_now, plan.capture_ports, target)
+        before = entry_now.timeout if entry_now is not None else None
+        if reason is not None:
+            return FindingOutcome(finding, Outcome.SKIPPED, reason, timeout_before=before)
+        assert entry_now is not None
+        if plan.settings.dry_run:
+            return FindingOutcome(
+                finding, Outcome.SKIPPED, SkipReason.DRY_RUN, would=Op.EXTEND, timeout_before=before
+            )
+        try:
+            self._ct.update(entry_now, timeout=target)
+            after_entry: ConntrackEntry | None = self._ct.get_by_reply(reply)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return FindingOutcome(
+                    finding, Outcome.SKIPPED, SkipReason.ENTRY_GONE, timeout_before=before
+                )
+            return FindingOutcome(
+                finding, Outcome.FAILED, error=errno_name(exc.errno), timeout_before=before
+            )
+        return FindingOutcome(
+            finding,
+            Outcome.EXTENDED,
+            timeout_before=before,
+            timeout_after=after_entry.timeout if after_entry is not None else None,
+        )

@@ -1,0 +1,328 @@
+"""ctnetlink (NETLINK_NETFILTER, subsystem CTNETLINK) for TCP entries.
+
+A leak is proven by the *absence* of the entry whose reply tuple is the proxy
+socket's ``local -> peer`` (design.md §2), so the hot path is a batch of
+IPCTNL_MSG_CT_GET requests keyed by CTA_TUPLE_REPLY: the kernel hashes the tuple
+and answers each with the entry or ENOENT.  Cost follows the number of
+candidates, not the size of the table (a dump would read every entry).
+
+Attribute layout (include/uapi/linux/netfilter/nfnetlink_conntrack.h); values
+are big-endian:
+
+    CTA_TUPLE_ORIG/REPLY { CTA_TUPLE_IP { V4_SRC, V4_DST | V6_SRC, V6_DST },
+                           CTA_TUPLE_PROTO { NUM u8, SRC_PORT be16, DST_PORT be16 },
+                           CTA_TUPLE_ZONE be16 }
+    CTA_STATUS be32, CTA_TIMEOUT be32, CTA_MARK be32, CTA_ID be32, CTA_ZONE be16,
+    CTA_PROTOINFO { CTA_PROTOINFO_TCP { STATE u8, ... } }
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from halfclose.agent.core.model import ConntrackEntry, FlowTuple
+from halfclose.agent.kernel import netlink as nl
+from halfclose.agent.kernel.netns import NetnsHandle
+
+NFNL_SUBSYS_CTNETLINK = 1
+IPCTNL_MSG_CT_NEW = 0
+IPCTNL_MSG_CT_GET = 1
+IPCTNL_MSG_CT_DELETE = 2
+IPCTNL_MSG_CT_GET_STATS = 5
+
+MSG_NEW = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
+MSG_GET = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
+MSG_GET_STATS = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET_STATS
+
+CTA_TUPLE_ORIG = 1
+CTA_TUPLE_REPLY = 2
+CTA_STATUS = 3
+CTA_PROTOINFO = 4
+CTA_TIMEOUT = 7
+CTA_MARK = 8
+CTA_ID = 12
+CTA_ZONE = 18
+
+CTA_TUPLE_IP = 1
+CTA_TUPLE_PROTO = 2
+CTA_TUPLE_ZONE = 3
+CTA_IP_V4_SRC = 1
+CTA_IP_V4_DST = 2
+CTA_IP_V6_SRC = 3
+CTA_IP_V6_DST = 4
+CTA_PROTO_NUM = 1
+CTA_PROTO_SRC_PORT = 2
+CTA_PROTO_DST_PORT = 3
+CTA_PROTOINFO_TCP = 1
+CTA_PROTOINFO_TCP_STATE = 1
+CTA_STATS_GLOBAL_ENTRIES = 1
+
+NFGEN = struct.Struct("!BBH")  # family, version, res_id
+NFNETLINK_V0 = 0
+_BE16 = struct.Struct("!H")
+_BE32 = struct.Struct("!I")
+
+# enum tcp_conntrack (include/uapi/linux/netfilter/nf_conntrack_tcp.h)
+TCP_CONNTRACK_STATES = (
+    "NONE",
+    "SYN_SENT",
+    "SYN_RECV",
+    "ESTABLISHED",
+    "FIN_WAIT",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "TIME_WAIT",
+    "CLOSE",
+    "SYN_SENT2",
+)
+
+# A batch of GETs is answered into our receive buffer before we read it; keep
+# the worst case (every request answered with a ~250-byte entry) well under it.
+BATCH = 1024
+
+
+def _family(t: FlowTuple) -> int:
+    return socket.AF_INET if t.src.version == 4 else socket.AF_INET6
+
+
+def encode_tuple(attr_type: int, t: FlowTuple, zone: int | None = None) -> bytes:
+    v4 = t.src.version == 4
+    ip = nl.pack_nested(
+        CTA_TUPLE_IP,
+        nl.pack_attr(CTA_IP_V4_SRC if v4 else CTA_IP_V6_SRC, t.src.packed),
+        nl.pack_attr(CTA_IP_V4_DST if v4 else CTA_IP_V6_DST, t.dst.packed),
+    )
+    proto = nl.pack_nested(
+        CTA_TUPLE_PROTO,
+        nl.pack_attr(CTA_PROTO_NUM, bytes([socket.IPPROTO_TCP])),
+        nl.pack_attr(CTA_PROTO_SRC_PORT, _BE16.pack(t.sport)),
+        nl.pack_attr(CTA_PROTO_DST_PORT, _BE16.pack(t.dport)),
+    )
+    parts = [ip, proto]
+    if zone is not None:
+        parts.append(nl.pack_attr(CTA_TUPLE_ZONE, _BE16.pack(zone)))
+    return nl.pack_nested(attr_type, *parts)
+
+
+def encode_get_by_reply(reply: FlowTuple, seq: int, zone: int = 0) -> bytes:
+    """IPCTNL_MSG_CT_GET for the entry whose reply tuple is ``reply``."""
+    payload = NFGEN.pack(_family(reply), NFNETLINK_V0, 0) + encode_tuple(CTA_TUPLE_REPLY, reply)
+    if zone:
+        payload += nl.pack_attr(CTA_ZONE, _BE16.pack(zone))
+    return nl.pack_message(MSG_GET, nl.NLM_F_REQUEST, seq, payload)
+
+
+def encode_update(
+    entry: ConntrackEntry,
+    seq: int,
+    *,
+    timeout: int | None = None,
+    status: int | None = None,
+    mark: int | None = None,
+) -> bytes:
+    """IPCTNL_MSG_CT_NEW without NLM_F_CREATE: change an existing entry.
+
+    The kernel finds the entry by its full *original* tuple (design.md §3), so
+    this takes a decoded entry rather than a tuple the caller assembled.  Only
+    the given attributes change.  A new timeout is reset to the state's default
+    by the next packet unless ``status`` carries IPS_FIXED_TIMEOUT.
+    """
+    payload = NFGEN.pack(_family(entry.original), NFNETLINK_V0, 0) + encode_tuple(
+        CTA_TUPLE_ORIG, entry.original
+    )
+    if entry.zone:
+        payload += nl.pack_attr(CTA_ZONE, _BE16.pack(entry.zone))
+    if timeout is not None:
+        payload += nl.pack_attr(CTA_TIMEOUT, _BE32.pack(timeout))
+    if status is not None:
+        payload += nl.pack_attr(CTA_STATUS, _BE32.pack(status))
+    if mark is not None:
+        payload += nl.pack_attr(CTA_MARK, _BE32.pack(mark))
+    return nl.pack_message(MSG_NEW, nl.NLM_F_REQUEST | nl.NLM_F_ACK, seq, payload)
+
+
+def encode_get_stats(seq: int) -> bytes:
+    return nl.pack_message(
+        MSG_GET_STATS, nl.NLM_F_REQUEST, seq, NFGEN.pack(socket.AF_UNSPEC, NFNETLINK_V0, 0)
+    )
+
+
+def _decode_tuple(buf: memoryview) -> FlowTuple:
+    src = dst = None
+    sport = dport = 0
+    for t, v in nl.iter_attrs(buf):
+        if t == CTA_TUPLE_IP:
+            for it, iv in nl.iter_attrs(v):
+                if it in (CTA_IP_V4_SRC, CTA_IP_V6_SRC):
+                    src = ipaddress.ip_address(bytes(iv))
+                elif it in (CTA_IP_V4_DST, CTA_IP_V6_DST):
+                    dst = ipaddress.ip_address(bytes(iv))
+        elif t == CTA_TUPLE_PROTO:
+            for pt, pv in nl.iter_attrs(v):
+                if pt == CTA_PROTO_SRC_PORT:
+                    sport = _BE16.unpack_from(pv)[0]
+                elif pt == CTA_PROTO_DST_PORT:
+                    dport = _BE16.unpack_from(pv)[0]
+    if src is None or dst is None:
+        raise ValueError("conntrack tuple without addresses")
+    return FlowTuple(src, sport, dst, dport)
+
+
+def decode_entry(payload: memoryview) -> ConntrackEntry:
+    """Decode an IPCTNL_MSG_CT_NEW message (a GET reply or a dump item)."""
+    original = reply = None
+    tcp_state = "NONE"
+    timeout = status = mark = zone = entry_id = 0
+    for t, v in nl.iter_attrs(payload, NFGEN.size):
+        if t == CTA_TUPLE_ORIG:
+            original = _decode_tuple(v)
+        elif t == CTA_TUPLE_REPLY:
+            reply = _decode_tuple(v)
+        elif t == CTA_STATUS:
+            status = _BE32.unpack_from(v)[0]
+        elif t == CTA_TIMEOUT:
+            timeout = _BE32.unpack_from(v)[0]
+        elif t == CTA_MARK:
+            mark = _BE32.unpack_from(v)[0]
+        elif t == CTA_ID:
+            entry_id = _BE32.unpack_from(v)[0]
+        elif t == CTA_ZONE:
+            zone = _BE16.unpack_from(v)[0]
+        elif t == CTA_PROTOINFO:
+            for pt, pv in nl.iter_attrs(v):
+                if pt != CTA_PROTOINFO_TCP:
+                    continue
+                for st, sv in nl.iter_attrs(pv):
+                    if st == CTA_PROTOINFO_TCP_STATE and len(sv) >= 1:
+                        n = sv[0]
+                        tcp_state = (
+                            TCP_CONNTRACK_STATES[n] if n < len(TCP_CONNTRACK_STATES) else str(n)
+                        )
+    if original is None or reply is None:
+        raise ValueError("conntrack entry without both tuples")
+    return ConntrackEntry(
+        original=original,
+        reply=reply,
+        tcp_state=tcp_state,
+        timeout=timeout,
+        status=status,
+        mark=mark,
+        zone=zone,
+        entry_id=entry_id,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """Result of one reply-tuple lookup: the entry, or None with why it is absent."""
+
+    reply: FlowTuple
+    entry: ConntrackEntry | None
+    errno: int = 0  # 0 when found; ENOENT when no such entry
+
+
+class Conntrack:
+    """A ctnetlink socket (create it inside the target netns)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._nl = nl.NetlinkSocket(sock)
+
+    @classmethod
+    def open(cls, netns: NetnsHandle | None = None) -> Conntrack:
+        args = (socket.AF_NETLINK, socket.SOCK_RAW, nl.NETLINK_NETFILTER)
+        if netns is None:
+            return cls(socket.socket(*args))
+        return cls(netns.socket(*args))
+
+    def lookup_replies(
+        self, replies: Sequence[FlowTuple], zone: int = 0
+    ) -> dict[FlowTuple, ConntrackEntry | None]:
+        """Look up many entries by reply tuple; absent ones map to None.
+
+        Requests go out in batches (one send() each) and every request is
+        answered exactly once: the entry, or an NLMSG_ERROR.  Any error but
+        ENOENT is raised: a failed lookup must never read as "entry absent",
+        because absence is what proves a leak.
+        """
+        out: dict[FlowTuple, ConntrackEntry | None] = {}
+        for start in range(0, len(replies), BATCH):
+            for item in self._lookup_batch(replies[start : start + BATCH], zone):
+                out[item.reply] = item.entry
+        return out
+
+    def _lookup_batch(self, replies: Sequence[FlowTuple], zone: int) -> Iterator[Lookup]:
+        pending: dict[int, FlowTuple] = {}
+        chunks = []
+        for reply in replies:
+            seq = self._nl.next_seq()
+            pending[seq] = reply
+            chunks.append(encode_get_by_reply(reply, seq, zone))
+        self._nl.send(b"".join(chunks))
+        while pending:
+            for msg in nl.iter_messages(self._nl.recv()):
+                asked = pending.pop(msg.seq, None)
+                if asked is None:
+                    continue  # a late answer to an earlier, abandoned request
+                if msg.type == nl.NLMSG_ERROR:
+                    err = nl.error_code(msg)
+                    if err == errno.ENOENT:
+                        yield Lookup(asked, None, err)
+                        continue
+                    raise nl.NetlinkError(err, f"conntrack lookup of reply {asked}")
+                yield Lookup(asked, decode_entry(msg.payload))
+
+    def get_by_reply(self, reply: FlowTuple, zone: int = 0) -> ConntrackEntry | None:
+        return self.lookup_replies([reply], zone)[reply]
+
+    def dump(self) -> Iterator[ConntrackEntry]:
+        """Every TCP entry of the netns (for tests and tools; the scan does lookups)."""
+        for family in (socket.AF_INET, socket.AF_INET6):
+            seq = self._nl.next_seq()
+            req = nl.pack_message(
+                MSG_GET,
+                nl.NLM_F_REQUEST | nl.NLM_F_DUMP,
+                seq,
+                NFGEN.pack(family, NFNETLINK_V0, 0),
+            )
+            for msg in self._nl.dump(req, seq):
+                entry = decode_entry(msg.payload)
+                yield entry
+
+    def count(self) -> int:
+        """Entries in this netns's table (CTA_STATS_GLOBAL_ENTRIES)."""
+        seq = self._nl.next_seq()
+        self._nl.send(encode_get_stats(seq))
+        while True:
+            for msg in nl.iter_messages(self._nl.recv()):
+                if msg.seq != seq:
+                    continue
+                if msg.type == nl.NLMSG_ERROR:
+                    raise nl.NetlinkError(nl.error_code(msg) or errno.EPROTO, "conntrack stats")
+                for t, v in nl.iter_attrs(msg.payload, NFGEN.size):
+                    if t == CTA_STATS_GLOBAL_ENTRIES:
+                        return int(_BE32.unpack_from(v)[0])
+                return 0
+
+    def update(
+        self,
+        entry: ConntrackEntry,
+        *,
+        timeout: int | None = None,
+        status: int | None = None,
+        mark: int | None = None,
+    ) -> None:
+        """Apply ``encode_update`` changes to one existing entry (ACKed)."""
+        seq = self._nl.next_seq()
+        self._nl.request(encode_update(entry, seq, timeout=timeout, status=status, mark=mark), seq)
+
+    def close(self) -> None:
+        self._nl.close()
+
+
+def entries_by_reply(entries: Iterable[ConntrackEntry]) -> dict[FlowTuple, ConntrackEntry]:
+    return {e.reply: e for e in entries}

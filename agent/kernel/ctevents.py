@@ -1,0 +1,225 @@
+"""conntrack DESTROY and UPDATE events (ctnetlink multicast) from one network namespace.
+
+A leak forms at one precise moment: the NAT entry of a proxied connection,
+sitting in CLOSE_WAIT, expires (design.md §1).  The kernel announces that on
+the ctnetlink multicast group NFNLGRP_CONNTRACK_DESTROY, so instead of waiting
+for the next poll the agent scans that netns within milliseconds of the entry
+going.  The socket must be created inside the watched netns (a netlink socket
+talks to the netns it was created in); this module only binds and reads it.
+
+Event delivery: ``net.netfilter.nf_conntrack_events`` is 2 by default on recent
+kernels ("on when someone listens"), so subscribing is enough; the agent never
+changes it.  On 1 it is on anyway; on 0 no event comes and the agent falls
+back to its poll interval — correct, only slower.
+
+Measured on 6.18: the DESTROY of an *expired* entry comes when the kernel's
+conntrack GC reaps it, and the GC worker is shared by every netns and paces
+itself by the average timeout of all entries — tens of seconds late on a busy
+host.  So the agent also listens to UPDATE events: the moment a proxied
+entry turns CLOSE_WAIT (the proxy forwarded the upstream's FIN), the event
+carries the entry's timeout, i.e. the moment the leak will form, and the
+agent schedules a scan for just after it.  A scan's own conntrack lookups
+reap the expired entry at once (an expired entry is never returned).
+
+The socket is non-blocking and drained in one go per wakeup.  When the kernel
+drops events because we fell behind (ENOBUFS), the caller is told to scan
+anyway: a missed event must never mean a missed leak.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from halfclose.agent.core.model import FlowTuple
+from halfclose.agent.kernel.netlink import NETLINK_NETFILTER, iter_attrs, iter_messages
+
+NFNLGRP_CONNTRACK_UPDATE = 2
+NFNLGRP_CONNTRACK_DESTROY = 3
+NFNL_SUBSYS_CTNETLINK = 1
+IPCTNL_MSG_CT_NEW = 0  # also carries UPDATE events
+IPCTNL_MSG_CT_DELETE = 2
+CT_NEW = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
+CT_DELETE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
+NFGENMSG = struct.Struct("=BBH")
+
+CTA_TUPLE_ORIG = 1
+CTA_TUPLE_REPLY = 2
+CTA_PROTOINFO = 4
+CTA_TIMEOUT = 7
+CTA_TUPLE_IP = 1
+CTA_TUPLE_PROTO = 2
+CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
+CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
+CTA_PROTOINFO_TCP = 1
+CTA_PROTOINFO_TCP_STATE = 1
+IPPROTO_TCP = 6
+SOL_NETLINK = 270
+
+# include/uapi/linux/netfilter/nf_conntrack_tcp.h, enum tcp_conntrack
+TCP_CONNTRACK_STATES = (
+    "NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT",
+    "LAST_ACK", "TIME_WAIT", "CLOSE", "SYN_SENT2",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class ConntrackEvent:
+    """One TCP conntrack event: destroyed (or updated/new), reply tuple, TCP state.
+
+    ``tcp_state`` is None when the kernel sent no protoinfo with the event
+    (an update that did not change the state); ``timeout`` is the seconds left,
+    sent with updates only.
+    """
+
+    destroyed: bool
+    reply: FlowTuple
+    tcp_state: str | None
+    timeout: int | None = None
+
+
+def _tuple(view: memoryview) -> FlowTuple | None:
+    src = dst = None
+    sport = dport = proto = 0
+    for kind, value in iter_attrs(view):
+        if kind == CTA_TUPLE_IP:
+            for ip_kind, ip in iter_attrs(value):
+                if ip_kind in (CTA_IP_V4_SRC, CTA_IP_V6_SRC):
+                    src = ipaddress.ip_address(bytes(ip))
+                elif ip_kind in (CTA_IP_V4_DST, CTA_IP_V6_DST):
+                    dst = ipaddress.ip_address(bytes(ip))
+        elif kind == CTA_TUPLE_PROTO:
+            for p_kind, p in iter_attrs(value):
+                if p_kind == CTA_PROTO_NUM:
+                    proto = p[0]
+                elif p_kind == CTA_PROTO_SRC_PORT:
+                    sport = int.from_bytes(p[:2], "big")
+                elif p_kind == CTA_PROTO_DST_PORT:
+                    dport = int.from_bytes(p[:2], "big")
+    if proto != IPPROTO_TCP or src is None or dst is None:
+        return None
+    return FlowTuple(src, sport, dst, dport)
+
+
+def _tcp_state(view: memoryview) -> str | None:
+    for kind, value in iter_attrs(view):
+        if kind == CTA_PROTOINFO_TCP:
+            for t_kind, t in iter_attrs(value):
+                if t_kind == CTA_PROTOINFO_TCP_STATE and len(t) >= 1:
+                    idx = t[0]
+                    return TCP_CONNTRACK_STATES[idx] if idx < len(TCP_CONNTRACK_STATES) else None
+    return None
+
+
+def parse_events(buf: memoryview) -> Iterator[ConntrackEvent]:
+    """Decode the TCP conntrack events in one datagram (other messages skipped)."""
+    for msg in iter_messages(buf):
+        if msg.type not in (CT_DELETE, CT_NEW):
+            continue
+        reply: FlowTuple | None = None
+        state: str | None = None
+        timeout: int | None = None
+        for kind, value in iter_attrs(msg.payload, NFGENMSG.size):
+            if kind == CTA_TUPLE_REPLY:
+                reply = _tuple(value)
+            elif kind == CTA_PROTOINFO:
+                state = _tcp_state(value)
+            elif kind == CTA_TIMEOUT and len(value) >= 4:
+                timeout = int.from_bytes(value[:4], "big")
+        if reply is not None:
+            yield ConntrackEvent(msg.type == CT_DELETE, reply, state, timeout)
+
+
+def _proxied(event: ConntrackEvent, capture_ports: frozenset[int] | None) -> bool:
+    # capture_ports None means "not known yet": let every TCP event through.
+    return capture_ports is None or event.reply.sport in capture_ports
+
+
+def leak_forming(event: ConntrackEvent, capture_ports: frozenset[int] | None) -> bool:
+    """Could this destroyed entry have stranded a proxy socket?
+
+    The leak's entry is a proxied connection (reply source = the proxy's
+    capture port) destroyed while in CLOSE_WAIT (the proxy half-closed, the
+    app had not answered).  Entries that end normally go through TIME_WAIT or
+    CLOSE and are not interesting.  A destroy without state is let through.
+    """
+    return (
+        event.destroyed
+        and _proxied(event, capture_ports)
+        and event.tcp_state in (None, "CLOSE_WAIT", "LAST_ACK", "FIN_WAIT")
+    )
+
+
+def leak_countdown(event: ConntrackEvent, capture_ports: frozenset[int] | None) -> int | None:
+    """Seconds until a leak can form, when this update starts the countdown.
+
+    A proxied entry entering CLOSE_WAIT: when its timeout runs out with the
+    app not having closed, the proxy's FIN_WAIT2 socket is leaked.
+    """
+    if event.destroyed or event.tcp_state != "CLOSE_WAIT" or event.timeout is None:
+        return None
+    return event.timeout if _proxied(event, capture_ports) else None
+
+
+class ConntrackEventSocket:
+    """A non-blocking ctnetlink socket subscribed to UPDATE and DESTROY events.
+
+    ``sock`` must be an AF_NETLINK/NETLINK_NETFILTER socket created inside the
+    watched netns; this object owns it from then on.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        if sock.proto != NETLINK_NETFILTER:
+            raise ValueError("need a NETLINK_NETFILTER socket")
+        self.sock = sock
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, 33, 1 << 20)  # SO_RCVBUFFORCE: ride out bursts
+        except OSError:
+            pass
+        groups = (1 << (NFNLGRP_CONNTRACK_DESTROY - 1)) | (1 << (NFNLGRP_CONNTRACK_UPDATE - 1))
+        sock.bind((0, groups))
+        self._buf = bytearray(1 << 16)
+        self.overflows = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def drain(self, max_datagrams: int = 256) -> tuple[list[ConntrackEvent], bool]:
+        """Read what is queued: (events, overflowed).  Never blocks.
+
+        ``overflowed`` is True when the kernel dropped events (ENOBUFS): the
+        caller must assume it missed a leak and scan.
+        """
+        events: list[ConntrackEvent] = []
+        overflowed = False
+        view = memoryview(self._buf)
+        for _ in range(max_datagrams):  # bounded: a storm cannot pin the thread
+            try:
+                n = self.sock.recv_into(self._buf)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    self.overflows += 1
+                    overflowed = True
+                    continue
+                raise
+            try:
+                events.extend(parse_events(view[:n]))
+            except ValueError:
+                overflowed = True  # a truncated datagram: treat as lost events
+        return events, overflowed
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> ConntrackEventSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,192 @@
+"""Minimal netlink framing: nlmsghdr, nlattr, and a request/response loop.
+
+Only what sock_diag and ctnetlink need.  Parsing works on ``memoryview`` slices so
+a large dump is walked without copying; callers decode payloads themselves with
+``struct.unpack_from`` (design.md §3: a generic attribute decoder is the slow part).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+NLA_HDR = struct.Struct("=HH")  # len, type
+
+NLMSG_NOOP = 1
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+
+NLM_F_REQUEST = 0x01
+NLM_F_MULTI = 0x02
+NLM_F_ACK = 0x04
+NLM_F_ROOT = 0x100
+NLM_F_MATCH = 0x200
+NLM_F_DUMP = NLM_F_ROOT | NLM_F_MATCH
+NLM_F_REPLACE = 0x100
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+
+NLA_F_NESTED = 0x8000
+NLA_TYPE_MASK = 0x3FFF
+
+NETLINK_SOCK_DIAG = 4
+NETLINK_NETFILTER = 12
+
+# Big enough that a 20k-socket dump arrives in few recv() calls; the kernel
+# fills each recv with as many messages as fit (up to its own 32 KiB skb
+# unless the buffer is larger, then it uses up to the buffer size).
+RECV_BUFFER = 1 << 20
+SOCKET_RCVBUF = 4 << 20
+
+_ERRNO_FMT = struct.Struct("=i")
+
+
+class NetlinkError(OSError):
+    """The kernel answered a request with a negative errno."""
+
+    def __init__(self, err: int, what: str) -> None:
+        super().__init__(err, f"{what}: {os.strerror(err)}")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One netlink message: header fields and a view of its payload."""
+
+    type: int
+    flags: int
+    seq: int
+    payload: memoryview
+
+
+def align4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def pack_message(msg_type: int, flags: int, seq: int, payload: bytes) -> bytes:
+    return NLMSG_HDR.pack(NLMSG_HDR.size + len(payload), msg_type, flags, seq, 0) + payload
+
+
+def pack_attr(attr_type: int, value: bytes) -> bytes:
+    length = NLA_HDR.size + len(value)
+    return NLA_HDR.pack(length, attr_type) + value + b"\0" * (align4(length) - length)
+
+
+def pack_nested(attr_type: int, *children: bytes) -> bytes:
+    return pack_attr(attr_type | NLA_F_NESTED, b"".join(children))
+
+
+def iter_messages(buf: memoryview) -> Iterator[Message]:
+    """Walk the messages in one recv() buffer."""
+    offset, end = 0, len(buf)
+    unpack = NLMSG_HDR.unpack_from
+    while offset + NLMSG_HDR.size <= end:
+        length, msg_type, flags, seq, _pid = unpack(buf, offset)
+        if length < NLMSG_HDR.size or offset + length > end:
+            raise ValueError(f"truncated netlink message at offset {offset} (len {length})")
+        yield Message(msg_type, flags, seq, buf[offset + NLMSG_HDR.size : offset + length])
+        offset += align4(length)
+
+
+def iter_attrs(buf: memoryview, offset: int = 0) -> Iterator[tuple[int, memoryview]]:
+    """Yield (type without flags, value view) for each nlattr from ``offset``."""
+    end = len(buf)
+    unpack = NLA_HDR.unpack_from
+    while offset + NLA_HDR.size <= end:
+        length, attr_type = unpack(buf, offset)
+        if length < NLA_HDR.size or offset + length > end:
+            raise ValueError(f"truncated netlink attribute at offset {offset} (len {length})")
+        yield attr_type & NLA_TYPE_MASK, buf[offset + NLA_HDR.size : offset + length]
+        offset += align4(length)
+
+
+def error_code(msg: Message) -> int:
+    """The (positive) errno carried by an NLMSG_ERROR message; 0 is an ACK."""
+    return -int(_ERRNO_FMT.unpack_from(msg.payload, 0)[0])
+
+
+class NetlinkSocket:
+    """A raw netlink socket with sequence numbers and a reusable receive buffer.
+
+    The socket must be created in the target netns (see ``NetnsHandle.socket``):
+    a netlink socket talks to the netns it was created in, whatever thread uses
+    it later (design.md §3).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        try:
+            # Root may exceed rmem_max; a dump must not overflow (ENOBUFS).
+            sock.setsockopt(socket.SOL_SOCKET, 33, SOCKET_RCVBUF)  # SO_RCVBUFFORCE
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_RCVBUF)
+        sock.bind((0, 0))
+        self._seq = 0
+        self._buf = bytearray(RECV_BUFFER)
+        self._view = memoryview(self._buf)
+
+    def next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF or 1
+        return self._seq
+
+    def send(self, data: bytes) -> None:
+        self.sock.send(data)
+
+    def recv(self) -> memoryview:
+        """One datagram's worth of messages (a view valid until the next recv)."""
+        n = self.sock.recv_into(self._buf)
+        return self._view[:n]
+
+    def dump(self, request: bytes, seq: int) -> Iterator[Message]:
+        """Send a dump request and yield its messages until NLMSG_DONE.
+
+        Messages are yielded as views into the shared buffer: consume each one
+        before advancing the iterator past the buffer (the caller decodes
+        immediately, so no copies are made).
+        """
+        self.send(request)
+        while True:
+            for msg in iter_messages(self.recv()):
+                if msg.seq != seq:
+                    continue  # a stale reply to an earlier, abandoned request
+                if msg.type == NLMSG_DONE:
+                    return
+                if msg.type == NLMSG_ERROR:
+                    err = error_code(msg)
+                    if err:
+                        raise NetlinkError(err, "netlink dump")
+                    return
+                yield msg
+
+    def request(self, request: bytes, seq: int) -> list[Message]:
+        """Send one request with NLM_F_ACK semantics and collect replies up to the ACK."""
+        self.send(request)
+        out: list[Message] = []
+        while True:
+            for msg in iter_messages(self.recv()):
+                if msg.seq != seq:
+                    continue
+                if msg.type == NLMSG_ERROR:
+                    err = error_code(msg)
+                    if err:
+                        raise NetlinkError(err, "netlink request")
+                    return out
+                if msg.type == NLMSG_DONE:
+                    return out
+                # Copy: the buffer is reused by the next recv.
+                out.append(Message(msg.type, msg.flags, msg.seq, memoryview(bytes(msg.payload))))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+__all__ = [
+    "NETLINK_NETFILTER",
+    "NETLINK_SOCK_DIAG",
+    "Message",
+    "NetlinkError",
+    "NetlinkSocket",
+]

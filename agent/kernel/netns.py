@@ -1,0 +1,171 @@
+"""Entering a network namespace: a handle, netlink sockets made inside it, commands run in it.
+
+``setns(2)`` changes the namespace of the calling *thread* only.  We switch the
+current thread in, create the socket, and switch back in a ``finally``: a socket
+stays bound to the netns it was created in, so the rest of the program may use
+it from any thread (design.md §3).  Python 3.11 has no ``os.setns``; libc's is
+called through ctypes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import socket
+import subprocess
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
+
+from halfclose.errors import UserError
+
+CLONE_NEWNET = 0x40000000
+NETNS_RUN_DIR = "/run/netns"
+
+T = TypeVar("T")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise UserError("must run as root (entering network namespaces needs CAP_SYS_ADMIN)")
+
+
+class NetnsHandle:
+    """An open network namespace (an fd on its nsfs inode).
+
+    Holding the fd pins the namespace: a pod whose processes all exit keeps
+    its netns alive while we look at it, and a recycled pid cannot swap it.
+    """
+
+    def __init__(self, fd: int, path: str, label: str) -> None:
+        self._fd = fd
+        self.path = path
+        self.label = label  # what reports call it: the name, the path, or "pid:N"
+        st = os.fstat(fd)
+        self.inode = st.st_ino
+        self.dev = st.st_dev
+
+    # -- constructors ---------------------------------------------------------
+
+    @classmethod
+    def from_name(cls, name: str) -> NetnsHandle:
+        if not name or "/" in name or name in (".", ".."):
+            raise UserError(f"invalid netns name {name!r}")
+        return cls._open(os.path.join(NETNS_RUN_DIR, name), name, f"netns {name!r}")
+
+    @classmethod
+    def from_path(cls, path: str) -> NetnsHandle:
+        return cls._open(path, path, f"netns path {path!r}")
+
+    @classmethod
+    def from_pid(cls, pid: int, proc_root: str = "/proc") -> NetnsHandle:
+        if pid <= 0:
+            raise UserError(f"invalid pid {pid}")
+        path = f"{proc_root}/{pid}/ns/net"
+        if not os.path.exists(f"{proc_root}/{pid}"):
+            raise UserError(f"no such process: pid {pid}")
+        return cls._open(path, f"pid:{pid}", f"the netns of pid {pid}")
+
+    @classmethod
+    def from_spec(cls, spec: str) -> NetnsHandle:
+        """A name from ``ip netns`` or a path (anything containing a ``/``)."""
+        return cls.from_path(spec) if "/" in spec else cls.from_name(spec)
+
+    @classmethod
+    def _open(cls, path: str, label: str, what: str) -> NetnsHandle:
+        require_root()
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise UserError(f"{what} does not exist ({path})") from None
+        except OSError as exc:
+            raise UserError(f"cannot open {what} ({path}): {exc.strerror}") from None
+        handle = cls(fd, path, label)
+        # Prove it is a netns we can enter before anyone relies on it: a
+        # regular file or another namespace type fails here with EINVAL.
+        try:
+            handle.run(lambda: None)
+        except OSError as exc:
+            handle.close()
+            raise UserError(f"cannot enter {what} ({path}): {exc.strerror}") from None
+        return handle
+
+    # -- use ------------------------------------------------------------------
+
+    @property
+    def fd(self) -> int:
+        if self._fd < 0:
+            raise ValueError("netns handle is closed")
+        return self._fd
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[None]:
+        """Run the body with the *current thread* inside this netns, then switch back.
+
+        Only code that creates namespace-bound objects (sockets) or opens
+        /proc/sys/net files belongs in the body: anything else the thread does
+        meanwhile also happens in the target netns.
+        """
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _setns(self.fd)
+            try:
+                yield
+            finally:
+                # Failing to return would leave this thread in a pod's netns
+                # for the rest of its life: that must be loud.
+                _setns(own)
+        finally:
+            os.close(own)
+
+    def run(self, fn: Callable[[], T]) -> T:
+        with self.entered():
+            return fn()
+
+    def socket(self, family: int, type_: int, proto: int) -> socket.socket:
+        """A socket created inside this netns (usable from any thread afterwards)."""
+        with self.entered():
+            return socket.socket(family, type_ | socket.SOCK_CLOEXEC, proto)
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` prefixed to run inside this netns.
+
+        nsenter gets our own fd by /proc/self/fd, so the namespace is the one
+        this handle pinned, even if a pid or a name was recycled since.
+        """
+        return ["nsenter", f"--net=/proc/self/fd/{self.fd}", "--", *argv]
+
+    def run_command(
+        self, argv: Sequence[str], timeout: float = 10.0
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.command(argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            pass_fds=(self.fd,),
+            check=False,
+        )
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> NetnsHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"NetnsHandle({self.label!r}, inode={self.inode})"

@@ -1,0 +1,61 @@
+"""Read and write a sysctl inside a target network namespace.
+
+/proc/sys/net/* is resolved against the network namespace of the task that
+opens the file, not against the mount's namespace or the reader's later one:
+so the file is opened (and read or written) by the current thread while it is
+inside the target netns (``NetnsHandle.entered``).  That is how the close-wait
+timeout of one pod is changed without touching any other.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from halfclose.agent.kernel.netns import NetnsHandle
+
+PROC_SYS = "/proc/sys"
+
+_NAME = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)+$")
+
+
+class SysctlMissing(OSError):
+    """The sysctl does not exist in that netns (module not loaded, wrong name)."""
+
+
+def sysctl_path(name: str) -> str:
+    """``net.netfilter.x`` -> ``/proc/sys/net/netfilter/x`` (no path tricks accepted)."""
+    if not _NAME.match(name):
+        raise ValueError(f"not a sysctl name: {name!r}")
+    return os.path.join(PROC_SYS, *name.split("."))
+
+
+def _open(netns: NetnsHandle | None, path: str, flags: int) -> int:
+    try:
+        if netns is None:
+            return os.open(path, flags | os.O_CLOEXEC)
+        with netns.entered():
+            return os.open(path, flags | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SysctlMissing(2, f"no such sysctl: {path}") from None
+
+
+def read_sysctl(netns: NetnsHandle | None, name: str) -> str:
+    """The value as the kernel prints it, without the trailing newline."""
+    fd = _open(netns, sysctl_path(name), os.O_RDONLY)
+    try:
+        return os.read(fd, 4096).decode().strip()
+    finally:
+        os.close(fd)
+
+
+def write_sysctl(netns: NetnsHandle | None, name: str, value: str) -> None:
+    fd = _open(netns, sysctl_path(name), os.O_WRONLY)
+    try:
+        os.write(fd, f"{value}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def read_int(netns: NetnsHandle | None, name: str) -> int:
+    return int(read_sysctl(netns, name))

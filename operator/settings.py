@@ -1,0 +1,98 @@
+"""The operator's settings: one typed object, built only at the entry point."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from halfclose.errors import UserError
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OperatorSettings:
+    """How the operator runs (``halfclose-operator --help`` lists the flags).
+
+    ``metrics_port`` serves /metrics and /readyz; 0 picks a free port (tests).
+    ``liveness_port`` is kopf's /healthz; None disables it.
+    ``debounce_seconds`` is the most often one policy's status is written.
+    ``peering`` names the ClusterKopfPeering object replicas share; None runs
+    standalone (no leader election: one replica only).  ``priority`` orders
+    replicas: the highest runs, the others stand by.  It is random per process
+    by default because kopf pauses *every* replica when two share a priority.
+    """
+
+    metrics_port: int = 9480
+    metrics_host: str = "0.0.0.0"  # noqa: S104 -- a pod serves its probes on all addresses
+    liveness_port: int | None = 8080
+    debounce_seconds: float = 2.0
+    log_level: str = "INFO"
+    peering: str | None = "halfclose"
+    priority: int = 0
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(text)
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0.05 <= value <= 300:
+        raise ValueError(text)
+    return value
+
+
+def settings_from(argv: Sequence[str] | None, environ: Mapping[str, str]) -> OperatorSettings:
+    """Flags win over environment variables (HALFCLOSE_OPERATOR_*), which win over defaults.
+
+    Raises ``UserError`` with one line for a bad value.
+    """
+
+    def env(name: str, default: str) -> str:
+        return environ.get(f"HALFCLOSE_OPERATOR_{name}", default)
+
+    parser = _Parser(prog="halfclose-operator",
+                     description="The halfclose operator (kopf): policy status and reports.")
+    parser.add_argument("--metrics-port", type=_port, default=env("METRICS_PORT", "9480"),
+                        help="port of /metrics and /readyz (default 9480)")
+    parser.add_argument("--liveness-port", type=_port, default=env("LIVENESS_PORT", "8080"),
+                        help="port of kopf's /healthz (default 8080; 0 disables)")
+    parser.add_argument("--debounce-seconds", type=_seconds,
+                        default=env("DEBOUNCE_SECONDS", "2"),
+                        help="at most one status write per policy per this many seconds")
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
+                        default=env("LOG_LEVEL", "INFO"))
+    parser.add_argument("--peering", default=env("PEERING", "halfclose"),
+                        help="ClusterKopfPeering object for leader election (default halfclose)")
+    parser.add_argument("--standalone", action="store_true",
+                        default=env("STANDALONE", "") in ("1", "true", "yes"),
+                        help="no leader election: run exactly one replica")
+    parser.add_argument("--priority", type=int, default=env("PRIORITY", "0") or "0",
+                        help="replica priority (default: random per process)")
+    args = parser.parse_args(argv)
+    priority = args.priority or random.SystemRandom().randint(1, 2**31 - 1)
+    return OperatorSettings(
+        metrics_port=args.metrics_port,
+        liveness_port=args.liveness_port or None,
+        debounce_seconds=args.debounce_seconds,
+        log_level=args.log_level,
+        peering=None if args.standalone else args.peering,
+        priority=priority,
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message}")
+
+
+def environment() -> Mapping[str, str]:
+    """The process environment; read here, at the entry point only."""
+    return os.environ

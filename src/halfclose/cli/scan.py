@@ -1,0 +1,117 @@
+"""``halfclose scan``: find leaked and at-risk sidecar sockets in one network namespace.
+
+    halfclose scan (--netns NAME|PATH | --pid PID) [--capture-ports 15001,15006]
+                   [--min-idle SECONDS] [--action report] [--output table|json]
+
+Exit 0 when the scan ran (findings or not), 2 with one line on stderr on bad input.
+
+Actions are pluggable: ``ACTIONS`` maps an ``--action`` name to a function run
+after the scan, which returns each finding's outcome (by socket cookie) for the
+report.  ``report`` does nothing; remediation registers ``kill`` and friends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+
+from halfclose.agent.engine.report import Outcomes, render_table, to_json_dict
+from halfclose.agent.engine.scan import Scanner, ScanResult, ScanSettings
+from halfclose.agent.kernel.netns import NetnsHandle, require_root
+from halfclose.errors import UserError
+
+ActionRunner = Callable[[Scanner, ScanResult, argparse.Namespace], Outcomes]
+
+
+def _report(_scanner: Scanner, _result: ScanResult, _args: argparse.Namespace) -> Outcomes:
+    return {}
+
+
+ACTIONS: dict[str, ActionRunner] = {"report": _report}
+
+
+def parse_ports(text: str) -> frozenset[int]:
+    """``"15001,15006"`` -> {15001, 15006}; every item an integer in 1..65535."""
+    ports: set[int] = set()
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item.isdigit():
+            raise argparse.ArgumentTypeError(f"invalid port {item!r} (want e.g. 15001,15006)")
+        port = int(item)
+        if not 1 <= port <= 65535:
+            raise argparse.ArgumentTypeError(f"port {port} out of range 1-65535")
+        ports.add(port)
+    return frozenset(ports)
+
+
+def _pid(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"invalid pid {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"seconds must be >= 0, got {text!r}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("scan", help="find leaked and at-risk half-closed sidecar sockets")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--netns", metavar="NAME|PATH", help="`ip netns` name or nsfs path")
+    target.add_argument("--pid", type=_pid, help="scan the network namespace of this process")
+    p.add_argument(
+        "--capture-ports",
+        type=parse_ports,
+        metavar="P1,P2",
+        help="sidecar ports to judge (default: detect from the netns's NAT/TPROXY rules)",
+    )
+    p.add_argument(
+        "--min-idle",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="report only sockets idle at least this long (default 0)",
+    )
+    p.add_argument("--action", choices=sorted(ACTIONS), default="report")
+    p.add_argument("--output", choices=("table", "json"), default="table")
+    p.set_defaults(func=run)
+
+
+def open_target(args: argparse.Namespace, proc_root: str) -> NetnsHandle:
+    require_root()
+    if args.pid is not None:
+        return NetnsHandle.from_pid(args.pid, proc_root)
+    return NetnsHandle.from_spec(args.netns)
+
+
+def run(args: argparse.Namespace) -> int:
+    # The environment is read here, at the entry point, and nowhere below.
+    proc_root = os.environ.get("HOST_PROC", "/proc")
+    settings = ScanSettings(
+        capture_ports=args.capture_ports,
+        min_idle_seconds=args.min_idle,
+        proc_root=proc_root,
+    )
+    with open_target(args, proc_root) as handle:
+        try:
+            scanner = Scanner(handle)
+        except OSError as exc:
+            raise UserError(f"cannot open netlink sockets in {handle.label}: {exc}") from None
+        with scanner:
+            result = scanner.scan(settings)
+            outcomes = ACTIONS[args.action](scanner, result, args)
+    if args.output == "json":
+        json.dump(to_json_dict(result, outcomes), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(render_table(result, outcomes))
+    return 0

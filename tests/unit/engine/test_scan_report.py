@@ -1,0 +1,80 @@
+"""The JSON contract (design.md §4) and the ss-like table, from a hand-built ScanResult."""
+
+from __future__ import annotations
+
+import json
+
+from halfclose.agent.core.model import Endpoint, Finding, Kind, Outcome, Owner, SocketRecord, TcpState
+from halfclose.agent.engine.report import FindingOutcome, render_table, to_json_dict
+from halfclose.agent.engine.scan import ScanResult
+
+FINDING_KEYS = {"kind", "state", "local", "peer", "idle_seconds", "pid", "process", "upstream",
+                "action"}  # fmt: skip
+
+
+def _sock(state: TcpState, local: str, peer: str, cookie: int, idle_ms: int | None) -> SocketRecord:
+    return SocketRecord(state, Endpoint.parse(local), Endpoint.parse(peer), cookie, cookie, 1337,
+                        idle_ms, idle_ms)  # fmt: skip
+
+
+def _result() -> ScanResult:
+    leaked = _sock(TcpState.FIN_WAIT2, "127.0.0.1:15001", "192.0.2.10:40000", 1, 61250)
+    upstream = _sock(TcpState.CLOSE_WAIT, "192.0.2.10:50000", "203.0.113.10:7777", 2, 61290)
+    at_risk = _sock(TcpState.FIN_WAIT2, "[::ffff:127.0.0.1]:15006", "[2001:db8::9]:1", 3, None)
+    return ScanResult(
+        netns="hc-lab-pod0",
+        capture_ports=(15001, 15006),
+        sockets_examined=42,
+        duration_seconds=0.0123456789,
+        findings=[
+            Finding(Kind.LEAKED, leaked, Owner(77, "lab-proxy", 9), None, upstream),
+            Finding(Kind.AT_RISK, at_risk, None),
+        ],
+    )
+
+
+def test_json_contract_shape_and_spelling() -> None:
+    doc = to_json_dict(_result())
+    json.dumps(doc)  # serialisable as is
+    assert set(doc) == {"netns", "capture_ports", "sockets_examined", "duration_seconds", "findings"}
+    assert doc["capture_ports"] == [15001, 15006] and doc["sockets_examined"] == 42
+    assert isinstance(doc["duration_seconds"], float)
+    first, second = doc["findings"]
+    assert set(first) == set(second) == FINDING_KEYS
+    assert first == {
+        "kind": "leaked",
+        "state": "FIN-WAIT-2",
+        "local": "127.0.0.1:15001",
+        "peer": "192.0.2.10:40000",
+        "idle_seconds": 61.25,
+        "pid": 77,
+        "process": "lab-proxy",
+        "upstream": {"local": "192.0.2.10:50000", "peer": "203.0.113.10:7777", "state": "CLOSE-WAIT"},
+        "action": "none",
+    }
+    assert second["kind"] == "at-risk" and second["local"] == "[::ffff:127.0.0.1]:15006"
+    assert second["pid"] is None and second["upstream"] is None and second["idle_seconds"] is None
+
+
+def test_outcomes_fill_action_and_error_by_cookie() -> None:
+    doc = to_json_dict(_result(), {1: FindingOutcome(Outcome.FAILED, error="EPERM")})
+    assert doc["findings"][0]["action"] == "failed" and doc["findings"][0]["error"] == "EPERM"
+    assert doc["findings"][1]["action"] == "none" and "error" not in doc["findings"][1]
+
+
+def test_table_reads_like_ss() -> None:
+    text = render_table(_result())
+    lines = text.splitlines()
+    assert lines[0].startswith("netns hc-lab-pod0: capture ports 15001,15006; 42 ")
+    assert "1 leaked, 1 at-risk" in lines[0]
+    assert lines[1].split()[:2] == ["Kind", "State"]
+    assert 'users:(("lab-proxy",pid=77,fd=9))' in lines[2]
+    assert "192.0.2.10:50000 -> 203.0.113.10:7777 CLOSE-WAIT" in lines[2]
+    assert lines[3].split()[:4] == ["at-risk", "FIN-WAIT-2", "[::ffff:127.0.0.1]:15006", "[2001:db8::9]:1"]
+
+
+def test_empty_result_is_one_summary_line() -> None:
+    r = ScanResult("x", (), 0, 0.001, [])
+    assert render_table(r) == (
+        "netns x: capture ports none; 0 half-closed sockets examined in 1.0 ms; 0 leaked, 0 at-risk"
+    )

@@ -1,0 +1,95 @@
+"""ctnetlink codec against replayed kernel answers (tests/data/netlink, capture.py)."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from typing import Any
+
+import pytest
+from support.nldump import expected, load_datagrams
+
+from halfclose.agent.core.model import ConntrackEntry, FlowTuple
+from halfclose.agent.kernel import conntrack as ct
+from halfclose.agent.kernel import netlink as nl
+
+IPS_SEEN_REPLY = 1 << 1
+IPS_ASSURED = 1 << 2
+IPS_SRC_NAT = 1 << 4
+IPS_DST_NAT = 1 << 5  # REDIRECT is a destination NAT
+
+
+def _tuple(values: list[Any]) -> FlowTuple:
+    src, sport, dst, dport = values
+    return FlowTuple(ipaddress.ip_address(src), sport, ipaddress.ip_address(dst), dport)
+
+
+def _messages(name: str) -> list[nl.Message]:
+    return [m for d in load_datagrams(name) for m in nl.iter_messages(memoryview(d))]
+
+
+@pytest.mark.parametrize("family", ["v4", "v6"])
+def test_get_by_reply_answer_decodes_as_recorded(family: str) -> None:
+    want = next(e for e in expected()["conntrack"] if e["family"] == family)
+    (msg,) = _messages(f"conntrack_get_{family}.dump")
+    assert msg.type == ct.MSG_NEW  # the kernel answers a GET with a NEW-typed message
+    entry = ct.decode_entry(msg.payload)
+    assert entry.original == _tuple(want["original"])
+    assert entry.reply == _tuple(want["reply"])
+    assert entry.tcp_state == want["tcp_state"]
+    assert entry.status & IPS_DST_NAT and not entry.status & IPS_SRC_NAT
+    assert entry.status & IPS_ASSURED and entry.status & IPS_SEEN_REPLY
+    assert 0 < entry.timeout <= 60  # CLOSE_WAIT's default timer
+    assert entry.entry_id != 0 and entry.zone == 0 and not entry.fixed_timeout
+
+
+def test_missing_entry_answers_enoent() -> None:
+    (msg,) = _messages("conntrack_get_enoent.dump")
+    assert msg.type == nl.NLMSG_ERROR
+    assert nl.error_code(msg) == errno.ENOENT
+
+
+def test_dump_contains_the_recorded_entry() -> None:
+    want = next(e for e in expected()["conntrack"] if e["family"] == "v4")
+    entries = [ct.decode_entry(m.payload) for m in _messages("conntrack_dump.dump")
+               if m.type == ct.MSG_NEW]  # fmt: skip
+    assert _tuple(want["reply"]) in ct.entries_by_reply(entries)
+
+
+def test_get_request_roundtrips_through_the_decoder() -> None:
+    reply = FlowTuple(ipaddress.ip_address("2001:db8::1"), 15001,
+                      ipaddress.ip_address("2001:db8::2"), 40000)  # fmt: skip
+    (msg,) = nl.iter_messages(memoryview(ct.encode_get_by_reply(reply, seq=4, zone=3)))
+    assert msg.type == ct.MSG_GET and msg.flags == nl.NLM_F_REQUEST
+    family = msg.payload[0]
+    assert family == socket.AF_INET6
+    attrs = dict(nl.iter_attrs(msg.payload, ct.NFGEN.size))
+    assert set(attrs) == {ct.CTA_TUPLE_REPLY, ct.CTA_ZONE}
+    assert ct._decode_tuple(attrs[ct.CTA_TUPLE_REPLY]) == reply
+
+
+def test_update_request_keys_on_the_original_tuple() -> None:
+    entry = ConntrackEntry(
+        original=FlowTuple(ipaddress.ip_address("192.0.2.10"), 40000,
+                           ipaddress.ip_address("203.0.113.10"), 7777),
+        reply=FlowTuple(ipaddress.ip_address("127.0.0.1"), 15001,
+                        ipaddress.ip_address("192.0.2.10"), 40000),
+        tcp_state="CLOSE_WAIT",
+        timeout=3,
+    )  # fmt: skip
+    buf = ct.encode_update(entry, seq=5, timeout=600, status=ConntrackEntry.IPS_FIXED_TIMEOUT)
+    (msg,) = nl.iter_messages(memoryview(buf))
+    assert msg.type == ct.MSG_NEW
+    assert not msg.flags & nl.NLM_F_CREATE  # update only: never create an entry
+    attrs = dict(nl.iter_attrs(msg.payload, ct.NFGEN.size))
+    assert ct._decode_tuple(attrs[ct.CTA_TUPLE_ORIG]) == entry.original
+    assert ct.CTA_TUPLE_REPLY not in attrs
+    assert int.from_bytes(attrs[ct.CTA_TIMEOUT], "big") == 600
+    assert int.from_bytes(attrs[ct.CTA_STATUS], "big") == 1 << 10
+
+
+def test_entry_without_tuples_is_rejected() -> None:
+    payload = memoryview(ct.NFGEN.pack(socket.AF_INET, 0, 0) + nl.pack_attr(ct.CTA_TIMEOUT, b"\0\0\0\1"))
+    with pytest.raises(ValueError, match="tuples"):
+        ct.decode_entry(payload)
