@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
 .PHONY: help venv deps demo lab-up lab-down test test-unit test-kernel test-kube test-chart \
-        lint fmt typecheck crds bench bench-agent image clean
+        lint fmt typecheck crds chart bench bench-agent image clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -46,7 +46,7 @@ lint: $(STAMP) ## ruff, mypy and the layer contract (import-linter)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/lint-imports
+	PYTHONPATH=src $(BIN)/lint-imports  # see the symlinks under src/halfclose
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .
@@ -54,6 +54,10 @@ fmt: $(STAMP)
 
 crds: $(STAMP) ## regenerate crds/*.yaml (and the chart's copy) from the Python model
 	$(BIN)/python -m halfclose.api.generate
+	$(BIN)/python charts/halfclose/hack/sync_crds.py
+
+chart: $(STAMP) ## regenerate the chart's README values table and files/alerts.yaml
+	$(BIN)/python charts/halfclose/hack/generate.py
 
 bench: $(STAMP) ## scan benchmark against ss + conntrack on the same netns (root)
 	$(BIN)/python -m bench.scan

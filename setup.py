@@ -12,7 +12,11 @@ ROOTS = {"halfclose": "src/halfclose", "halfclose.agent": "agent", "halfclose.op
 packages: list[str] = []
 for name, path in ROOTS.items():
     packages.append(name)
-    packages.extend(f"{name}.{sub}" for sub in find_packages(path))
+    # src/halfclose/agent and src/halfclose/operator are symlinks kept for static
+    # tools; the real roots are mapped above, so skip them here.
+    packages.extend(
+        f"{name}.{sub}" for sub in find_packages(path, exclude=["agent", "agent.*", "operator", "operator.*"])
+    )
 
 setup(
     package_dir=ROOTS,

@@ -12,8 +12,9 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from halfclose.api import Policy, namespace_in_scope, policy_matches, precedence_key
 from halfclose.operator.view import PodInfo
+
+from halfclose.api import Policy, namespace_in_scope, policy_matches, precedence_key
 
 
 @dataclass(slots=True)

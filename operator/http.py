@@ -8,9 +8,8 @@ and takes over when the leader goes; readiness is not leadership.
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
 from halfclose.operator.metrics import OperatorMetrics
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 
 class ProbeServer:
@@ -30,7 +29,7 @@ class ProbeServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()
-        server = site._server  # noqa: SLF001 -- aiohttp exposes no bound port otherwise
+        server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self._port
 

@@ -6,6 +6,7 @@ registry and two operators in one process (tests again) do not collide.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -17,19 +18,22 @@ class OperatorMetrics:
         self.policies = Gauge(
             "halfclose_operator_policies",
             "HalfClosePolicies by Ready condition.",
-            ["ready"], registry=registry,
+            ["ready"],
+            registry=registry,
         )
         self.policy_leaked_sockets = Gauge(
             "halfclose_operator_policy_leaked_sockets",
             "Leaked sockets now, aggregated from the policy's reports.",
-            ["policy"], registry=registry,
+            ["policy"],
+            registry=registry,
         )
         self.policy_killed_total = Gauge(
             # A gauge despite the suffix: it is a sum of counters kept by the agents,
             # and it drops when a pod (and its report) goes (docs/metrics.md).
             "halfclose_operator_policy_killed_total",
             "killedTotal aggregated from the policy's reports.",
-            ["policy"], registry=registry,
+            ["policy"],
+            registry=registry,
         )
         self.reports = Gauge(
             "halfclose_operator_reports",
@@ -39,7 +43,8 @@ class OperatorMetrics:
         self.reconcile_total = Counter(
             "halfclose_operator_reconcile",
             "Reconciliations by object kind and result.",
-            ["kind", "result"], registry=registry,
+            ["kind", "result"],
+            registry=registry,
         )
         self.status_writes_total = Counter(
             "halfclose_operator_status_writes",
@@ -61,7 +66,5 @@ class OperatorMetrics:
     def forget_policies(self, names: Iterable[str]) -> None:
         for name in names:
             for gauge in (self.policy_leaked_sockets, self.policy_killed_total):
-                try:
+                with contextlib.suppress(KeyError):  # never set
                     gauge.remove(name)
-                except KeyError:
-                    pass  # never set

@@ -21,7 +21,8 @@ class OperatorSettings:
     ``liveness_port`` is kopf's /healthz; None disables it.
     ``debounce_seconds`` is the most often one policy's status is written.
     ``peering`` names the ClusterKopfPeering object replicas share; None runs
-    standalone (no leader election: one replica only).  ``priority`` orders
+    standalone (no leader election: one replica only).  ``kubeconfig`` None means
+    the pod's service account (else ~/.kube/config).  ``priority`` orders
     replicas: the highest runs, the others stand by.  It is random per process
     by default because kopf pauses *every* replica when two share a priority.
     """
@@ -33,6 +34,7 @@ class OperatorSettings:
     log_level: str = "INFO"
     peering: str | None = "halfclose"
     priority: int = 0
+    kubeconfig: str | None = None
 
 
 def _port(text: str) -> int:
@@ -58,24 +60,53 @@ def settings_from(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Ope
     def env(name: str, default: str) -> str:
         return environ.get(f"HALFCLOSE_OPERATOR_{name}", default)
 
-    parser = _Parser(prog="halfclose-operator",
-                     description="The halfclose operator (kopf): policy status and reports.")
-    parser.add_argument("--metrics-port", type=_port, default=env("METRICS_PORT", "9480"),
-                        help="port of /metrics and /readyz (default 9480)")
-    parser.add_argument("--liveness-port", type=_port, default=env("LIVENESS_PORT", "8080"),
-                        help="port of kopf's /healthz (default 8080; 0 disables)")
-    parser.add_argument("--debounce-seconds", type=_seconds,
-                        default=env("DEBOUNCE_SECONDS", "2"),
-                        help="at most one status write per policy per this many seconds")
-    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
-                        default=env("LOG_LEVEL", "INFO"))
-    parser.add_argument("--peering", default=env("PEERING", "halfclose"),
-                        help="ClusterKopfPeering object for leader election (default halfclose)")
-    parser.add_argument("--standalone", action="store_true",
-                        default=env("STANDALONE", "") in ("1", "true", "yes"),
-                        help="no leader election: run exactly one replica")
-    parser.add_argument("--priority", type=int, default=env("PRIORITY", "0") or "0",
-                        help="replica priority (default: random per process)")
+    parser = _Parser(
+        prog="halfclose-operator",
+        description="The halfclose operator (kopf): policy status and reports.",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=env("METRICS_PORT", "9480"),
+        help="port of /metrics and /readyz (default 9480)",
+    )
+    parser.add_argument(
+        "--liveness-port",
+        type=_port,
+        default=env("LIVENESS_PORT", "8080"),
+        help="port of kopf's /healthz (default 8080; 0 disables)",
+    )
+    parser.add_argument(
+        "--debounce-seconds",
+        type=_seconds,
+        default=env("DEBOUNCE_SECONDS", "2"),
+        help="at most one status write per policy per this many seconds",
+    )
+    parser.add_argument(
+        "--log-level", type=str.upper, choices=LOG_LEVELS, default=env("LOG_LEVEL", "INFO")
+    )
+    parser.add_argument(
+        "--peering",
+        default=env("PEERING", "halfclose"),
+        help="ClusterKopfPeering object for leader election (default halfclose)",
+    )
+    parser.add_argument(
+        "--standalone",
+        action="store_true",
+        default=env("STANDALONE", "") in ("1", "true", "yes"),
+        help="no leader election: run exactly one replica",
+    )
+    parser.add_argument(
+        "--priority",
+        type=int,
+        default=env("PRIORITY", "0") or "0",
+        help="replica priority (default: random per process)",
+    )
+    parser.add_argument(
+        "--kubeconfig",
+        default=environ.get("KUBECONFIG") or None,
+        help="kubeconfig file (default: $KUBECONFIG, else in-cluster)",
+    )
     args = parser.parse_args(argv)
     priority = args.priority or random.SystemRandom().randint(1, 2**31 - 1)
     return OperatorSettings(
@@ -85,6 +116,7 @@ def settings_from(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Ope
         log_level=args.log_level,
         peering=None if args.standalone else args.peering,
         priority=priority,
+        kubeconfig=args.kubeconfig,
     )
 
 

@@ -11,6 +11,9 @@ import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
+from halfclose.operator.assignment import PolicyMatch
+from halfclose.operator.view import PolicyEntry, ReportSummary
+
 from halfclose.api import (
     ACCEPTED,
     OVERLAPPING,
@@ -22,8 +25,6 @@ from halfclose.api import (
     set_condition,
 )
 from halfclose.api.policy import TOP_PODS
-from halfclose.operator.assignment import PolicyMatch
-from halfclose.operator.view import PolicyEntry, ReportSummary
 
 # Condition reasons (documented in docs/api.md).
 VALID = "Valid"
@@ -63,8 +64,14 @@ def aggregate(reports: Iterable[ReportSummary], top: int = TOP_PODS) -> Aggregat
         extended_total=sum(r.extended_total for r in items),
         nodes_reporting=len({r.node for r in items if r.node}),
         top_pods=tuple(
-            TopPod(namespace=r.namespace, pod=r.pod, node=r.node, leaked=r.leaked,
-                   at_risk=r.at_risk, killed_total=r.killed_total)
+            TopPod(
+                namespace=r.namespace,
+                pod=r.pod,
+                node=r.node,
+                leaked=r.leaked,
+                at_risk=r.at_risk,
+                killed_total=r.killed_total,
+            )
             for r in ranked[:top]
         ),
     )
@@ -92,9 +99,8 @@ def _not_ready_reason(entry: PolicyEntry, match: PolicyMatch) -> tuple[str, str]
             )
         return NO_MATCHING_NAMESPACES, "; ".join(parts) or "no namespace is in scope"
     if match.selected > 0:
-        return ALL_PODS_CLAIMED, (
-            f"every pod it selects is claimed by an older policy: {_names(match.claimed_by.items())}"
-        )
+        owners = _names(match.claimed_by.items())
+        return ALL_PODS_CLAIMED, f"every pod it selects is claimed by an older policy: {owners}"
     selector = spec.pod_selector.describe() if spec.pod_selector else "<everything>"
     return NO_MATCHING_PODS, (
         f"no running pod matches podSelector {selector} in the"
@@ -115,45 +121,95 @@ def compute_status(
     conds: tuple[Condition, ...] = previous.conditions
     if entry.policy is None:
         message = entry.error or "invalid spec"
-        conds = set_condition(conds, type_=ACCEPTED, status="False", reason=INVALID_SPEC,
-                              message=message, now=now, observed_generation=gen)
-        conds = set_condition(conds, type_=READY, status="False", reason=INVALID_SPEC,
-                              message="the spec is not accepted; see condition Accepted",
-                              now=now, observed_generation=gen)
+        conds = set_condition(
+            conds,
+            type_=ACCEPTED,
+            status="False",
+            reason=INVALID_SPEC,
+            message=message,
+            now=now,
+            observed_generation=gen,
+        )
+        conds = set_condition(
+            conds,
+            type_=READY,
+            status="False",
+            reason=INVALID_SPEC,
+            message="the spec is not accepted; see condition Accepted",
+            now=now,
+            observed_generation=gen,
+        )
         conds = tuple(c for c in conds if c.type != OVERLAPPING)
         return _with_aggregate(PolicyStatus(observed_generation=gen, conditions=conds), reports)
 
-    conds = set_condition(conds, type_=ACCEPTED, status="True", reason=VALID,
-                          message="the spec is valid", now=now, observed_generation=gen)
+    conds = set_condition(
+        conds,
+        type_=ACCEPTED,
+        status="True",
+        reason=VALID,
+        message="the spec is valid",
+        now=now,
+        observed_generation=gen,
+    )
     if match.applied > 0:
-        message = (f"applies to {_plural(match.applied, 'pod')} in"
-                   f" {_plural(match.namespaces_in_scope, 'namespace')}")
+        message = (
+            f"applies to {_plural(match.applied, 'pod')} in"
+            f" {_plural(match.namespaces_in_scope, 'namespace')}"
+        )
         if match.missing_namespaces:
             message += f"; namespaces {list(match.missing_namespaces)} do not exist"
-        conds = set_condition(conds, type_=READY, status="True", reason=APPLIED,
-                              message=message, now=now, observed_generation=gen)
+        conds = set_condition(
+            conds,
+            type_=READY,
+            status="True",
+            reason=APPLIED,
+            message=message,
+            now=now,
+            observed_generation=gen,
+        )
     else:
         reason, message = _not_ready_reason(entry, match)
-        conds = set_condition(conds, type_=READY, status="False", reason=reason,
-                              message=message, now=now, observed_generation=gen)
+        conds = set_condition(
+            conds,
+            type_=READY,
+            status="False",
+            reason=reason,
+            message=message,
+            now=now,
+            observed_generation=gen,
+        )
     if match.claimed_by:
         conds = set_condition(
-            conds, type_=OVERLAPPING, status="True", reason=OVERLAP_LOST,
+            conds,
+            type_=OVERLAPPING,
+            status="True",
+            reason=OVERLAP_LOST,
             message="pods also selected by older policies, which apply to them: "
             + _names(match.claimed_by.items()),
-            now=now, observed_generation=gen,
+            now=now,
+            observed_generation=gen,
         )
     elif match.shares_with:
         conds = set_condition(
-            conds, type_=OVERLAPPING, status="True", reason=OVERLAP_WON,
+            conds,
+            type_=OVERLAPPING,
+            status="True",
+            reason=OVERLAP_WON,
             message="this policy applies to pods also selected by newer policies: "
             + _names(match.shares_with.items()),
-            now=now, observed_generation=gen,
+            now=now,
+            observed_generation=gen,
         )
     else:
-        conds = set_condition(conds, type_=OVERLAPPING, status="False", reason=NO_OVERLAP,
-                              message="no other policy selects its pods", now=now,
-                              observed_generation=gen)
+        conds = set_condition(
+            conds,
+            type_=OVERLAPPING,
+            status="False",
+            reason=NO_OVERLAP,
+            message="no other policy selects its pods",
+            now=now,
+            observed_generation=gen,
+        )
     status = PolicyStatus(
         observed_generation=gen,
         conditions=conds,

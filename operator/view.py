@@ -29,8 +29,9 @@ def pod_from(obj: Mapping[str, Any]) -> PodInfo | None:
     if (obj.get("status") or {}).get("phase") in FINISHED_POD_PHASES:
         return None
     meta = obj.get("metadata") or {}
-    return PodInfo(str(meta.get("namespace", "")), str(meta.get("name", "")),
-                   dict(meta.get("labels") or {}))
+    return PodInfo(
+        str(meta.get("namespace", "")), str(meta.get("name", "")), dict(meta.get("labels") or {})
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,7 @@ class ReportSummary:
     """The counters of one HalfCloseReport, for the policy aggregate."""
 
     namespace: str
+    name: str
     pod: str
     node: str
     policy: str
@@ -77,6 +79,7 @@ def report_from(obj: Mapping[str, Any]) -> ReportSummary:
     status = report.status
     return ReportSummary(
         namespace=report.namespace,
+        name=report.name,
         pod=report.spec.pod_name,
         node=report.spec.node_name,
         policy=report.spec.policy,

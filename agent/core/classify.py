@@ -66,12 +66,13 @@ def classify(
     for sock in sockets:
         if not is_candidate(sock, capture_ports):
             continue
-        reply = sock.nat_reply_tuple
-        if reply not in lookups:
-            continue
         if not old_enough(sock, min_idle_seconds):
             continue
-        entry = lookups[reply]
+        reply = sock.nat_reply_tuple
+        try:
+            entry = lookups[reply]
+        except KeyError:
+            continue
         kind = Kind.LEAKED if entry is None else Kind.AT_RISK
         findings.append(Finding(kind, sock, owners.get(sock.inode), entry))
     findings.sort(key=_order)

@@ -23,6 +23,7 @@ best downstream is this one); otherwise the pair is None.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
@@ -51,73 +52,120 @@ def upstream_pool(
     ]
 
 
-def _bytes_match(down: SocketRecord, up: SocketRecord) -> bool:
-    """Counters consistent with one proxied connection, in the measured accounting.
+def _down_key(down: SocketRecord) -> tuple[int, int] | None:
+    if down.bytes_acked is None or down.bytes_received is None:
+        return None
+    return down.bytes_acked, down.bytes_received
+
+
+def _up_keys(up: SocketRecord) -> tuple[tuple[int, int], ...]:
+    """The downstream keys (acked, received) an upstream leg is consistent with.
 
     Measured on Linux 6.18: sequence-space counters include the FIN (so the
     downstream's acked == the upstream's received once the FIN was forwarded
     and acked) and, on the connect()ing side only, the SYN (so the upstream's
-    acked is the downstream's received, plus one).  The plus-one is allowed,
-    not required, so an accept()ed upstream leg also matches.
+    acked is the downstream's received plus one).  The plus-one is allowed,
+    not required, so an accept()ed upstream leg matches too.
     """
-    if (
-        down.bytes_acked is None
-        or down.bytes_received is None
-        or up.bytes_acked is None
-        or up.bytes_received is None
-    ):
-        return False
-    return down.bytes_acked == up.bytes_received and up.bytes_acked - down.bytes_received in (0, 1)
+    if up.bytes_acked is None or up.bytes_received is None:
+        return ()
+    return (up.bytes_received, up.bytes_acked - 1), (up.bytes_received, up.bytes_acked)
 
 
-def _fin_gap(down: SocketRecord, up: SocketRecord) -> int | None:
-    if down.last_ack_recv_ms is None or up.last_ack_recv_ms is None:
-        return None
-    return abs(down.last_ack_recv_ms - up.last_ack_recv_ms)
+def _unique(socks: Iterable[SocketRecord]) -> list[SocketRecord]:
+    """Deduplicated by cookie (hashing whole records is slow: ipaddress hashes)."""
+    seen: dict[int, SocketRecord] = {}
+    for sock in socks:
+        seen.setdefault(sock.cookie, sock)
+    return list(seen.values())
 
 
-def _best_by_time(
-    target: SocketRecord, others: Sequence[SocketRecord], *, down_is_target: bool
-) -> SocketRecord | None:
-    """The unique nearest-FIN-time partner of ``target`` among ``others``."""
-    scored: list[tuple[int, SocketRecord]] = []
-    for other in others:
-        gap = _fin_gap(target, other) if down_is_target else _fin_gap(other, target)
-        if gap is not None and gap <= FIN_MAX_GAP_MS:
-            scored.append((gap, other))
-    if not scored:
-        return None
-    scored.sort(key=lambda x: x[0])
-    if len(scored) > 1 and scored[1][0] - scored[0][0] < FIN_MARGIN_MS:
-        return None
-    return scored[0][1]
+class _TimeIndex:
+    """Sockets sorted by FIN time (``last_ack_recv``): nearest neighbour by bisection."""
+
+    def __init__(self, socks: Sequence[SocketRecord]) -> None:
+        timed = sorted(
+            ((s.last_ack_recv_ms, i) for i, s in enumerate(socks) if s.last_ack_recv_ms is not None)
+        )
+        self.times = [t for t, _ in timed]
+        self.socks = [socks[i] for _, i in timed]
+
+    def best(self, t: int | None) -> SocketRecord | None:
+        """The unique socket nearest to ``t``: within FIN_MAX_GAP_MS and ahead of
+        the runner-up by FIN_MARGIN_MS; None when ambiguous or nothing is near."""
+        if t is None or not self.times:
+            return None
+        i = bisect.bisect_left(self.times, t)
+        lo, hi = max(0, i - 2), min(len(self.times), i + 2)
+        near = sorted((abs(self.times[j] - t), j) for j in range(lo, hi))
+        gap, j = near[0]
+        if gap > FIN_MAX_GAP_MS:
+            return None
+        if len(near) > 1 and near[1][0] - gap < FIN_MARGIN_MS:
+            return None
+        return self.socks[j]
 
 
-def _choose(
-    down: SocketRecord, candidates: Sequence[SocketRecord], rivals: Sequence[SocketRecord]
-) -> SocketRecord | None:
-    """Pick ``down``'s upstream among ``candidates``; ``rivals`` are the other
-    downstreams competing for the same candidates (for the mutual check)."""
-    if not candidates:
-        return None
-    exact = [u for u in candidates if _bytes_match(down, u)]
-    if len(exact) == 1:
-        up = exact[0]
-        if not any(_bytes_match(r, up) for r in rivals):
-            return up
-        pool = [down, *[r for r in rivals if _bytes_match(r, up)]]
-        # Same byte counts on several downstreams: fall back to time between them.
-        best_down = _best_by_time(up, pool, down_is_target=False)
-        return up if best_down is down else None
-    pool_up = exact if exact else list(candidates)
-    up_choice = _best_by_time(down, pool_up, down_is_target=True)
-    if up_choice is None:
-        return None
-    contenders = [down, *rivals]
-    if exact:
-        contenders = [d for d in contenders if _bytes_match(d, up_choice)]
-    back = _best_by_time(up_choice, contenders, down_is_target=False)
-    return up_choice if back is down else None
+class _Group:
+    """Downstreams and upstream candidates of one process, indexed by counters and time.
+
+    Indexes keep pairing linear-ish in the number of flagged sockets: a proxy
+    with thousands of leaks must not cost a quadratic scan.
+    """
+
+    def __init__(self, downs: Sequence[SocketRecord], ups: Sequence[SocketRecord]) -> None:
+        self.downs = list(downs)
+        self.ups = list(ups)
+        self.ups_by_key: dict[tuple[int, int], list[SocketRecord]] = {}
+        for u in ups:
+            for key in _up_keys(u):
+                self.ups_by_key.setdefault(key, []).append(u)
+        self.downs_by_key: dict[tuple[int, int], list[SocketRecord]] = {}
+        for d in downs:
+            dk = _down_key(d)
+            if dk is not None:
+                self.downs_by_key.setdefault(dk, []).append(d)
+        self._indexes: dict[object, _TimeIndex] = {}
+
+    def _index(self, key: object, socks: Sequence[SocketRecord]) -> _TimeIndex:
+        index = self._indexes.get(key)
+        if index is None:
+            index = self._indexes[key] = _TimeIndex(socks)
+        return index
+
+    def exact_ups(self, down: SocketRecord) -> list[SocketRecord]:
+        key = _down_key(down)
+        return _unique(self.ups_by_key.get(key, ())) if key else []
+
+    def exact_downs(self, up: SocketRecord) -> list[SocketRecord]:
+        out: list[SocketRecord] = []
+        for key in _up_keys(up):
+            out.extend(self.downs_by_key.get(key, ()))
+        return _unique(out)
+
+    def choose(self, down: SocketRecord) -> SocketRecord | None:
+        """``down``'s upstream: unique by counters, else by FIN time; mutual either way."""
+        exact = self.exact_ups(down)
+        if len(exact) == 1:
+            up = exact[0]
+            rivals = self.exact_downs(up)
+            if rivals == [down]:
+                return up
+            # Several downstreams share these counters: time decides between them.
+            back = self._index(("downs", _up_keys(up)), rivals).best(up.last_ack_recv_ms)
+            return up if back is down else None
+        if exact:
+            ups = self._index(("ups", _down_key(down)), exact)
+        else:
+            ups = self._index("ups", self.ups)
+        choice = ups.best(down.last_ack_recv_ms)
+        if choice is None:
+            return None
+        if exact:
+            downs = self._index(("downs", _up_keys(choice)), self.exact_downs(choice))
+        else:
+            downs = self._index("downs", self.downs)
+        return choice if downs.best(choice.last_ack_recv_ms) is down else None
 
 
 def pair(
@@ -136,34 +184,39 @@ def pair(
     claimed: set[int] = set()  # upstream cookies already paired
 
     # 1. At-risk: the original destination narrows candidates to one service.
+    by_dest: dict[tuple[int, Endpoint], list[int]] = {}
     for i, f in enumerate(findings):
-        if f.kind is not Kind.AT_RISK or f.entry is None or f.owner is None:
-            continue
-        dest = Endpoint(f.entry.original.dst, f.entry.original.dport)
-        cands = [u for u in by_pid.get(f.owner.pid, []) if u.peer == dest]
-        rivals = [
-            g.socket
-            for j, g in enumerate(findings)
-            if j != i
-            and g.kind is Kind.AT_RISK
-            and g.entry is not None
-            and g.owner is not None
-            and g.owner.pid == f.owner.pid
-            and Endpoint(g.entry.original.dst, g.entry.original.dport) == dest
-        ]
-        up = cands[0] if len(cands) == 1 and not rivals else _choose(f.socket, cands, rivals)
-        if up is not None:
-            chosen[i] = up
-            claimed.add(up.cookie)
+        if f.kind is Kind.AT_RISK and f.entry is not None and f.owner is not None:
+            dest = Endpoint(f.entry.original.dst, f.entry.original.dport)
+            by_dest.setdefault((f.owner.pid, dest), []).append(i)
+    for (pid, dest), idxs in by_dest.items():
+        group = _Group(
+            [findings[i].socket for i in idxs],
+            [u for u in by_pid.get(pid, []) if u.peer == dest],
+        )
+        for i in idxs:
+            if len(idxs) == 1 and len(group.ups) == 1:
+                up: SocketRecord | None = group.ups[0]
+            else:
+                up = group.choose(findings[i].socket)
+            if up is not None:
+                chosen[i] = up
+                claimed.add(up.cookie)
 
     # 2. Leaked (and at-risk left unpaired): same process, counters and FIN time.
-    rest = [(i, f.owner.pid) for i, f in enumerate(findings) if i not in chosen and f.owner]
-    for i, pid in rest:
-        cands = [u for u in by_pid.get(pid, []) if u.cookie not in claimed]
-        rivals = [findings[j].socket for j, other in rest if j != i and other == pid]
-        up = _choose(findings[i].socket, cands, rivals)
-        if up is not None:
-            chosen[i] = up
+    rest: dict[int, list[int]] = {}
+    for i, f in enumerate(findings):
+        if i not in chosen and f.owner is not None:
+            rest.setdefault(f.owner.pid, []).append(i)
+    for pid, idxs in rest.items():
+        group = _Group(
+            [findings[i].socket for i in idxs],
+            [u for u in by_pid.get(pid, []) if u.cookie not in claimed],
+        )
+        for i in idxs:
+            up = group.choose(findings[i].socket)
+            if up is not None:
+                chosen[i] = up
     # A candidate chosen twice means the evidence was not decisive for either.
     counts: dict[int, int] = {}
     for up in chosen.values():

@@ -27,7 +27,7 @@ class HealthServer:
         def handler_factory(*args: object) -> BaseHTTPRequestHandler:
             return _Handler(registry, healthy, ready, *args)
 
-        self.server = ThreadingHTTPServer((host, port), handler_factory)  # type: ignore[arg-type]
+        self.server = ThreadingHTTPServer((host, port), handler_factory)
         self.server.daemon_threads = True
         self._thread = threading.Thread(
             target=self.server.serve_forever,

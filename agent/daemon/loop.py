@@ -21,6 +21,7 @@ When a netns is scanned:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import logging
@@ -29,7 +30,7 @@ import select
 import socket
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -57,15 +58,16 @@ from halfclose.agent.kube.reports import PodEvent, PodRef, ReportUpdate
 from halfclose.api.policy import KILL_SOCKETS, PATCH_CONNTRACK, Policy
 from halfclose.api.report import (
     FindingUpstream,
+    ReportError,
     ReportFinding,
     ReportStatus,
     ScanSummary,
     build_report_status,
+    parse_report,
     report_manifest,
     report_status_json,
 )
 from halfclose.errors import UserError
-import contextlib
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,9 @@ REPORT_REFRESH_SECONDS = 300.0
 # The per-scan cap under the node-wide bucket (the plan's own default).
 MAX_KILLS_PER_SCAN = DEFAULT_MAX_KILLS
 # Remembered conntrack destroy/expiry times per netns, for leak lifetimes.
-MAX_EXPIRY_RECORDS = 8192
+# Bounded per netns; records older than a proxy's idle timeout are useless.
+MAX_EXPIRY_RECORDS = 2048
+EXPIRY_RECORD_MAX_AGE = 3700.0
 
 
 class WorldSource(Protocol):
@@ -94,6 +98,7 @@ class WorldSource(Protocol):
     def pods(self) -> list[Mapping[str, Any]]: ...
     def namespace_labels(self) -> dict[str, Mapping[str, str]]: ...
     def synced(self) -> bool: ...
+    def previous_report(self, namespace: str, name: str) -> Mapping[str, Any] | None: ...
 
 
 class ReportSink(Protocol):
@@ -160,6 +165,14 @@ class WatchedNetns:
             self.expired_at.move_to_end(reply)
         while len(self.expired_at) > MAX_EXPIRY_RECORDS:
             self.expired_at.popitem(last=False)
+
+    def prune_expiries(self, now: float) -> None:
+        # Insertion order is (nearly) time order: drop from the old end.
+        while self.expired_at:
+            reply, at = next(iter(self.expired_at.items()))
+            if at >= now - EXPIRY_RECORD_MAX_AGE:
+                break
+            del self.expired_at[reply]
 
 
 def error_reason(exc: BaseException) -> str:
@@ -238,6 +251,7 @@ class Agent:
         world: WorldSource,
         reports: ReportSink,
         remediator: Remediator,
+        *,
         resolver: PodNetnsResolver | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -255,9 +269,12 @@ class Agent:
         self.bucket: TokenBucket | None = None
         self.last_pass = clock()
         self.scans = 0
+        # Raw leak lifetimes for the benchmark (the histogram has buckets only).
+        self.lifetimes: deque[float] = deque(maxlen=100_000)
         self._stop = threading.Event()
         self._changed = threading.Event()
         self._changed.set()
+        self._wake_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -275,12 +292,12 @@ class Agent:
         self._poke()
 
     def _poke(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass  # already awake-pending
-        except OSError:
-            pass  # closed at shutdown
+        # Under the lock: after shutdown the fd number may belong to a new file.
+        with self._wake_lock:
+            if self._wake_w < 0:
+                return
+            with contextlib.suppress(BlockingIOError):  # a wake-up is pending already
+                os.write(self._wake_w, b"x")
 
     def healthy(self, max_stall: float = 60.0) -> bool:
         return self.clock() - self.last_pass < max_stall
@@ -324,11 +341,15 @@ class Agent:
                 deadline = min(deadline, watched.trigger_at)
         timeout = max(0.0, deadline - now)
         by_fd = {w.events.fileno(): w for w in self.netns.values() if w.events is not None}
+        # poll(), not select(): a node with a few hundred pods has fds past 1024.
+        poller = select.poll()
+        for fd in (self._wake_r, *by_fd):
+            poller.register(fd, select.POLLIN)
         try:
-            readable, _, _ = select.select([self._wake_r, *by_fd], [], [], timeout)
-        except (OSError, ValueError):
-            return  # an fd closed under us (netns dropped): just go round again
-        for fd in readable:
+            ready = poller.poll(timeout * 1000.0)
+        except OSError:
+            return  # interrupted: just go round again
+        for fd, _mask in ready:
             if fd == self._wake_r:
                 try:
                     while os.read(self._wake_r, 4096):
@@ -385,13 +406,13 @@ class Agent:
             if key in self.pods:
                 self.pods[key].target = target
             else:
-                self.pods[key] = PodState(target)
+                self.pods[key] = PodState(target, status=self._previous_status(target))
         # Netns nobody wants any more: put the sysctl back, then let go.
         for inode in [i for i in self.netns if i not in wanted]:
-            watched = self.netns.pop(inode)
-            if watched.sysctl_patched:
-                self._restore_sysctl(watched)
-            self._close_netns(watched)
+            leaving = self.netns.pop(inode)
+            if leaving.sysctl_patched:
+                self._restore_sysctl(leaving)
+            self._close_netns(leaving)
         now = self.clock()
         for inode, (path, keys) in wanted.items():
             watched = self.netns.get(inode)
@@ -408,6 +429,18 @@ class Agent:
                 self._restore_sysctl(watched)  # the policy changed action or strategy
         self.metrics.watched_netns.set(len(self.netns))
         self._restore_orphan_sysctls()
+
+    def _previous_status(self, target: PodTarget) -> ReportStatus | None:
+        """The status this node's agent wrote before a restart, so totals carry on."""
+        obj = self.world.previous_report(target.namespace, target.name)
+        if obj is None:
+            return None
+        try:
+            report = parse_report(obj)
+        except ReportError as exc:
+            log.warning("ignoring unreadable report: %s", exc)
+            return None
+        return report.status if report.spec.pod_uid == target.uid else None
 
     def _pod_exists(self, key: PodKey) -> bool:
         return any(
@@ -501,10 +534,10 @@ class Agent:
             if owner is not None and wants_sysctl(owner.target.policy):
                 mine.add(watched.inode)
         for inode in self.remediator.patched_inodes() - mine:
-            watched = self.netns.get(inode)
+            held = self.netns.get(inode)
             try:
-                if watched is not None:
-                    self._restore_sysctl(watched)
+                if held is not None:
+                    self._restore_sysctl(held)
                 else:
                     self.remediator.restore_inode(inode)
             except (OSError, UserError) as exc:
@@ -520,7 +553,8 @@ class Agent:
         states = [self.pods[k] for k in watched.pods if k in self.pods]
         if not states:
             return self.settings.default_scan_interval_seconds
-        return float(min(s.target.policy.spec.scan_interval_seconds for s in states))
+        seconds: int = min(s.target.policy.spec.scan_interval_seconds for s in states)
+        return float(seconds)
 
     def scan_netns(self, watched: WatchedNetns) -> None:
         started = self.clock()
@@ -650,7 +684,9 @@ class Agent:
                 since = watched.expired_at.get(f.socket.nat_reply_tuple)
                 first = watched.leaked_since.get(f.socket.cookie, wall)
                 start = min(since, first) if since is not None else first
-                self.metrics.leak_lifetime.observe(max(0.0, wall - start))
+                lifetime = max(0.0, wall - start)
+                self.metrics.leak_lifetime.observe(lifetime)
+                self.lifetimes.append(lifetime)
                 self.metrics.killed.labels(ns, pod).inc()
             elif o.outcome is Outcome.EXTENDED:
                 extended += 1
@@ -659,6 +695,7 @@ class Agent:
                 reason = o.error or "unknown"
                 failures[reason] = failures.get(reason, 0) + 1
                 self.metrics.kill_failures.labels(ns, pod, reason).inc()
+        watched.prune_expiries(wall)
         gone = {c for c, o in outcomes.items() if o.outcome is Outcome.KILLED}
         watched.leaked_since = {
             c: t for c, t in watched.leaked_since.items() if c in seen_now and c not in gone
@@ -774,6 +811,8 @@ class Agent:
         for watched in self.netns.values():
             watched.close()
         self.netns.clear()
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        with self._wake_lock:
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1

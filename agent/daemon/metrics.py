@@ -8,10 +8,10 @@ kept every pod that ever existed would be a slow memory leak of its own.
 
 from __future__ import annotations
 
+import contextlib
 from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-import contextlib
 
 try:
     VERSION = version("halfclose")

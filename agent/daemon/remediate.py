@@ -9,6 +9,7 @@ agent restore a sysctl it patched in an earlier life.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -17,7 +18,6 @@ from halfclose.agent.engine.act import ExecSettings, Executor
 from halfclose.agent.engine.ctpatch import CloseWaitPatcher
 from halfclose.agent.engine.scan import Scanner
 from halfclose.agent.kernel.netns import NetnsHandle
-import contextlib
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +34,20 @@ class EngineRemediator:
 
     def execute(self, scanner: Scanner, plan: Plan) -> list[FindingOutcome]:
         executor = Executor(scanner.sockdiag, scanner.conntrack, self.exec_settings)
-        return executor.execute(plan)
+        outcomes: list[FindingOutcome] = executor.execute(plan)
+        return outcomes
 
     def patch_sysctl(self, handle: NetnsHandle, timeout: int) -> bool:
         report = self.patcher.patch(handle, timeout)
         if report.changed:
             log.info("%s", report.describe())
-        return report.changed
+        return bool(report.changed)
 
     def restore_sysctl(self, handle: NetnsHandle) -> bool:
         report = self.patcher.restore(handle)
         if report.changed:
             log.info("%s", report.describe())
-        return report.changed
+        return bool(report.changed)
 
     def restore_inode(self, inode: int) -> bool:
         """Restore a record whose netns the agent no longer watches.

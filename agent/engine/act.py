@@ -49,6 +49,41 @@ def errno_name(err: int | None) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class KillSummary:
+    """Kills in one plan and what became of the proxy's upstream legs.
+
+    Pairing a downstream socket with its upstream leg is best-effort (the
+    scan says None rather than guess), so for kills without a known pair the
+    check is by count: the CLOSE_WAIT sockets off the capture ports, of the
+    killed sockets' uids (the proxy's), before and after the kills.
+    """
+
+    killed: int = 0
+    paired: int = 0  # killed with a known upstream leg
+    paired_closed: int = 0  # ... whose leg closed
+    unpaired_closed: int = 0  # the proxy's CLOSE_WAIT sockets that closed, for the others
+
+    @property
+    def upstream_closed(self) -> int:
+        return self.paired_closed + self.unpaired_closed
+
+    def describe(self) -> str:
+        if not self.killed:
+            return "killed nothing"
+        return (
+            f"killed {self.killed} leaked socket(s); the proxy closed {self.upstream_closed} "
+            f"of its CLOSE-WAIT upstream socket(s) ({self.killed} expected)"
+        )
+
+    def to_json_dict(self) -> dict[str, int]:
+        return {
+            "killed": self.killed,
+            "paired": self.paired,
+            "upstream_closed": self.upstream_closed,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class ExecSettings:
     """How long to watch paired upstream sockets go after kills (all of them together)."""
 
@@ -73,10 +108,14 @@ class Executor:
         self._settings = settings or ExecSettings()
         self._clock = clock
         self._sleep = sleep
+        self.summary = KillSummary()
 
     def execute(self, plan: Plan) -> list[FindingOutcome]:
-        """One outcome per decision, in the plan's order."""
+        """One outcome per decision, in the plan's order (``summary`` tells the kills)."""
         outcomes: list[FindingOutcome] = []
+        unpaired = [d for d in plan.kills if d.finding.upstream is None]
+        uids = frozenset(d.finding.socket.uid for d in unpaired)
+        baseline = self._close_waits(plan, uids) if unpaired and not plan.settings.dry_run else None
         for decision in plan.decisions:
             if decision.op is Op.KILL:
                 outcomes.append(self._kill(plan, decision))
@@ -84,13 +123,27 @@ class Executor:
                 outcomes.append(self._extend(plan, decision))
             else:
                 outcomes.append(FindingOutcome(decision.finding, Outcome.SKIPPED, decision.reason))
-        return self._verify_upstreams(outcomes)
+        outcomes = self._verify_upstreams(outcomes, plan, uids, baseline)
+        return outcomes
+
+    def _close_waits(self, plan: Plan, uids: frozenset[int]) -> frozenset[int] | None:
+        """Cookies of the CLOSE_WAIT sockets that may be the proxy's upstream legs."""
+        try:
+            _, socks = self._diag.dump([TcpState.CLOSE_WAIT])
+        except OSError:
+            return None  # then the count is unknown, and reported as none closed
+        return frozenset(
+            s.cookie
+            for s in socks
+            if s.uid in uids and s.local.port not in plan.capture_ports and not s.orphan
+        )
 
     # -- kill ----------------------------------------------------------------
 
     def _current(self, sock: SocketRecord) -> SocketRecord | None:
-        dumped = self._diag.get(sock)
-        return dumped.record if dumped is not None else None
+        """The socket as the kernel has it now, by tuple *and cookie* (None: gone)."""
+        current: SocketRecord | None = self._diag.get(sock)
+        return current
 
     def _kill(self, plan: Plan, decision: Decision) -> FindingOutcome:
         finding = decision.finding
@@ -124,24 +177,40 @@ class Executor:
             return True  # unknown: report it as still there rather than claim success
         return current is not None and current.state is TcpState.CLOSE_WAIT
 
-    def _verify_upstreams(self, outcomes: list[FindingOutcome]) -> list[FindingOutcome]:
-        """Wait (bounded, for all together) for the killed sockets' upstream pairs to close."""
-        pending = {
-            i: o.finding.upstream
-            for i, o in enumerate(outcomes)
-            if o.outcome is Outcome.KILLED and o.finding.upstream is not None
-        }
-        if not pending:
-            return outcomes
+    def _verify_upstreams(
+        self,
+        outcomes: list[FindingOutcome],
+        plan: Plan,
+        uids: frozenset[int],
+        baseline: frozenset[int] | None,
+    ) -> list[FindingOutcome]:
+        """Wait (bounded, for all together) for the killed sockets' upstream legs to close."""
+        killed = [i for i, o in enumerate(outcomes) if o.outcome is Outcome.KILLED]
+        pending = {i: up for i in killed if (up := outcomes[i].finding.upstream) is not None}
+        expected_unpaired = len(killed) - len(pending)
+        paired_cookies = {up.cookie for up in pending.values()}
         closed: set[int] = set()
+        unpaired_closed = 0
         deadline = self._clock() + self._settings.upstream_wait_seconds
-        while True:
+        while killed:
             for i, up in pending.items():
-                if i not in closed and up is not None and not self._upstream_open(up):
+                if i not in closed and not self._upstream_open(up):
                     closed.add(i)
-            if len(closed) == len(pending) or self._clock() >= deadline:
+            if expected_unpaired and baseline is not None:
+                now = self._close_waits(plan, uids)
+                if now is not None:
+                    unpaired_closed = len(baseline - now - paired_cookies)
+            done = len(closed) == len(pending) and unpaired_closed >= expected_unpaired
+            if done or self._clock() >= deadline:
                 break
             self._sleep(self._settings.poll_seconds)
+        self.summary = KillSummary(
+            killed=len(killed),
+            paired=len(pending),
+            paired_closed=len(closed),
+            # Closed legs beyond the unpaired kills belong to something else.
+            unpaired_closed=min(unpaired_closed, expected_unpaired),
+        )
         result = list(outcomes)
         for i in pending:
             o = result[i]

@@ -148,11 +148,12 @@ class CloseWaitPatcher:
     @staticmethod
     def read(handle: NetnsHandle) -> int:
         try:
-            return sysctl.read_int(handle, CLOSE_WAIT_SYSCTL)
+            value: int = sysctl.read_int(handle, CLOSE_WAIT_SYSCTL)
         except sysctl.SysctlMissing:
             raise UserError(
                 f"conntrack is not available in {handle.label} (no {CLOSE_WAIT_SYSCTL})"
             ) from None
+        return value
 
     # -- operations -------------------------------------------------------------
 

@@ -109,12 +109,65 @@ def encode_tuple(attr_type: int, t: FlowTuple, zone: int | None = None) -> bytes
     return nl.pack_nested(attr_type, *parts)
 
 
+# IPCTNL_MSG_CT_GET by reply tuple, laid out once per family (the hot path:
+# one per candidate socket).  Same bytes as nfgenmsg + encode_tuple(CTA_TUPLE_REPLY).
+_GET_V4 = struct.Struct("!BBH HH HH HH4s HH4s HH HHB3x HHH2x HHH2x")
+_GET_V6 = struct.Struct("!BBH HH HH HH16s HH16s HH HHB3x HHH2x HHH2x")
+
+
+def _nla_hdr(length: int, attr_type: int) -> tuple[int, int]:
+    # nlattr headers are host-endian; the fast structs above are big-endian,
+    # so the two header fields are byte-swapped here on little-endian hosts.
+    raw = nl.NLA_HDR.pack(length, attr_type)
+    a, b = struct.unpack("!HH", raw)
+    return a, b
+
+
 def encode_get_by_reply(reply: FlowTuple, seq: int, zone: int = 0) -> bytes:
     """IPCTNL_MSG_CT_GET for the entry whose reply tuple is ``reply``."""
-    payload = NFGEN.pack(_family(reply), NFNETLINK_V0, 0) + encode_tuple(CTA_TUPLE_REPLY, reply)
     if zone:
+        payload = NFGEN.pack(_family(reply), NFNETLINK_V0, 0) + encode_tuple(CTA_TUPLE_REPLY, reply)
         payload += nl.pack_attr(CTA_ZONE, _BE16.pack(zone))
-    return nl.pack_message(MSG_GET, nl.NLM_F_REQUEST, seq, payload)
+        return nl.pack_message(MSG_GET, nl.NLM_F_REQUEST, seq, payload)
+    payload = _pack_reply_get(reply)
+    return nl.NLMSG_HDR.pack(
+        nl.NLMSG_HDR.size + len(payload), MSG_GET, nl.NLM_F_REQUEST, seq, 0
+    ) + (payload)
+
+
+def _pack_reply_get(reply: FlowTuple) -> bytes:
+    v4 = reply.src.version == 4
+    alen = 4 if v4 else 16
+    ip_len = 4 + 2 * (4 + alen)
+    proto_len = 4 + 8 + 8 + 8
+    fields = (
+        socket.AF_INET if v4 else socket.AF_INET6,
+        NFNETLINK_V0,
+        0,
+        *_HDR[(4 + ip_len + proto_len, CTA_TUPLE_REPLY | nl.NLA_F_NESTED)],
+        *_HDR[(ip_len, CTA_TUPLE_IP | nl.NLA_F_NESTED)],
+        *_HDR[(4 + alen, CTA_IP_V4_SRC if v4 else CTA_IP_V6_SRC)],
+        reply.src.packed,
+        *_HDR[(4 + alen, CTA_IP_V4_DST if v4 else CTA_IP_V6_DST)],
+        reply.dst.packed,
+        *_HDR[(proto_len, CTA_TUPLE_PROTO | nl.NLA_F_NESTED)],
+        *_HDR[(5, CTA_PROTO_NUM)],
+        socket.IPPROTO_TCP,
+        *_HDR[(6, CTA_PROTO_SRC_PORT)],
+        reply.sport,
+        *_HDR[(6, CTA_PROTO_DST_PORT)],
+        reply.dport,
+    )
+    return (_GET_V4 if v4 else _GET_V6).pack(*fields)
+
+
+class _HeaderCache(dict[tuple[int, int], tuple[int, int]]):
+    def __missing__(self, key: tuple[int, int]) -> tuple[int, int]:
+        value = self[key] = _nla_hdr(*key)
+        return value
+
+
+_HDR = _HeaderCache()
 
 
 def encode_update(

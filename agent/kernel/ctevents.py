@@ -28,6 +28,7 @@ anyway: a missed event must never mean a missed leak.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import socket
@@ -177,10 +178,8 @@ class ConntrackEventSocket:
             raise ValueError("need a NETLINK_NETFILTER socket")
         self.sock = sock
         sock.setblocking(False)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, 33, 1 << 20)  # SO_RCVBUFFORCE: ride out bursts
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):  # SO_RCVBUFFORCE (33): ride out bursts
+            sock.setsockopt(socket.SOL_SOCKET, 33, 1 << 20)
         groups = (1 << (NFNLGRP_CONNTRACK_DESTROY - 1)) | (1 << (NFNLGRP_CONNTRACK_UPDATE - 1))
         sock.bind((0, groups))
         self._buf = bytearray(1 << 16)

@@ -88,7 +88,7 @@ def iter_messages(buf: memoryview) -> Iterator[Message]:
         if length < NLMSG_HDR.size or offset + length > end:
             raise ValueError(f"truncated netlink message at offset {offset} (len {length})")
         yield Message(msg_type, flags, seq, buf[offset + NLMSG_HDR.size : offset + length])
-        offset += align4(length)
+        offset += (length + 3) & ~3
 
 
 def iter_attrs(buf: memoryview, offset: int = 0) -> Iterator[tuple[int, memoryview]]:
@@ -100,7 +100,7 @@ def iter_attrs(buf: memoryview, offset: int = 0) -> Iterator[tuple[int, memoryvi
         if length < NLA_HDR.size or offset + length > end:
             raise ValueError(f"truncated netlink attribute at offset {offset} (len {length})")
         yield attr_type & NLA_TYPE_MASK, buf[offset + NLA_HDR.size : offset + length]
-        offset += align4(length)
+        offset += (length + 3) & ~3
 
 
 def error_code(msg: Message) -> int:

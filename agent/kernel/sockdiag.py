@@ -42,8 +42,9 @@ _TAIL_AT = MSG_HEAD.size + SOCKID.size + SOCKID_TAIL.size  # 52
 MSG_SIZE = _TAIL_AT + MSG_TAIL.size  # 72
 
 _SPORT_DPORT = struct.Struct("!HH")
-_U32 = struct.Struct("=I")
-_U64 = struct.Struct("=Q")
+_NLA = struct.Struct("=HH")
+_TWO_U32 = struct.Struct("=II")  # last_data_recv, last_ack_recv (adjacent)
+_TWO_U64 = struct.Struct("=QQ")  # bytes_acked, bytes_received (adjacent)
 TCPI_LAST_DATA_RECV = 52
 TCPI_LAST_ACK_RECV = 56
 TCPI_BYTES_ACKED = 120
@@ -52,10 +53,23 @@ TCPI_BYTES_RECEIVED = 128
 NO_COOKIE = 0xFFFFFFFF  # INET_DIAG_NOCOOKIE, per half
 
 
-def _addr(family: int, raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    if family == socket.AF_INET:
-        return ipaddress.IPv4Address(raw[:4])
-    return ipaddress.IPv6Address(raw)
+_STATES = {int(st): st for st in TcpState}
+_ENDPOINTS: dict[tuple[bytes, int], Endpoint] = {}
+
+
+def _endpoint(family: int, raw: bytes, port: int) -> Endpoint:
+    # A pod has a handful of addresses and the local side of the sockets we
+    # keep is mostly one capture endpoint; ipaddress objects are slow to
+    # build, so endpoints are memoised (bounded: peers may be many).
+    key = (raw[:4] if family == socket.AF_INET else raw, port)
+    ep = _ENDPOINTS.get(key)
+    if ep is None:
+        if len(_ENDPOINTS) > 8192:
+            _ENDPOINTS.clear()
+        addr = key[0]
+        ip = ipaddress.IPv4Address(addr) if len(addr) == 4 else ipaddress.IPv6Address(addr)
+        ep = _ENDPOINTS[key] = Endpoint(ip, port)
+    return ep
 
 
 def _raw_addr(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
@@ -128,19 +142,27 @@ def decode_message(payload: memoryview) -> SocketRecord:
     ifindex, cookie_lo, cookie_hi = SOCKID_TAIL.unpack_from(payload, 4 + SOCKID.size)
     _expires, _rq, _wq, uid, inode = MSG_TAIL.unpack_from(payload, _TAIL_AT)
     last_data = last_ack = acked = received = None
-    for attr_type, value in nl.iter_attrs(payload, MSG_SIZE):
-        if attr_type == INET_DIAG_INFO:
+    # Walk the attributes by hand: the kernel adds several we ignore
+    # (shutdown, cgroup id, sockopt ...) and only tcp_info is worth a slice.
+    offset, end = MSG_SIZE, len(payload)
+    while offset + 4 <= end:
+        length, attr_type = _NLA.unpack_from(payload, offset)
+        if length < 4:
+            break
+        if attr_type & nl.NLA_TYPE_MASK == INET_DIAG_INFO:
+            info_len = min(length, end - offset) - 4
+            at = offset + 4
             # tcp_info grew over kernel versions: read only what this one sent.
-            if len(value) >= TCPI_LAST_ACK_RECV + 4:
-                last_data = _U32.unpack_from(value, TCPI_LAST_DATA_RECV)[0]
-                last_ack = _U32.unpack_from(value, TCPI_LAST_ACK_RECV)[0]
-            if len(value) >= TCPI_BYTES_RECEIVED + 8:
-                acked = _U64.unpack_from(value, TCPI_BYTES_ACKED)[0]
-                received = _U64.unpack_from(value, TCPI_BYTES_RECEIVED)[0]
+            if info_len >= TCPI_LAST_ACK_RECV + 4:
+                last_data, last_ack = _TWO_U32.unpack_from(payload, at + TCPI_LAST_DATA_RECV)
+            if info_len >= TCPI_BYTES_RECEIVED + 8:
+                acked, received = _TWO_U64.unpack_from(payload, at + TCPI_BYTES_ACKED)
+            break
+        offset += (length + 3) & ~3
     return SocketRecord(
-        state=TcpState(state),
-        local=Endpoint(_addr(family, src), sport),
-        peer=Endpoint(_addr(family, dst), dport),
+        state=_STATES[state],
+        local=_endpoint(family, src, sport),
+        peer=_endpoint(family, dst, dport),
         cookie=cookie_lo | (cookie_hi << 32),
         inode=inode,
         uid=uid,

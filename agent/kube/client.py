@@ -36,9 +36,13 @@ def load_api_client(kubeconfig: str | None) -> k8s.ApiClient:
     """From a kubeconfig file when given, else the pod's service account."""
     configuration = k8s.Configuration()
     if kubeconfig:
-        k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+        k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=kubeconfig, client_configuration=configuration
+        )
     else:
-        k8s_config.load_incluster_config(client_configuration=configuration)
+        k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]
+            client_configuration=configuration
+        )
     return k8s.ApiClient(configuration)
 
 
@@ -53,6 +57,7 @@ class RawClient:
         path: str,
         query: Mapping[str, str] | None = None,
         body: object = None,
+        *,
         content_type: str = "application/json",
         timeout: float | tuple[float, float] | None = None,
     ) -> Any:
@@ -66,7 +71,7 @@ class RawClient:
                 body=body,
                 auth_settings=["BearerToken"],
             )
-            result = self.api.rest_client.request(
+            result = self.api.rest_client.request(  # type: ignore[no-untyped-call]
                 method,
                 url,
                 headers=headers,
@@ -92,7 +97,7 @@ class RawClient:
         body: object = None,
         content_type: str = "application/json",
     ) -> JSON:
-        response = self._call(method, path, query, body, content_type)
+        response = self._call(method, path, query, body, content_type=content_type)
         try:
             data = response.data
         finally:

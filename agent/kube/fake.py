@@ -68,6 +68,9 @@ class FakeWorld:
     def synced(self) -> bool:
         return self.is_synced
 
+    def previous_report(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+        return None
+
 
 class FakeReports:
     def __init__(self) -> None:

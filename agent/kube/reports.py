@@ -163,6 +163,7 @@ class ReportWriter:
         self,
         client: RawClient,
         node: str,
+        *,
         on_pending: Callable[[int], None] = lambda n: None,
         capacity: int = 2048,
         max_events: int = 512,

@@ -9,6 +9,7 @@ replacing the cache wholesale so deletions missed while away are not kept.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -16,7 +17,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from halfclose.agent.kube.client import JSON, ApiError, RawClient
-import contextlib
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class Reflector:
         path: str,
         name: str,
         on_change: Callable[[], None],
+        *,
         query: Mapping[str, str] | None = None,
         watch_timeout_seconds: int = 300,
         backoff_initial: float = 0.2,

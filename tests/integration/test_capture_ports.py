@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.scratchnet import run, scratch_netns, skip_unless_root
-
 from halfclose.agent.kernel import natrules
 from halfclose.agent.kernel.netns import NetnsHandle
+from support.scratchnet import lab_factory, run, scratch_netns, skip_unless_root
+
 from halfclose.errors import UserError
 
 pytestmark = pytest.mark.kernel
@@ -22,9 +22,7 @@ pytestmark = pytest.mark.kernel
 
 @pytest.fixture
 def make_pod_lab(request: pytest.FixtureRequest) -> Any:
-    skip_unless_root("iptables", "nft")
-    pytest.importorskip("halfclose.lab", reason="the lab (halfclose.lab) is not available")
-    return request.getfixturevalue("make_lab")
+    return lab_factory(request)
 
 
 @pytest.mark.parametrize(
@@ -36,7 +34,9 @@ def make_pod_lab(request: pytest.FixtureRequest) -> Any:
         ("linkerd", "iptables-nft", {4140, 4143}),
     ],
 )
-def test_lab_styles_and_backends(make_pod_lab: Any, style: str, backend: str, ports: set[int]) -> None:
+def test_lab_styles_and_backends(
+    make_pod_lab: Any, style: str, backend: str, ports: set[int]
+) -> None:
     lab = make_pod_lab(style=style, backend=backend)
     with NetnsHandle.from_name(lab.pod_netns(0)) as handle:
         found = natrules.detect(handle)
@@ -45,8 +45,11 @@ def test_lab_styles_and_backends(make_pod_lab: Any, style: str, backend: str, po
     for port in ports:
         origins = found.origins[port]
         assert origins and all(o.target.lower() in ("redirect", "tproxy") for o in origins)
-    expected_source = {"iptables-nft": "iptables-nft", "iptables-legacy": "iptables-legacy",
-                       "nft": "nft"}[backend]  # fmt: skip
+    expected_source = {
+        "iptables-nft": "iptables-nft",
+        "iptables-legacy": "iptables-legacy",
+        "nft": "nft",
+    }[backend]
     assert {o.source for p in ports for o in found.origins[p]} == {expected_source}
 
 
@@ -54,19 +57,86 @@ def test_tproxy_and_redirect_across_all_sources() -> None:
     skip_unless_root("iptables", "iptables-legacy", "ip6tables", "nft")
     with scratch_netns("cp") as ns:
         run("iptables", "-t", "mangle", "-N", "MESH_INBOUND", netns=ns)
-        run("iptables", "-t", "mangle", "-A", "PREROUTING", "-p", "tcp", "-j", "MESH_INBOUND", netns=ns)
-        run("iptables", "-t", "mangle", "-A", "MESH_INBOUND", "-p", "tcp", "-j", "TPROXY",
-            "--on-port", "15006", "--on-ip", "127.0.0.1", "--tproxy-mark", "0x1/0x1", netns=ns)  # fmt: skip
-        run("ip6tables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", "REDIRECT",
-            "--to-ports", "15001", netns=ns)  # fmt: skip
-        run("iptables-legacy", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", "REDIRECT",
-            "--to-ports", "4140", netns=ns)  # fmt: skip
+        run(
+            "iptables",
+            "-t",
+            "mangle",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "-j",
+            "MESH_INBOUND",
+            netns=ns,
+        )
+        run(
+            "iptables",
+            "-t",
+            "mangle",
+            "-A",
+            "MESH_INBOUND",
+            "-p",
+            "tcp",
+            "-j",
+            "TPROXY",
+            "--on-port",
+            "15006",
+            "--on-ip",
+            "127.0.0.1",
+            "--tproxy-mark",
+            "0x1/0x1",
+            netns=ns,
+        )
+        run(
+            "ip6tables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+            netns=ns,
+        )
+        run(
+            "iptables-legacy",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "4140",
+            netns=ns,
+        )
         run("nft", "add table inet mesh", netns=ns)
-        run("nft", "add chain inet mesh pre { type filter hook prerouting priority -150; }", netns=ns)
+        run(
+            "nft",
+            "add chain inet mesh pre { type filter hook prerouting priority -150; }",
+            netns=ns,
+        )
         run("nft", "add rule inet mesh pre meta l4proto tcp tproxy ip to 127.0.0.1:15008", netns=ns)
         # A filter-table REDIRECT is impossible; a DNAT elsewhere is not a capture.
-        run("iptables", "-t", "nat", "-A", "OUTPUT", "-p", "udp", "-j", "DNAT",
-            "--to-destination", "192.0.2.1:53", netns=ns)  # fmt: skip
+        run(
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "udp",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "192.0.2.1:53",
+            netns=ns,
+        )
         with NetnsHandle.from_name(ns) as handle:
             found = natrules.detect(handle)
     assert found.ports == {15006, 15001, 4140, 15008}
@@ -74,8 +144,13 @@ def test_tproxy_and_redirect_across_all_sources() -> None:
     assert [o.source for o in found.origins[15001]] == ["ip6tables-nft"]
     assert [o.source for o in found.origins[4140]] == ["iptables-legacy"]
     assert [(o.source, o.target) for o in found.origins[15008]] == [("nft", "tproxy")]
-    assert set(found.sources_read) == {"iptables-nft", "ip6tables-nft", "iptables-legacy",
-                                       "ip6tables-legacy", "nft"}  # fmt: skip
+    assert set(found.sources_read) == {
+        "iptables-nft",
+        "ip6tables-nft",
+        "iptables-legacy",
+        "ip6tables-legacy",
+        "nft",
+    }
 
 
 def test_a_netns_without_rules_has_no_capture_ports() -> None:
@@ -96,11 +171,17 @@ def _path_with(tmp_path: Path, *tools: str) -> str:
     return str(bindir)
 
 
-def test_no_readable_source_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_readable_source_is_a_user_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     skip_unless_root("nsenter")
-    with scratch_netns("cp1") as ns, NetnsHandle.from_name(ns) as handle:
-        monkeypatch.setenv("PATH", _path_with(tmp_path))
-        with pytest.raises(UserError, match="cannot read NAT rules .*pass --capture-ports"):
+    with (
+        scratch_netns("cp1") as ns,
+        NetnsHandle.from_name(ns) as handle,
+        monkeypatch.context() as m,
+    ):
+        m.setenv("PATH", _path_with(tmp_path))
+        with pytest.raises(UserError, match=r"cannot read NAT rules .*pass --capture-ports"):
             natrules.detect(handle)
 
 
@@ -110,9 +191,14 @@ def test_one_readable_source_is_enough(tmp_path: Path, monkeypatch: pytest.Monke
         run("nft", "add table ip mesh", netns=ns)
         run("nft", "add chain ip mesh out { type nat hook output priority -100; }", netns=ns)
         run("nft", "add rule ip mesh out tcp dport 7777 redirect to :15001", netns=ns)
-        monkeypatch.setenv("PATH", _path_with(tmp_path, "nft"))
-        found = natrules.detect(handle)
+        with monkeypatch.context() as m:
+            m.setenv("PATH", _path_with(tmp_path, "nft"))
+            found = natrules.detect(handle)
     assert found.ports == {15001}
     assert found.sources_read == ("nft",)
-    assert set(found.sources_failed) == {"iptables-nft", "ip6tables-nft", "iptables-legacy",
-                                         "ip6tables-legacy"}  # fmt: skip
+    assert set(found.sources_failed) == {
+        "iptables-nft",
+        "ip6tables-nft",
+        "iptables-legacy",
+        "ip6tables-legacy",
+    }

@@ -16,8 +16,22 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
+
+
+def lab_factory(request: pytest.FixtureRequest) -> Any:
+    """The lab's ``make_lab`` fixture, or a skip while the lab is unavailable."""
+    skip_unless_root("iptables", "nft", "conntrack")
+    try:
+        from halfclose.lab import Lab  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"the lab (halfclose.lab) is not available: {exc}")
+    try:
+        return request.getfixturevalue("make_lab")
+    except pytest.FixtureLookupError:
+        pytest.skip("the lab fixtures (support.lab_fixtures) are not registered")
 
 
 def skip_unless_root(*tools: str) -> None:
@@ -28,17 +42,24 @@ def skip_unless_root(*tools: str) -> None:
         pytest.skip(f"missing tools: {', '.join(missing)}")
 
 
+# Resolved once: a test may narrow PATH (to hide tools) while a namespace is up,
+# and teardown must still find `ip`.
+IP = shutil.which("ip") or "/usr/sbin/ip"
+
+
 def unique_name(tag: str) -> str:
     return f"hct-{secrets.token_hex(2)}-{tag}"
 
 
-def run(*argv: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    cmd = ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
+def run(
+    *argv: str, netns: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    cmd = [IP, "netns", "exec", netns, *argv] if netns else list(argv)
     return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=30)
 
 
 def kill_netns_pids(name: str) -> None:
-    out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, check=False)
+    out = subprocess.run([IP, "netns", "pids", name], capture_output=True, text=True, check=False)
     for pid in out.stdout.split():
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), 9)
@@ -48,49 +69,67 @@ def kill_netns_pids(name: str) -> None:
 def scratch_netns(tag: str) -> Iterator[str]:
     """A fresh netns with lo up; its processes are killed and it is deleted on exit."""
     name = unique_name(tag)
-    run("ip", "netns", "add", name)
+    run(IP, "netns", "add", name)
     try:
-        run("ip", "link", "set", "lo", "up", netns=name)
+        run(IP, "link", "set", "lo", "up", netns=name)
         yield name
     finally:
         kill_netns_pids(name)
-        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+        subprocess.run([IP, "netns", "del", name], check=False, capture_output=True)
 
 
 class Holder:
-    """A Python process in a netns running ``script``; prints READY when set up.
+    """A Python process in a netns running ``script``, which prints READY when set up.
 
-    The script's sockets live as long as the process; ``close()`` kills it.
+    With ``hold`` the process then waits for stdin to close; otherwise the
+    script goes on to serve its own line protocol on stdin (``send``/``expect``).
+    Its sockets live as long as the process; ``close()`` kills it.
     """
 
-    def __init__(self, netns: str, script: str, timeout: float = 10.0) -> None:
-        code = textwrap.dedent(script) + "\nimport sys, time\nprint('READY', flush=True)\n"
-        code += "sys.stdin.read()\n"  # hold until our end of the pipe closes
+    def __init__(
+        self, netns: str, script: str, *, hold: bool = True, timeout: float = 10.0
+    ) -> None:
+        code = textwrap.dedent(script)
+        if hold:
+            code += "\nimport sys\nprint('READY', flush=True)\nsys.stdin.read()\n"
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", netns, sys.executable, "-c", code],
+            [IP, "netns", "exec", netns, sys.executable, "-c", code],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         self.lines: list[str] = []
-        deadline = time.monotonic() + timeout
-        assert self.proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                err = self.proc.stderr.read() if self.proc.stderr else ""
-                self.close()
-                raise RuntimeError(f"holder failed: {err.strip()}")
-            if line.strip() == "READY":
-                return
-            self.lines.append(line.strip())
-        self.close()
-        raise TimeoutError("holder did not get ready")
+        try:
+            self.expect("READY", timeout)
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def expect(self, token: str, timeout: float = 10.0) -> list[str]:
+        """Lines printed before ``token`` (bounded by ``timeout``)."""
+        assert self.proc.stdout is not None
+        out: list[str] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                raise RuntimeError(f"holder exited: {err.strip()[-2000:]}")
+            if line.strip() == token:
+                self.lines.extend(out)
+                return out
+            out.append(line.strip())
+        raise TimeoutError(f"holder did not print {token}")
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -102,8 +141,8 @@ class Holder:
 
 
 @contextlib.contextmanager
-def holder(netns: str, script: str) -> Iterator[Holder]:
-    h = Holder(netns, script)
+def holder(netns: str, script: str, *, hold: bool = True) -> Iterator[Holder]:
+    h = Holder(netns, script, hold=hold)
     try:
         yield h
     finally:
@@ -122,4 +161,3 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: flo
             return
         time.sleep(interval)
     raise TimeoutError("condition not met in time")
-

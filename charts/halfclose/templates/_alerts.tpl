@@ -97,7 +97,7 @@ groups:
         annotations:
           summary: {{`halfclose agent {{ $labels.pod }} fails scans ({{ $labels.reason }}).`}}
           description: >-
-            {{`The halfclose agent {{ $labels.pod }} ({{ $labels.instance }}) has failed {{ $value | humanize }} scans per second with reason {{ $labels.reason }}`}}
+            {{`The halfclose agent {{ $labels.pod }} ({{ $labels.instance }}) has failed {{ printf "%.2f" $value }} scans per second with reason {{ $labels.reason }}`}}
             for 15 minutes (threshold {{ $a.scanErrorsPerSecond }}/s). Pods
             whose scans fail are not protected.
           runbook_url: {{ printf "%s#halfclosescanerrors" $a.runbookBaseUrl }}

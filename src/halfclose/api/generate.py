@@ -3,9 +3,9 @@
     python -m halfclose.api.generate            # write (what `make crds` runs)
     python -m halfclose.api.generate --check    # exit 1 and name the stale files
 
-Besides ``crds/``, every existing ``charts/*/crds/`` directory gets the same
-files, so a chart's copy cannot drift either.  Output is deterministic: key
-order is the model's, no timestamps, no line wrapping.
+Output is deterministic: key order is the model's, no timestamps, no line
+wrapping.  (The Helm chart keeps byte-for-byte copies in
+charts/halfclose/files/crds/, made by the chart's own hack/sync_crds.py.)
 """
 
 from __future__ import annotations
@@ -39,12 +39,7 @@ def render(crd: dict[str, Any]) -> str:
 
 def expected_files(root: Path) -> dict[Path, str]:
     """Every file the generator owns, with its content."""
-    directories = [
-        root / "crds",
-        *sorted(p for p in (root / "charts").glob("*/crds") if p.is_dir()),
-    ]
-    rendered = {f"{crd['metadata']['name']}.yaml": render(crd) for crd in all_crds()}
-    return {d / name: text for d in directories for name, text in rendered.items()}
+    return {root / "crds" / f"{crd['metadata']['name']}.yaml": render(crd) for crd in all_crds()}
 
 
 def stale_files(root: Path) -> list[Path]:

@@ -20,6 +20,7 @@ from halfclose.demo.console import Console
 from halfclose.demo.script import DemoFailed, DemoSettings, run_demo
 
 MAX_CONNECTIONS = 50
+_DEFAULTS = DemoSettings()
 
 
 def _connections(text: str) -> int:
@@ -32,15 +33,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo", help="reproduce the sidecar half-close leak in a built-in lab, then fix it (root)"
     )
-    p.add_argument(
-        "--prefix", default=DemoSettings.prefix, help="lab name prefix (default hc-demo)"
-    )
+    p.add_argument("--prefix", default=_DEFAULTS.prefix, help="lab name prefix (default hc-demo)")
     p.add_argument(
         "--connections",
         type=_connections,
-        default=DemoSettings.connections,
+        default=_DEFAULTS.connections,
         metavar="N",
-        help=f"connections to leak, then to save (default {DemoSettings.connections})",
+        help=f"connections to leak, then to save (default {_DEFAULTS.connections})",
     )
     p.set_defaults(func=run)
 

@@ -48,6 +48,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"halfclose: error: {exc}" if not str(exc).startswith("halfclose") else str(exc),
               file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # `halfclose scan ... | head`: the reader went away; not an error of ours.
+        # Point stdout at /dev/null so the interpreter's final flush stays quiet.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("halfclose: interrupted", file=sys.stderr)
         return 130

@@ -20,6 +20,7 @@ from halfclose.agent.core.plan import (
     DEFAULT_CLOSE_WAIT_TIMEOUT,
     DEFAULT_MAX_KILLS,
     DEFAULT_MIN_IDLE_SECONDS,
+    MAX_CLOSE_WAIT_TIMEOUT,
     ActionKind,
     ActionSettings,
     FindingOutcome,
@@ -81,8 +82,10 @@ def _count(text: str) -> int:
 
 
 def _timeout(text: str) -> int:
-    if not text.isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"invalid timeout {text!r} (want whole seconds > 0)")
+    if not text.isdigit() or not 1 <= int(text) <= MAX_CLOSE_WAIT_TIMEOUT:
+        raise argparse.ArgumentTypeError(
+            f"invalid timeout {text!r} (want whole seconds, 1..{MAX_CLOSE_WAIT_TIMEOUT})"
+        )
     return int(text)
 
 
@@ -121,8 +124,12 @@ def _socket_action(
 ) -> Callable[[Scanner, ScanResult, argparse.Namespace], ActionOutcomes]:
     def run(scanner: Scanner, result: ScanResult, args: argparse.Namespace) -> ActionOutcomes:
         plan = make_plan(result.findings, result.capture_ports, action_settings(action, args))
-        executed = Executor(scanner.sockdiag, scanner.conntrack).execute(plan)
-        return collect(executed)
+        executor = Executor(scanner.sockdiag, scanner.conntrack)
+        out = collect(executor.execute(plan))
+        if action is ActionKind.KILL and not plan.settings.dry_run:
+            out.extra["kill_summary"] = executor.summary.to_json_dict()
+            out.notes.append(executor.summary.describe())
+        return out
 
     return run
 

@@ -1,7 +1,9 @@
 """``halfclose scan``: find leaked and at-risk sidecar sockets in one network namespace.
 
     halfclose scan (--netns NAME|PATH | --pid PID) [--capture-ports 15001,15006]
-                   [--min-idle SECONDS] [--action report] [--output table|json]
+                   [--min-idle SECONDS] [--output table|json]
+                   [--action report|kill|extend-conntrack|patch-conntrack] [--dry-run]
+                   [--max-kills N] [--close-wait-timeout SECONDS] [--state-dir DIR]
 
 Exit 0 when the scan ran (findings or not), 2 with one line on stderr on bad input.
 
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from halfclose.agent.engine.report import Outcomes, render_table, to_json_dict
 from halfclose.agent.engine.scan import Scanner, ScanResult, ScanSettings
 from halfclose.agent.kernel.netns import NetnsHandle, require_root
+from halfclose.cli import remediate
 from halfclose.errors import UserError
 
 ActionRunner = Callable[[Scanner, ScanResult, argparse.Namespace], Outcomes]
@@ -31,6 +34,7 @@ def _report(_scanner: Scanner, _result: ScanResult, _args: argparse.Namespace) -
 
 
 ACTIONS: dict[str, ActionRunner] = {"report": _report}
+ACTIONS.update(remediate.ACTIONS)  # kill, extend-conntrack, patch-conntrack
 
 
 def parse_ports(text: str) -> frozenset[int]:
@@ -77,11 +81,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--min-idle",
         type=_seconds,
-        default=0.0,
+        default=None,
         metavar="SECONDS",
-        help="report only sockets idle at least this long (default 0)",
+        help="report only sockets idle at least this long (default 0); "
+        "--action kill kills only those (default 60, see docs/remediation.md)",
     )
     p.add_argument("--action", choices=sorted(ACTIONS), default="report")
+    remediate.add_arguments(p)
     p.add_argument("--output", choices=("table", "json"), default="table")
     p.set_defaults(func=run)
 
@@ -98,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     proc_root = os.environ.get("HOST_PROC", "/proc")
     settings = ScanSettings(
         capture_ports=args.capture_ports,
-        min_idle_seconds=args.min_idle,
+        min_idle_seconds=args.min_idle or 0.0,
         proc_root=proc_root,
     )
     with open_target(args, proc_root) as handle:
@@ -110,8 +116,11 @@ def run(args: argparse.Namespace) -> int:
             result = scanner.scan(settings)
             outcomes = ACTIONS[args.action](scanner, result, args)
     if args.output == "json":
-        json.dump(to_json_dict(result, outcomes), sys.stdout, indent=2)
+        doc = remediate.decorate_json(to_json_dict(result, outcomes), result, outcomes)
+        json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         print(render_table(result, outcomes))
+        for note in remediate.notes(outcomes):
+            print(note)
     return 0

@@ -51,12 +51,15 @@ class Console:
         done: Callable[[], bool],
         *,
         status: Callable[[], str] | None = None,
+        expected: float | None = None,
         poll: float = 0.2,
     ) -> float:
         """Wait up to ``seconds`` for ``done()``; return the seconds waited.
 
-        ``status`` adds a short live detail to the progress line (a countdown).
+        The bar fills over ``expected`` seconds (default: ``seconds``), the
+        time the wait should take; ``status`` adds a live detail (a countdown).
         """
+        scale = expected if expected and expected > 0 else seconds
         start = time.monotonic()
         if not self.tty:
             self._emit(f"   ... {label} (up to {seconds:.0f} s)")
@@ -64,12 +67,12 @@ class Console:
             elapsed = time.monotonic() - start
             finished = done()
             if self.tty:
-                frac = min(1.0, elapsed / seconds) if seconds > 0 else 1.0
+                frac = min(1.0, elapsed / scale) if scale > 0 else 1.0
                 filled = int(frac * BAR)
                 detail = f"  {status()}" if status else ""
                 self.out.write(
                     f"\r   {label} [{'#' * filled}{'.' * (BAR - filled)}] "
-                    f"{elapsed:4.1f}/{seconds:.0f} s{detail}\033[K"
+                    f"{elapsed:4.1f} s{detail}\033[K"
                 )
                 self.out.flush()
             if finished or elapsed >= seconds:

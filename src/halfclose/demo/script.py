@@ -18,8 +18,8 @@ from halfclose.agent.engine.scan import Scanner, ScanResult, ScanSettings
 from halfclose.agent.kernel import sysctl
 from halfclose.agent.kernel.netns import NetnsHandle
 from halfclose.demo.console import Console
-from halfclose.demo.view import Row, Tracked, Viewer, render
-from halfclose.lab import Lab, LabSettings
+from halfclose.demo.view import Row, Viewer, render
+from halfclose.lab import Lab, LabSettings, LateClose, ProxiedPair
 
 STEPS = 6
 
@@ -66,7 +66,7 @@ class Demo:
     def scan(self, scanner: Scanner) -> ScanResult:
         return scanner.scan(ScanSettings(min_idle_seconds=0.0))
 
-    def show(self, viewer: Viewer, tracked: list[Tracked]) -> list[Row]:
+    def show(self, viewer: Viewer, tracked: tuple[ProxiedPair, ...]) -> list[Row]:
         rows = viewer.observe(tracked)
         self.c.block(render(tracked, rows))
         return rows
@@ -96,17 +96,20 @@ class Demo:
             lab.down()
             c.ok("every namespace and process of the lab is gone")
 
-    def _half_close(self, lab: Lab, scanner: Scanner) -> list[Tracked]:
+    def _half_close(self, lab: Lab, scanner: Scanner) -> tuple[tuple[ProxiedPair, ...], LateClose]:
         s = self.s
-        lab.late_close(s.connections, after_seconds=s.app_close_after)
+        late = lab.late_close(s.connections, after_seconds=s.app_close_after)
         result = self.scan(scanner)
-        at_risk = [f for f in result.findings if f.kind is Kind.AT_RISK]
+        apps = {str(p.app) for p in late.pairs}
+        at_risk = [
+            f for f in result.findings if f.kind is Kind.AT_RISK and str(f.socket.peer) in apps
+        ]
         check(
             len(at_risk) == s.connections and len(result.findings) == s.connections,
             f"expected {s.connections} at-risk sockets, the scan found "
-            f"{len(at_risk)} at-risk of {len(result.findings)}",
+            f"{len(at_risk)} of them at-risk among {len(result.findings)}",
         )
-        return [Tracked.from_finding(f) for f in at_risk]
+        return late.pairs, late
 
     def leak_and_kill(self, lab: Lab, pod: str, scanner: Scanner, viewer: Viewer) -> None:
         s, c = self.s, self.c
@@ -117,8 +120,7 @@ class Demo:
             "socket\nin CLOSE-WAIT, and the NAT entry that maps the app's packets to :15001 "
             "counts down:"
         )
-        started = time.monotonic()
-        tracked = self._half_close(lab, scanner)
+        tracked, late = self._half_close(lab, scanner)
         self.show(viewer, tracked)
         c.say(
             f"The app closes only after {s.app_close_after:.0f} s, when the entry has expired "
@@ -126,19 +128,28 @@ class Demo:
         )
 
         def app_closed_and_entries_gone() -> bool:
-            waited = time.monotonic() - started >= s.app_close_after + 0.5
+            # The app's FIN goes out at closes_at; give it a moment on the wire.
+            waited = time.time() >= late.closes_at + 0.5
             return waited and all(r.entry is None for r in viewer.observe(tracked))
+
+        def countdown() -> str:
+            left = [r.entry.timeout for r in viewer.observe(tracked) if r.entry is not None]
+            entries = f"NAT entries: {max(left)} s left" if left else "NAT entries: expired"
+            app = max(0.0, late.closes_at - time.time())
+            return f"{entries}; app closes in {app:.0f} s" if app else f"{entries}; app closed"
 
         c.wait(
             "waiting for conntrack to expire the NAT entries and the app to close",
             s.app_close_after + s.close_wait_timeout + 5,
             app_closed_and_entries_gone,
+            status=countdown,
+            expected=max(0.0, late.closes_at + 0.5 - time.time()),
         )
         rows = self.show(viewer, tracked)
         check(
             all(r.entry is None for r in rows)
-            and all(r.downstream_state is TcpState.FIN_WAIT2 for r in rows)
-            and all(r.upstream_state is TcpState.CLOSE_WAIT for r in rows if r.upstream_known),
+            and all(r.downstream is TcpState.FIN_WAIT2 for r in rows)
+            and all(r.upstream is TcpState.CLOSE_WAIT for r in rows),
             "the proxy sockets did not stay FIN-WAIT-2/CLOSE-WAIT with their entries gone",
         )
         c.say(
@@ -160,13 +171,21 @@ class Demo:
             "--min-idle 0 because the\nlab's leaks are seconds old (the default is 60 s)."
         )
         self.cli(["scan", "--netns", pod, "--action", "kill", "--min-idle", "0"])
+
+        def upstreams_closed() -> bool:
+            return all(r.upstream is not TcpState.CLOSE_WAIT for r in viewer.observe(tracked))
+
+        # The proxy reacts to the kill within milliseconds; bound the wait anyway.
+        deadline = time.monotonic() + 3.0
+        while not upstreams_closed() and time.monotonic() < deadline:
+            time.sleep(0.05)
         rows = self.show(viewer, tracked)
         check(
             all(r.downstream is None for r in rows),
             "a killed proxy socket to the app is still there",
         )
         check(
-            all(r.upstream_state in (None, TcpState.LAST_ACK, TcpState.CLOSE) for r in rows),
+            all(r.upstream in (None, TcpState.LAST_ACK, TcpState.CLOSE) for r in rows),
             "a paired upstream socket stayed in CLOSE-WAIT after the kill",
         )
         c.ok("both proxy sockets of every leaked pair are gone: the proxy closed its upstream side")
@@ -179,8 +198,7 @@ class Demo:
             f"{s.app_close_after:.0f} s,\nbut this time halfclose extends exactly their NAT "
             "entries first (no other entry is touched):"
         )
-        started = time.monotonic()
-        tracked = self._half_close(lab, scanner)
+        tracked, late = self._half_close(lab, scanner)
         self.cli(["scan", "--netns", pod, "--action", "extend-conntrack"])
         rows = self.show(viewer, tracked)
         check(
@@ -189,21 +207,21 @@ class Demo:
         )
 
         def app_closed() -> bool:
-            if time.monotonic() - started < s.app_close_after:
+            if time.time() < late.closes_at:
                 return False
-            return all(
-                r.downstream_state is not TcpState.FIN_WAIT2 for r in viewer.observe(tracked)
-            )
+            return all(r.downstream is not TcpState.FIN_WAIT2 for r in viewer.observe(tracked))
 
         c.wait(
             "waiting for the app to close, after the original timeout",
             s.app_close_after + 5,
             app_closed,
+            status=lambda: f"app closes in {max(0.0, late.closes_at - time.time()):.0f} s",
+            expected=max(0.0, late.closes_at - time.time()),
         )
         rows = self.show(viewer, tracked)
         check(
-            all(r.downstream_state in (None, TcpState.TIME_WAIT) for r in rows)
-            and all(r.upstream_state in (None, TcpState.LAST_ACK, TcpState.CLOSE) for r in rows),
+            all(r.downstream in (None, TcpState.TIME_WAIT) for r in rows)
+            and all(r.upstream in (None, TcpState.LAST_ACK, TcpState.CLOSE) for r in rows),
             "a proxy socket leaked although its entry had been extended",
         )
         check(

@@ -1,47 +1,34 @@
 """The demo's side-by-side view: each proxy socket pair next to its NAT entry.
 
-Rows are read from the kernel each time (sock_diag by tuple *and cookie*,
-ctnetlink by the NAT reply tuple), so what the demo shows is what the kernel
-holds, not what the demo believes.
+Rows are read from the kernel each time — one sock_diag dump of the pod netns
+and a ctnetlink lookup per NAT reply tuple — for the connections the lab says
+it made, so what the demo shows is what the kernel holds, independently of
+the scanner's classification and pairing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from halfclose.agent.core.model import ConntrackEntry, Finding, SocketRecord, TcpState
+from halfclose.agent.core.model import ConntrackEntry, FlowTuple, TcpState
 from halfclose.agent.kernel.conntrack import Conntrack
 from halfclose.agent.kernel.sockdiag import SockDiag
+from halfclose.lab import ProxiedPair
 
 GONE = "(gone)"
 
 
-@dataclass(frozen=True, slots=True)
-class Tracked:
-    """One leaked-or-at-risk connection: the proxy's two sockets."""
-
-    downstream: SocketRecord
-    upstream: SocketRecord | None
-
-    @classmethod
-    def from_finding(cls, f: Finding) -> Tracked:
-        return cls(f.socket, f.upstream)
+def reply_tuple(pair: ProxiedPair) -> FlowTuple:
+    """The NAT entry's reply direction: proxy downstream -> app (design.md §2)."""
+    down, app = pair.proxy_downstream, pair.app
+    return FlowTuple(down.ip, down.port, app.ip, app.port)
 
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    downstream: SocketRecord | None
-    upstream: SocketRecord | None
-    upstream_known: bool
-    entry: ConntrackEntry | None
-
-    @property
-    def downstream_state(self) -> TcpState | None:
-        return self.downstream.state if self.downstream else None
-
-    @property
-    def upstream_state(self) -> TcpState | None:
-        return self.upstream.state if self.upstream else None
+    downstream: TcpState | None  # the proxy's socket to the app (None: gone)
+    upstream: TcpState | None  # the proxy's socket to the upstream (None: gone)
+    entry: ConntrackEntry | None  # the pod's NAT entry (None: expired / gone)
 
 
 class Viewer:
@@ -49,29 +36,18 @@ class Viewer:
         self._diag = diag
         self._ct = conntrack
 
-    def _get(self, record: SocketRecord | None) -> SocketRecord | None:
-        if record is None:
-            return None
-        dumped = self._diag.get(record)
-        return dumped.record if dumped else None
-
-    def observe(self, tracked: list[Tracked]) -> list[Row]:
+    def observe(self, pairs: tuple[ProxiedPair, ...]) -> list[Row]:
+        _, sockets = self._diag.dump(list(TcpState))
+        by_tuple = {(str(s.local), str(s.peer)): s.state for s in sockets}
+        by_local = {str(s.local): s.state for s in sockets}
         return [
             Row(
-                self._get(t.downstream),
-                self._get(t.upstream),
-                t.upstream is not None,
-                self._ct.get_by_reply(t.downstream.nat_reply_tuple),
+                by_tuple.get((str(p.proxy_downstream), str(p.app))),
+                by_local.get(str(p.proxy_upstream)),
+                self._ct.get_by_reply(reply_tuple(p)),
             )
-            for t in tracked
+            for p in pairs
         ]
-
-
-def _sock_text(planned: SocketRecord | None, now: SocketRecord | None) -> str:
-    if planned is None:
-        return "(not paired)"
-    where = f"{planned.local} <-> {planned.peer}"
-    return f"{now.state.ss_name if now else GONE:<10} {where}"
 
 
 def _entry_text(entry: ConntrackEntry | None) -> str:
@@ -80,22 +56,26 @@ def _entry_text(entry: ConntrackEntry | None) -> str:
     return f"{entry.tcp_state}, {entry.timeout} s left"
 
 
-def render(tracked: list[Tracked], rows: list[Row]) -> str:
+def _state(state: TcpState | None) -> str:
+    return state.ss_name if state is not None else GONE
+
+
+def render(pairs: tuple[ProxiedPair, ...], rows: list[Row]) -> str:
     header = (
-        "proxy <-> app (FIN from upstream forwarded)",
-        "proxy <-> upstream",
-        "pod conntrack NAT entry",
+        "proxy socket to the app",
+        "proxy socket to the upstream",
+        "pod's NAT entry (conntrack)",
     )
     lines = [
         (
-            _sock_text(t.downstream, r.downstream),
-            _sock_text(t.upstream, r.upstream),
+            f"{_state(r.downstream):<10} {p.proxy_downstream} <-> {p.app}",
+            f"{_state(r.upstream):<10} {p.proxy_upstream} -> upstream",
             _entry_text(r.entry),
         )
-        for t, r in zip(tracked, rows, strict=True)
+        for p, r in zip(pairs, rows, strict=True)
     ]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     fmt = " | ".join(f"{{:<{w}}}" for w in widths)
-    out = [fmt.format(*header), "-+-".join("-" * w for w in widths)]
+    out = [fmt.format(*header).rstrip(), "-+-".join("-" * w for w in widths)]
     out.extend(fmt.format(*line).rstrip() for line in lines)
     return "\n".join(out)

@@ -32,7 +32,6 @@ from halfclose.lab.model import (
     PodStatus,
     ProcessInfo,
     ProxiedPair,
-    SocketView,
     Teardown,
 )
 from halfclose.lab.settings import DEFAULT_RUN_DIR, MAX_COUNT, LabSettings, validate_prefix
@@ -43,6 +42,9 @@ CLOSE_WAIT_SYSCTL = "net.netfilter.nf_conntrack_tcp_timeout_close_wait"
 BASE_TOOLS = ("ip", "ss", "nsenter", "sysctl")
 READY_TIMEOUT = 30.0
 VERIFY_TIMEOUT = 5.0
+# The holder's own bounds for one request: connecting and seeing the
+# half-close take at most 30 s each (app.STEP_TIMEOUT), plus slack.
+HOLDER_STEPS = 70.0
 
 
 class Lab:
@@ -70,7 +72,7 @@ class Lab:
                 f"run `halfclose lab up --prefix {prefix}`"
             )
         lab = cls(dataclasses.replace(state.settings, run_dir=run_dir))
-        lab._state = state
+        lab._adopt(state)
         return lab
 
     def __repr__(self) -> str:
@@ -157,9 +159,7 @@ class Lab:
         names = [n for n in netns.names() if pattern.fullmatch(n)]
         pids: set[int] = set()
         if self._state is not None:
-            pids |= {
-                r.pid for r in self._state.processes if supervise.alive(r.pid, r.start_time)
-            }
+            pids |= {r.pid for r in self._state.processes if supervise.alive(r.pid, r.start_time)}
         for name in names:
             pids |= set(netns.pids_in(name))
         pids.discard(os.getpid())  # `nsenter ... halfclose lab down` must not kill itself
@@ -183,14 +183,14 @@ class Lab:
         """
         self._check(count, pod)
         cw = self._current_state().settings.close_wait_timeout
-        timeout = 2 * cw + 10 + 70 + count / 50
+        timeout = 2 * cw + 10 + HOLDER_STEPS + count / 50
         reply = self._ask(pod, {"op": "leak", "count": count}, timeout)
         return self._verify(pod, reply["pairs"], "FIN-WAIT-2", "CLOSE-WAIT")
 
     def idle(self, count: int = 1, pod: int = 0) -> list[ProxiedPair]:
         """``count`` idle ESTABLISHED connections, held until ``down``."""
         self._check(count, pod)
-        reply = self._ask(pod, {"op": "idle", "count": count}, 40 + count / 50)
+        reply = self._ask(pod, {"op": "idle", "count": count}, HOLDER_STEPS + count / 50)
         return self._verify(pod, reply["pairs"], "ESTAB", "ESTAB")
 
     def live_half_close(self, count: int = 1, pod: int = 0) -> list[ProxiedPair]:
@@ -200,7 +200,7 @@ class Lab:
         kept alive by the app's traffic: at-risk, never leaked.  Held until ``down``.
         """
         self._check(count, pod)
-        reply = self._ask(pod, {"op": "live", "count": count}, 70 + count / 50)
+        reply = self._ask(pod, {"op": "live", "count": count}, HOLDER_STEPS + count / 50)
         return self._verify(pod, reply["pairs"], "FIN-WAIT-2", "CLOSE-WAIT")
 
     def late_close(self, count: int = 1, after_seconds: float = 10.0, pod: int = 0) -> LateClose:
@@ -213,7 +213,7 @@ class Lab:
         if not after_seconds >= 0:
             raise LabError(f"bad after_seconds {after_seconds!r}: >= 0")
         reply = self._ask(
-            pod, {"op": "late", "count": count, "after": after_seconds}, 70 + count / 50
+            pod, {"op": "late", "count": count, "after": after_seconds}, HOLDER_STEPS + count / 50
         )
         pairs = self._verify(pod, reply["pairs"], "FIN-WAIT-2", "CLOSE-WAIT")
         return LateClose(pod, int(reply["batch"]), tuple(pairs), float(reply["closes_at"]))
@@ -237,8 +237,9 @@ class Lab:
         state = LabState.load(self.paths.state)
         named = [n for n in netns.names() if netns_pattern(prefix).fullmatch(n)]
         if state is None:
-            return LabStatus(prefix, bool(named), None, None, None, None, None,
-                             stray_netns=tuple(named))
+            return LabStatus(
+                prefix, bool(named), None, None, None, None, None, stray_netns=tuple(named)
+            )
         settings = state.settings
         topo = Topology(settings.prefix, settings.pods)
         known = set(topo.all_netns)
@@ -255,6 +256,13 @@ class Lab:
             pods=pods,
             stray_netns=tuple(n for n in named if n not in known),
         )
+
+    def pod_status(self, pod: int) -> PodStatus:
+        """``status()`` for one pod only (cheap in a 100-pod lab)."""
+        _require_root()
+        state = self._current_state()
+        topo = Topology(state.settings.prefix, state.settings.pods)
+        return self._pod_status(state, topo, pod)
 
     def _pod_status(self, state: LabState, topo: Topology, pod: int) -> PodStatus:
         name = topo.pod_netns(pod)
@@ -341,8 +349,8 @@ class Lab:
     def _start_upstream(self) -> None:
         name = self.topology.upstream_netns
         log = self.paths.log("upstream", None)
-        proc = self._launch("upstream", None, name, self._daemon_argv(
-            "upstream", "--listen", str(SERVICE)), log)  # fmt: skip
+        argv = self._daemon_argv("upstream", "--listen", str(SERVICE))
+        proc = self._launch("upstream", None, name, argv, log)
         supervise.wait_ready([("upstream server", proc, log)], READY_TIMEOUT)
 
     def _start_proxies(self) -> None:
@@ -378,7 +386,7 @@ class Lab:
             state = LabState.load(self.paths.state)
             if state is None:
                 raise LabError(f"lab {self.settings.prefix!r} is gone")
-            self._state = state
+            self._adopt(state)
             record = state.find("app", pod)
             if record is not None and supervise.alive(record.pid, record.start_time):
                 return
@@ -444,13 +452,22 @@ class Lab:
 
     def _current_state(self) -> LabState:
         if self._state is None:
-            self._state = LabState.load(self.paths.state)
-        if self._state is None:
-            raise LabError(
-                f"no lab {self.settings.prefix!r}: run `halfclose lab up --prefix "
-                f"{self.settings.prefix}`"
-            )
+            state = LabState.load(self.paths.state)
+            if state is None:
+                raise LabError(
+                    f"no lab {self.settings.prefix!r}: run `halfclose lab up --prefix "
+                    f"{self.settings.prefix}`"
+                )
+            self._adopt(state)
+        assert self._state is not None
         return self._state
+
+    def _adopt(self, state: LabState) -> None:
+        """Take the recorded settings: the lab is what was built, not what we were told."""
+        self._state = state
+        if state.settings != self.settings:
+            self.settings = dataclasses.replace(state.settings, run_dir=self.settings.run_dir)
+            self.topology = Topology(self.settings.prefix, self.settings.pods)
 
     def _record(self, role: str, pod: int | None) -> ProcessRecord:
         record = self._current_state().find(role, pod)
@@ -508,6 +525,3 @@ def _uid_of(pid: int) -> int | None:
     except OSError:
         pass
     return None
-
-
-__all__ = ["Lab", "SocketView"]

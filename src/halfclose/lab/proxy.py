@@ -219,7 +219,9 @@ class Proxy:
         daemon.raise_open_files_limit()
         daemon.drop_privileges(self.settings.uid, self.settings.gid)
         servers = [
-            await loop.create_server(lambda: Connection(self).downstream, sock=sock)
+            await loop.create_server(
+                lambda: Connection(self).downstream, sock=sock, backlog=LISTEN_BACKLOG
+            )
             for sock in listeners
         ]
         log.info("listening on %s as uid %d", self.settings.ports, self.settings.uid)

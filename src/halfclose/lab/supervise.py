@@ -39,9 +39,7 @@ def alive(pid: int, started: int | None) -> bool:
     return state != b"Z"
 
 
-def launch(
-    netns_name: str, argv: Sequence[str], log_path: str
-) -> subprocess.Popen[bytes]:
+def launch(netns_name: str, argv: Sequence[str], log_path: str) -> subprocess.Popen[bytes]:
     """Start a daemon inside a netns, detached from our session, logging to ``log_path``."""
     with open(log_path, "ab") as log:
         return subprocess.Popen(
@@ -56,9 +54,7 @@ def launch(
         )
 
 
-def wait_ready(
-    procs: Sequence[tuple[str, subprocess.Popen[bytes], str]], timeout: float
-) -> None:
+def wait_ready(procs: Sequence[tuple[str, subprocess.Popen[bytes], str]], timeout: float) -> None:
     """Wait until each daemon printed ``ready``; on failure say which and why (its log)."""
     pending = {p.stdout.fileno(): (what, p, log) for what, p, log in procs if p.stdout}
     deadline = time.monotonic() + timeout

@@ -29,7 +29,9 @@ SERVICE = Endpoint(ipaddress.IPv4Address("203.0.113.10"), 7777)
 
 POD_DEVICE = "eth0"  # what the pod sees, as in a real pod
 BRIDGE = "br0"
-SERVICE_DEVICE = "svc0"
+# The service address sits on the upstream netns's loopback: no dummy
+# interface needed (kernels built without CONFIG_DUMMY exist, this one is one).
+SERVICE_DEVICE = "lo"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +68,7 @@ class Topology:
             f"link add {BRIDGE} type bridge",
             f"addr add {GATEWAY}/{POD_NETWORK.prefixlen} dev {BRIDGE}",
             f"link set {BRIDGE} up",
-            f"link add {SERVICE_DEVICE} type dummy",
-            f"addr add {SERVICE.ip}/{SERVICE_NETWORK.prefixlen} dev {SERVICE_DEVICE}",
-            f"link set {SERVICE_DEVICE} up",
+            f"addr add {SERVICE.ip}/32 dev {SERVICE_DEVICE}",
         ]
         for i in range(self.pods):
             veth = self.host_veth(i)

@@ -163,8 +163,23 @@ def inside() -> None:
     run("ip", "addr", "add", "192.0.2.10/24", "dev", "lo")
     run("ip", "-6", "addr", "add", "2001:db8::10/128", "dev", "lo")
     for tool, dst in (("iptables", "192.0.2.99"), ("ip6tables", "2001:db8::99")):
-        run(tool, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", dst, "--dport", "7777",
-            "-j", "REDIRECT", "--to-ports", "15001")  # fmt: skip
+        run(
+            tool,
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            dst,
+            "--dport",
+            "7777",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+        )
     run("ip", "route", "add", "192.0.2.99/32", "dev", "lo")
     run("ip", "-6", "route", "add", "2001:db8::99/128", "dev", "lo")
     time.sleep(1.0)  # IPv6 DAD on lo addresses is instant, routes settle

@@ -138,9 +138,12 @@ def test_events_of_other_netns_are_not_seen(netns: str) -> None:
             text=True,
             input="table ip nat { chain out { type nat hook output priority -100; }; }\n",
         )
-        with NetnsHandle.from_name(netns) as handle, ConntrackEventSocket(
-            handle.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        ) as sock:
+        with (
+            NetnsHandle.from_name(netns) as handle,
+            ConntrackEventSocket(
+                handle.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+            ) as sock,
+        ):
             insert_entry(other, 40003, "ESTABLISHED", 300, proxy_port=15001)
             subprocess.run(
                 [
@@ -184,9 +187,12 @@ def test_events_of_other_netns_are_not_seen(netns: str) -> None:
 
 
 def test_entering_close_wait_starts_the_countdown(netns: str) -> None:
-    with NetnsHandle.from_name(netns) as handle, ConntrackEventSocket(
-        handle.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-    ) as sock:
+    with (
+        NetnsHandle.from_name(netns) as handle,
+        ConntrackEventSocket(
+            handle.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        ) as sock,
+    ):
         insert_entry(netns, 40005, "ESTABLISHED", 300, proxy_port=15001)
         subprocess.run(
             [

@@ -11,6 +11,7 @@ than silently passing an object the real server would judge.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,16 +20,16 @@ import cel
 
 
 def _is_sorted(items: list[Any]) -> bool:
-    return all(a <= b for a, b in zip(items, items[1:], strict=False))
+    return all(a <= b for a, b in itertools.pairwise(items))
 
 
 # Kubernetes CEL library functions (k8s.io/apiserver/pkg/cel/library), member-style calls
 # receive the receiver as the first argument.
 K8S_FUNCTIONS: Mapping[str, Callable[..., Any]] = {
     "isSorted": _is_sorted,
-    "sum": lambda items: sum(items),
-    "min": lambda items: min(items),
-    "max": lambda items: max(items),
+    "sum": sum,
+    "min": min,
+    "max": max,
     "indexOf": lambda haystack, needle: haystack.index(needle) if needle in haystack else -1,
     "lastIndexOf": lambda haystack, needle: (
         len(haystack) - 1 - haystack[::-1].index(needle) if needle in haystack else -1
@@ -93,7 +94,9 @@ class Verdict:
     message: str = ""
 
 
-def evaluate(rule: Rule, self_value: Any, old_value: Any = None, *, has_old: bool = False) -> Verdict:
+def evaluate(
+    rule: Rule, self_value: Any, old_value: Any = None, *, has_old: bool = False
+) -> Verdict:
     variables: dict[str, Any] = {"self": self_value}
     if rule.is_transition:
         variables["oldSelf"] = old_value if has_old else None

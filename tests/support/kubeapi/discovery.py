@@ -33,7 +33,9 @@ def api_versions(server_address: str) -> dict[str, Any]:
     return {
         "kind": "APIVersions",
         "versions": ["v1"],
-        "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": server_address}],
+        "serverAddressByClientCIDRs": [
+            {"clientCIDR": "0.0.0.0/0", "serverAddress": server_address}
+        ],
     }
 
 
@@ -55,8 +57,10 @@ def api_group(registry: Registry, group: str) -> dict[str, Any] | None:
 
 
 def api_resource_list(registry: Registry, group: str, version: str) -> dict[str, Any] | None:
-    types = sorted((rt for rt in registry.all() if rt.group == group and rt.version == version),
-                   key=lambda rt: rt.plural)
+    types = sorted(
+        (rt for rt in registry.all() if rt.group == group and rt.version == version),
+        key=lambda rt: rt.plural,
+    )
     if not types:
         return None
     resources: list[dict[str, Any]] = []
@@ -67,7 +71,9 @@ def api_resource_list(registry: Registry, group: str, version: str) -> dict[str,
             "namespaced": rt.namespaced,
             "kind": rt.kind,
             "verbs": list(rt.verbs),
-            "storageVersionHash": hashlib.sha256(f"{rt.group}/{rt.plural}".encode()).hexdigest()[:12],
+            "storageVersionHash": hashlib.sha256(f"{rt.group}/{rt.plural}".encode()).hexdigest()[
+                :12
+            ],
         }
         if rt.short_names:
             entry["shortNames"] = list(rt.short_names)
@@ -75,13 +81,15 @@ def api_resource_list(registry: Registry, group: str, version: str) -> dict[str,
             entry["categories"] = list(rt.categories)
         resources.append(entry)
         for sub in rt.subresources:
-            resources.append({
-                "name": f"{rt.plural}/{sub}",
-                "singularName": "",
-                "namespaced": rt.namespaced,
-                "kind": rt.kind if sub == "status" else "Scale",
-                "verbs": ["get", "patch", "update"],
-            })
+            resources.append(
+                {
+                    "name": f"{rt.plural}/{sub}",
+                    "singularName": "",
+                    "namespaced": rt.namespaced,
+                    "kind": rt.kind if sub == "status" else "Scale",
+                    "verbs": ["get", "patch", "update"],
+                }
+            )
     return {
         "kind": "APIResourceList",
         "apiVersion": "v1",
@@ -91,8 +99,17 @@ def api_resource_list(registry: Registry, group: str, version: str) -> dict[str,
 
 
 def root_paths(registry: Registry) -> dict[str, Any]:
-    paths = {"/api", "/api/v1", "/apis", "/version", "/openapi/v2", "/openapi/v3", "/healthz",
-             "/livez", "/readyz"}
+    paths = {
+        "/api",
+        "/api/v1",
+        "/apis",
+        "/version",
+        "/openapi/v2",
+        "/openapi/v3",
+        "/healthz",
+        "/livez",
+        "/readyz",
+    }
     for group, versions in registry.groups().items():
         if group:
             paths.add(f"/apis/{group}")
@@ -108,13 +125,25 @@ OBJECT_META_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
         "name": {"type": "string", "description": "Name must be unique within a namespace."},
-        "namespace": {"type": "string", "description": "Namespace defines the space within which each name must be unique."},
-        "labels": {"type": "object", "additionalProperties": {"type": "string"},
-                   "description": "Map of string keys and values that can be used to organize and categorize objects."},
-        "annotations": {"type": "object", "additionalProperties": {"type": "string"},
-                        "description": "Annotations is an unstructured key value map."},
+        "namespace": {
+            "type": "string",
+            "description": "Namespace defines the space within which each name must be unique.",
+        },
+        "labels": {
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+            "description": "Map of string keys and values to organize and categorize objects.",
+        },
+        "annotations": {
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+            "description": "Annotations is an unstructured key value map.",
+        },
         "finalizers": {"type": "array", "items": {"type": "string"}},
-        "ownerReferences": {"type": "array", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+        "ownerReferences": {
+            "type": "array",
+            "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        },
         "uid": {"type": "string"},
         "resourceVersion": {"type": "string"},
         "generation": {"type": "integer", "format": "int64"},
@@ -128,7 +157,7 @@ _QUERY_PARAMS = ("dryRun", "fieldManager", "fieldValidation", "force", "pretty")
 
 
 def schema_name(rt: ResourceType) -> str:
-    """``io.halfclose.v1alpha1.HalfClosePolicy``, ``io.k8s.api.core.v1.Pod``: the server's naming."""
+    """``io.halfclose.v1alpha1.HalfClosePolicy``, ``io.k8s.api.core.v1.Pod``: as the server."""
     if rt.custom:
         prefix = ".".join(reversed(rt.group.split(".")))
     else:
@@ -138,19 +167,32 @@ def schema_name(rt: ResourceType) -> str:
 
 def _kind_schema(rt: ResourceType) -> dict[str, Any]:
     if rt.schema is not None:
-        schema = json.loads(json.dumps(rt.schema.root))
+        schema: dict[str, Any] = json.loads(json.dumps(rt.schema.root))
     else:
-        schema = {"type": "object", "description": f"{rt.kind} (built into the API emulator).",
-                  "properties": {
-                      "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-                      "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-                  }}
+        schema = {
+            "type": "object",
+            "description": f"{rt.kind} (built into the API emulator).",
+            "properties": {
+                "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+            },
+        }
     props = schema.setdefault("properties", {})
-    props["apiVersion"] = {"type": "string", "description": "APIVersion defines the versioned schema of this representation of an object."}
-    props["kind"] = {"type": "string", "description": "Kind is a string value representing the REST resource this object represents."}
-    props["metadata"] = {"allOf": [{"$ref": f"#/components/schemas/{OBJECT_META_REF}"}],
-                         "description": "Standard object's metadata."}
-    schema["x-kubernetes-group-version-kind"] = [{"group": rt.group, "kind": rt.kind, "version": rt.version}]
+    props["apiVersion"] = {
+        "type": "string",
+        "description": "APIVersion defines the versioned schema of this representation.",
+    }
+    props["kind"] = {
+        "type": "string",
+        "description": "Kind is the REST resource this object represents.",
+    }
+    props["metadata"] = {
+        "allOf": [{"$ref": f"#/components/schemas/{OBJECT_META_REF}"}],
+        "description": "Standard object's metadata.",
+    }
+    schema["x-kubernetes-group-version-kind"] = [
+        {"group": rt.group, "kind": rt.kind, "version": rt.version}
+    ]
     return schema
 
 
@@ -158,17 +200,33 @@ def _operation(rt: ResourceType, action: str, verb: str, ref: str) -> dict[str, 
     op: dict[str, Any] = {
         "operationId": f"{verb}{rt.kind}",
         "x-kubernetes-action": action,
-        "x-kubernetes-group-version-kind": {"group": rt.group, "kind": rt.kind, "version": rt.version},
-        "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": {"$ref": ref}}}}},
+        "x-kubernetes-group-version-kind": {
+            "group": rt.group,
+            "kind": rt.kind,
+            "version": rt.version,
+        },
+        "responses": {
+            "200": {"description": "OK", "content": {"application/json": {"schema": {"$ref": ref}}}}
+        },
     }
     if action in ("post", "put", "patch"):
         op["parameters"] = [
-            {"name": p, "in": "query", "schema": {"type": "string", "uniqueItems": True}} for p in _QUERY_PARAMS
+            {"name": p, "in": "query", "schema": {"type": "string", "uniqueItems": True}}
+            for p in _QUERY_PARAMS
         ]
-        types = ["application/json"] if action != "patch" else [
-            "application/json-patch+json", "application/merge-patch+json",
-            "application/strategic-merge-patch+json", "application/apply-patch+yaml",
-        ]
+        # kubectl apply computes a strategic merge patch from this document when the PATCH
+        # operation lists SMP, else from its compiled-in Go types (built-ins) or falls back
+        # to a merge patch (custom resources, which answer SMP with 415).  Our built-in
+        # schemas are skeletal, so SMP is never listed: kubectl then uses its Go types.
+        types = (
+            ["application/json"]
+            if action != "patch"
+            else [
+                "application/json-patch+json",
+                "application/merge-patch+json",
+                "application/apply-patch+yaml",
+            ]
+        )
         op["requestBody"] = {"content": {t: {"schema": {"$ref": ref}} for t in types}}
     return op
 
@@ -193,7 +251,11 @@ def openapi_v3_group_version(registry: Registry, group: str, version: str) -> di
         schemas[name] = _kind_schema(rt)
         ref = f"#/components/schemas/{name}"
         base = f"/apis/{group}/{version}" if group else f"/api/{version}"
-        scope = f"{base}/namespaces/{{namespace}}/{rt.plural}" if rt.namespaced else f"{base}/{rt.plural}"
+        scope = (
+            f"{base}/namespaces/{{namespace}}/{rt.plural}"
+            if rt.namespaced
+            else f"{base}/{rt.plural}"
+        )
         paths[scope] = {
             "get": _operation(rt, "list", "list", ref),
             "post": _operation(rt, "post", "create", ref),

@@ -35,7 +35,9 @@ def invalid(path: str, value: object, detail: str) -> FieldError:
 
 
 def required(path: str, detail: str = "") -> FieldError:
-    return FieldError("FieldValueRequired", path, "Required value" + (f": {detail}" if detail else ""))
+    return FieldError(
+        "FieldValueRequired", path, "Required value" + (f": {detail}" if detail else "")
+    )
 
 
 def not_supported(path: str, value: object, supported: Sequence[object]) -> FieldError:
@@ -53,7 +55,9 @@ def duplicate(path: str, value: object) -> FieldError:
 
 
 def too_many(path: str, actual: int, limit: int) -> FieldError:
-    return FieldError("FieldValueTooMany", path, f"Too many: {actual}: must have at most {limit} items")
+    return FieldError(
+        "FieldValueTooMany", path, f"Too many: {actual}: must have at most {limit} items"
+    )
 
 
 def too_long(path: str, limit: int) -> FieldError:
@@ -152,7 +156,9 @@ def conflict(plural: str, group: str, name: str, why: str) -> APIError:
     )
 
 
-MODIFIED = "the object has been modified; please apply your changes to the latest version and try again"
+MODIFIED = (
+    "the object has been modified; please apply your changes to the latest version and try again"
+)
 
 
 def invalid_object(kind: str, group: str, name: str, errors: Sequence[FieldError]) -> APIError:
@@ -167,9 +173,7 @@ def invalid_object(kind: str, group: str, name: str, errors: Sequence[FieldError
             "name": name,
             "group": group,
             "kind": kind,
-            "causes": [
-                {"reason": e.kind, "message": e.text, "field": e.field} for e in errors
-            ],
+            "causes": [{"reason": e.kind, "message": e.text, "field": e.field} for e in errors],
         },
     )
 
@@ -183,7 +187,9 @@ def not_found_path() -> APIError:
 
 
 def method_not_allowed(method: str, what: str) -> APIError:
-    return APIError(405, f"the server does not allow this method on the requested resource ({method} {what})")
+    return APIError(
+        405, f"the server does not allow this method on the requested resource ({method} {what})"
+    )
 
 
 def unsupported_media_type(content_type: str) -> APIError:

@@ -49,9 +49,13 @@ def json_patch(target: Any, ops: Any) -> Any:
     try:
         return jsonpatch.JsonPatch(ops).apply(target, in_place=False)
     except jsonpatch.JsonPatchTestFailed as e:
-        raise APIError(422, f"the server rejected our request due to an error in our request: {e}") from e
+        raise APIError(
+            422, f"the server rejected our request due to an error in our request: {e}"
+        ) from e
     except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError) as e:
-        raise APIError(422, f"the server rejected our request due to an error in our request: {e}") from e
+        raise APIError(
+            422, f"the server rejected our request due to an error in our request: {e}"
+        ) from e
 
 
 # Well-known patchMergeKey values from the core API types, by field name.
@@ -131,7 +135,10 @@ def _smp_list(field: str, target: Any, patch: list[Any]) -> list[Any]:
         return [i for i in copy.deepcopy(patch) if not (isinstance(i, dict) and i.get("$patch"))]
     merged = [copy.deepcopy(i) for i in old]
     for item in patch:
-        idx = next((n for n, o in enumerate(merged) if isinstance(o, dict) and o.get(key) == item[key]), None)
+        idx = next(
+            (n for n, o in enumerate(merged) if isinstance(o, dict) and o.get(key) == item[key]),
+            None,
+        )
         if item.get("$patch") == "delete":
             if idx is not None:
                 merged.pop(idx)
@@ -149,7 +156,9 @@ def _reorder(field: str, items: list[Any], order: list[Any]) -> list[Any]:
         return _hashable(item.get(key) if key and isinstance(item, dict) else item)
 
     wanted = [ident(o) for o in order]
-    ranked = sorted(items, key=lambda i: wanted.index(ident(i)) if ident(i) in wanted else len(wanted))
+    ranked = sorted(
+        items, key=lambda i: wanted.index(ident(i)) if ident(i) in wanted else len(wanted)
+    )
     return ranked
 
 

@@ -66,7 +66,9 @@ class ResourceType:
         return f"{self.plural}.{self.group}" if self.group else self.plural
 
 
-def field_getters(names: Iterable[str], aliases: Mapping[str, str] | None = None) -> dict[str, FieldGetter]:
+def field_getters(
+    names: Iterable[str], aliases: Mapping[str, str] | None = None
+) -> dict[str, FieldGetter]:
     """Selectable field labels -> getters; ``aliases`` maps a label to another path."""
     aliases = aliases or {}
     return {name: path_getter(aliases.get(name, name)) for name in (*META_FIELDS, *names)}
@@ -151,7 +153,11 @@ class Registry:
 
     def by_kind(self, api_version: str, kind: str) -> ResourceType | None:
         return next(
-            (rt for rt in self._types.values() if rt.api_version == api_version and rt.kind == kind),
+            (
+                rt
+                for rt in self._types.values()
+                if rt.api_version == api_version and rt.kind == kind
+            ),
             None,
         )
 
@@ -163,8 +169,14 @@ class Registry:
             if rt.version not in versions:
                 versions.append(rt.version)
         for group, versions in result.items():
-            preferred = next((rt.storage_version for rt in self._types.values()
-                              if rt.group == group and rt.storage_version in versions), "")
+            preferred = next(
+                (
+                    rt.storage_version
+                    for rt in self._types.values()
+                    if rt.group == group and rt.storage_version in versions
+                ),
+                "",
+            )
             versions.sort(key=lambda v: (v != preferred, _version_priority(v)))
         return result
 

@@ -28,12 +28,36 @@ from . import cel_rules, errors
 from .errors import FieldError
 
 # ObjectMeta's fields: anything else under metadata is dropped, as the server's decoder does.
-OBJECT_META_FIELDS = frozenset({
-    "name", "generateName", "namespace", "selfLink", "uid", "resourceVersion", "generation",
-    "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "labels",
-    "annotations", "ownerReferences", "finalizers", "managedFields",
-})
+OBJECT_META_FIELDS = frozenset(
+    {
+        "name",
+        "generateName",
+        "namespace",
+        "selfLink",
+        "uid",
+        "resourceVersion",
+        "generation",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "labels",
+        "annotations",
+        "ownerReferences",
+        "finalizers",
+        "managedFields",
+    }
+)
 EMBEDDED_KEYS = ("apiVersion", "kind", "metadata")
+
+
+class _NoOld:
+    """No old value at this path (a create, or a new list item): transition rules skip."""
+
+    def __repr__(self) -> str:
+        return "NO_OLD"
+
+
+NO_OLD: Any = _NoOld()
 
 
 @dataclass
@@ -73,16 +97,21 @@ class StructuralSchema:
             if key in EMBEDDED_KEYS:
                 continue  # the server validates metadata itself; apiVersion/kind are routing
             if key in obj:
-                has_old = old is not None and key in old
-                self._validate(obj[key], sub, key, errs, old[key] if has_old and old else None, has_old)
+                self._validate(obj[key], sub, key, errs, old[key] if old and key in old else NO_OLD)
         for key in self.root.get("required") or []:
             if key not in obj and key not in EMBEDDED_KEYS:
                 errs.append(errors.required(key))
-        self._run_rules(dict(obj), self.root, "", errs, old, old is not None)
+        self._run_rules(dict(obj), self.root, "", errs, NO_OLD if old is None else old)
         return errs
 
-    def _validate(self, value: Any, node: Mapping[str, Any], path: str, errs: list[FieldError],
-                  old: Any, has_old: bool) -> None:
+    def _validate(
+        self,
+        value: Any,
+        node: Mapping[str, Any],
+        path: str,
+        errs: list[FieldError],
+        old: Any = NO_OLD,
+    ) -> None:
         if value is None:
             if not node.get("nullable"):
                 errs.append(_type_error(path, value, node.get("type") or "object"))
@@ -96,22 +125,36 @@ class StructuralSchema:
         elif isinstance(value, int | float) and not isinstance(value, bool):
             _check_number(value, node, path, errs)
         elif isinstance(value, list):
-            self._check_array(value, node, path, errs, old, has_old)
+            self._check_array(value, node, path, errs, old)
         elif isinstance(value, dict):
-            self._check_object(value, node, path, errs, old, has_old)
+            self._check_object(value, node, path, errs, old)
         for combinator in ("allOf", "anyOf", "oneOf"):
             self._check_combinator(combinator, value, node, path, errs)
         if isinstance(node.get("not"), Mapping):
             sub_errs: list[FieldError] = []
-            self._validate(value, node["not"], path, sub_errs, None, False)
+            self._validate(value, node["not"], path, sub_errs)
             if not sub_errs:
-                errs.append(errors.invalid(path, value, f"{path} in body must not match the schema"))
-        self._run_rules(value, node, path, errs, old, has_old)
+                errs.append(
+                    errors.invalid(path, value, f"{path} in body must not match the schema")
+                )
+        self._run_rules(value, node, path, errs, old)
 
-    def _check_array(self, value: list[Any], node: Mapping[str, Any], path: str,
-                     errs: list[FieldError], old: Any, has_old: bool) -> None:
+    def _check_array(
+        self,
+        value: list[Any],
+        node: Mapping[str, Any],
+        path: str,
+        errs: list[FieldError],
+        old: Any = NO_OLD,
+    ) -> None:
         if "minItems" in node and len(value) < node["minItems"]:
-            errs.append(errors.invalid(path, len(value), f"{path} in body should have at least {node['minItems']} items"))
+            errs.append(
+                errors.invalid(
+                    path,
+                    len(value),
+                    f"{path} in body should have at least {node['minItems']} items",
+                )
+            )
         if "maxItems" in node and len(value) > node["maxItems"]:
             errs.append(errors.too_many(path, len(value), node["maxItems"]))
         list_type = node.get("x-kubernetes-list-type")
@@ -130,59 +173,95 @@ class StructuralSchema:
                 if k in seen_keys:
                     errs.append(errors.duplicate(f"{path}[{i}]", {x: item.get(x) for x in keys}))
                 seen_keys.add(k)
-            if has_old and isinstance(old, list):
+            if isinstance(old, list):
                 old_by_key = {tuple(o.get(x) for x in keys): o for o in old if isinstance(o, dict)}
         items = node.get("items")
         if isinstance(items, Mapping):
             for i, item in enumerate(value):
-                k = tuple(item.get(x) for x in keys) if list_type == "map" and isinstance(item, dict) else None
-                item_has_old = k is not None and k in old_by_key
-                self._validate(item, items, f"{path}[{i}]", errs, old_by_key.get(k) if k else None, item_has_old)
+                item_key = (
+                    tuple(item.get(x) for x in keys)
+                    if list_type == "map" and isinstance(item, dict)
+                    else None
+                )
+                item_old = old_by_key.get(item_key, NO_OLD) if item_key is not None else NO_OLD
+                self._validate(item, items, f"{path}[{i}]", errs, item_old)
 
-    def _check_object(self, value: dict[str, Any], node: Mapping[str, Any], path: str,
-                      errs: list[FieldError], old: Any, has_old: bool) -> None:
+    def _check_object(
+        self,
+        value: dict[str, Any],
+        node: Mapping[str, Any],
+        path: str,
+        errs: list[FieldError],
+        old: Any = NO_OLD,
+    ) -> None:
         props: Mapping[str, Any] = node.get("properties") or {}
         for key in node.get("required") or []:
             if key not in value:
                 errs.append(errors.required(_join(path, key)))
         if "minProperties" in node and len(value) < node["minProperties"]:
-            errs.append(errors.invalid(path, len(value), f"{path} in body should have at least {node['minProperties']} properties"))
+            errs.append(
+                errors.invalid(
+                    path,
+                    len(value),
+                    f"{path} in body should have at least {node['minProperties']} properties",
+                )
+            )
         if "maxProperties" in node and len(value) > node["maxProperties"]:
             errs.append(errors.too_many(path, len(value), node["maxProperties"]))
         additional = node.get("additionalProperties")
-        old_map = old if has_old and isinstance(old, dict) else {}
+        old_map = old if isinstance(old, dict) else {}
         for key, item in value.items():
-            sub = props.get(key) if key in props else additional if isinstance(additional, Mapping) else None
+            sub = (
+                props.get(key)
+                if key in props
+                else additional
+                if isinstance(additional, Mapping)
+                else None
+            )
             if sub is None:
                 continue
             child = _join(path, key) if key in props else f"{path}[{key}]"
-            self._validate(item, sub, child, errs, old_map.get(key), key in old_map)
+            self._validate(item, sub, child, errs, old_map.get(key, NO_OLD))
 
-    def _check_combinator(self, name: str, value: Any, node: Mapping[str, Any], path: str,
-                          errs: list[FieldError]) -> None:
+    def _check_combinator(
+        self, name: str, value: Any, node: Mapping[str, Any], path: str, errs: list[FieldError]
+    ) -> None:
         subs = node.get(name)
         if not isinstance(subs, list):
             return
         results = []
         for sub in subs:
             sub_errs: list[FieldError] = []
-            self._validate(value, sub, path, sub_errs, None, False)
+            self._validate(value, sub, path, sub_errs)
             results.append(sub_errs)
         passed = sum(1 for r in results if not r)
         if name == "allOf":
             for r in results:
                 errs.extend(r)
         elif name == "anyOf" and passed == 0:
-            errs.append(errors.invalid(path, value, f'"{path}" must validate at least one schema (anyOf)'))
+            errs.append(
+                errors.invalid(path, value, f'"{path}" must validate at least one schema (anyOf)')
+            )
         elif name == "oneOf" and passed != 1:
-            errs.append(errors.invalid(path, value, f'"{path}" must validate one and only one schema (oneOf)'))
+            errs.append(
+                errors.invalid(
+                    path, value, f'"{path}" must validate one and only one schema (oneOf)'
+                )
+            )
 
-    def _run_rules(self, value: Any, node: Mapping[str, Any], path: str, errs: list[FieldError],
-                   old: Any, has_old: bool) -> None:
+    def _run_rules(
+        self,
+        value: Any,
+        node: Mapping[str, Any],
+        path: str,
+        errs: list[FieldError],
+        old: Any = NO_OLD,
+    ) -> None:
         rules = self._rules.get(id(node))
         if not rules:
             return
         cel_self = to_cel(value, node)
+        has_old = old is not NO_OLD
         cel_old = to_cel(old, node) if has_old else None
         for rule in rules:
             if rule.is_transition and not has_old and not rule.optional_old_self:
@@ -223,6 +302,7 @@ def to_cel(value: Any, node: Mapping[str, Any] | None) -> Any:
 
 # -------------------------------------------------------------------- helpers
 
+
 def _walk_nodes(node: Any) -> Iterator[dict[str, Any]]:
     if not isinstance(node, dict):
         return
@@ -242,14 +322,17 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _prune_object(value: Any, node: Mapping[str, Any] | None, path: str, unknown: list[str],
-                  *, root: bool = False) -> Any:
+def _prune_object(
+    value: Any, node: Mapping[str, Any] | None, path: str, unknown: list[str], *, root: bool = False
+) -> Any:
     if node is None:
         return value
     if isinstance(value, dict):
         props: Mapping[str, Any] = node.get("properties") or {}
         additional = node.get("additionalProperties")
-        keep_unknown = node.get("x-kubernetes-preserve-unknown-fields") is True or additional is True
+        keep_unknown = (
+            node.get("x-kubernetes-preserve-unknown-fields") is True or additional is True
+        )
         embedded = root or node.get("x-kubernetes-embedded-resource") is True
         out: dict[str, Any] = {}
         for key, item in value.items():
@@ -257,7 +340,13 @@ def _prune_object(value: Any, node: Mapping[str, Any] | None, path: str, unknown
             if embedded and key in EMBEDDED_KEYS:
                 out[key] = _prune_meta(item, child, unknown) if key == "metadata" else item
                 continue
-            sub = props.get(key) if key in props else additional if isinstance(additional, Mapping) else None
+            sub = (
+                props.get(key)
+                if key in props
+                else additional
+                if isinstance(additional, Mapping)
+                else None
+            )
             if item is None and sub is not None and not sub.get("nullable"):
                 continue  # nulls of non-nullable fields go before defaulting
             if sub is not None:
@@ -342,7 +431,11 @@ def _num(x: float) -> str:
 
 def _check_string(value: str, node: Mapping[str, Any], path: str, errs: list[FieldError]) -> None:
     if "minLength" in node and len(value) < node["minLength"]:
-        errs.append(errors.invalid(path, value, f"{path} in body should be at least {node['minLength']} chars long"))
+        errs.append(
+            errors.invalid(
+                path, value, f"{path} in body should be at least {node['minLength']} chars long"
+            )
+        )
     if "maxLength" in node and len(value) > node["maxLength"]:
         errs.append(errors.too_long(path, node["maxLength"]))
     if "pattern" in node and not re.search(node["pattern"], value):
@@ -353,15 +446,29 @@ def _check_number(value: float, node: Mapping[str, Any], path: str, errs: list[F
     if "minimum" in node:
         low = node["minimum"]
         if node.get("exclusiveMinimum") and value <= low:
-            errs.append(errors.invalid(path, value, f"{path} in body should be greater than {_num(low)}"))
+            errs.append(
+                errors.invalid(path, value, f"{path} in body should be greater than {_num(low)}")
+            )
         elif value < low:
-            errs.append(errors.invalid(path, value, f"{path} in body should be greater than or equal to {_num(low)}"))
+            errs.append(
+                errors.invalid(
+                    path, value, f"{path} in body should be greater than or equal to {_num(low)}"
+                )
+            )
     if "maximum" in node:
         high = node["maximum"]
         if node.get("exclusiveMaximum") and value >= high:
-            errs.append(errors.invalid(path, value, f"{path} in body should be less than {_num(high)}"))
+            errs.append(
+                errors.invalid(path, value, f"{path} in body should be less than {_num(high)}")
+            )
         elif value > high:
-            errs.append(errors.invalid(path, value, f"{path} in body should be less than or equal to {_num(high)}"))
+            errs.append(
+                errors.invalid(
+                    path, value, f"{path} in body should be less than or equal to {_num(high)}"
+                )
+            )
     step = node.get("multipleOf")
     if step and not math.isclose(value / step, round(value / step)):
-        errs.append(errors.invalid(path, value, f"{path} in body should be a multiple of {_num(step)}"))
+        errs.append(
+            errors.invalid(path, value, f"{path} in body should be a multiple of {_num(step)}")
+        )

@@ -105,13 +105,19 @@ def _parse_label_requirement(text: str) -> LabelRequirement | None:
 
 def _key(key: str, text: str) -> str:
     if not _KEY.match(key):
-        raise _unparsable(text, f'key: Invalid value: "{key}": name part must consist of alphanumeric characters')
+        raise _unparsable(
+            text, f'key: Invalid value: "{key}": name part must consist of alphanumeric characters'
+        )
     return key
 
 
 def _value(value: str, text: str) -> str:
     if not _VALUE.match(value):
-        raise _unparsable(text, f'values[0][{value}]: Invalid value: "{value}": a valid label must be an empty string or consist of alphanumeric characters')
+        raise _unparsable(
+            text,
+            f'values[0][{value}]: Invalid value: "{value}": a valid label must be '
+            "an empty string or consist of alphanumeric characters",
+        )
     return value
 
 
@@ -153,7 +159,7 @@ def parse_field_selector(text: str, supported: Mapping[str, FieldGetter]) -> Fie
             raise bad_request(f"invalid selector: '{text}'; can't understand '{part}'")
         label = m["label"].strip()
         if label not in supported:
-            raise bad_request(f'field label not supported: {label}')
+            raise bad_request(f"field label not supported: {label}")
         op = "=" if m["op"] in ("=", "==") else "!="
         reqs.append(FieldRequirement(label, op, _unescape(m["value"])))
     return FieldSelector(tuple(reqs))

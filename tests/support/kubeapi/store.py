@@ -44,10 +44,29 @@ from .selectors import FieldSelector, LabelSelector
 GroupResource = tuple[str, str]  # (group, plural)
 ObjectKey = tuple[str, str]  # (namespace or "", name)
 
-SERVER_META = ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds",
-               "generation", "resourceVersion")
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+SERVER_META = (
+    "uid",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "generation",
+    "resourceVersion",
+)
+_DNS1123_SUBDOMAIN = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS1123_LABEL_MSG = (
+    "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', "
+    "and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', "
+    "regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')"
+)
+DNS1123_SUBDOMAIN_MSG = (
+    "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, "
+    "'-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', "
+    "regex used for validation is "
+    r"'[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
+)
 
 
 def utcnow() -> datetime.datetime:
@@ -81,8 +100,13 @@ class WriteResult:
 
 
 class Store:
-    def __init__(self, registry: Registry, *, history_limit: int = 10_000,
-                 now: Callable[[], datetime.datetime] = utcnow) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        history_limit: int = 10_000,
+        now: Callable[[], datetime.datetime] = utcnow,
+    ) -> None:
         self.registry = registry
         self.now = now
         self._objects: dict[GroupResource, dict[ObjectKey, dict[str, Any]]] = {}
@@ -90,8 +114,14 @@ class Store:
         self.history: deque[WatchEvent] = deque(maxlen=history_limit)
         self._listeners: list[Callable[[WatchEvent], None]] = []
         for ns in INITIAL_NAMESPACES:
-            self.seed({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns},
-                       "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
+            self.seed(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Namespace",
+                    "metadata": {"name": ns},
+                    "status": {"phase": "Active"},
+                }
+            )
 
     # ------------------------------------------------------------ plumbing
     @property
@@ -109,8 +139,14 @@ class Store:
     def _bucket(self, gr: GroupResource) -> dict[ObjectKey, dict[str, Any]]:
         return self._objects.setdefault(gr, {})
 
-    def _commit(self, event_type: str, rt_or_gr: ResourceType | GroupResource, key: ObjectKey,
-                obj: dict[str, Any], old: dict[str, Any] | None) -> dict[str, Any]:
+    def _commit(
+        self,
+        event_type: str,
+        rt_or_gr: ResourceType | GroupResource,
+        key: ObjectKey,
+        obj: dict[str, Any],
+        old: dict[str, Any] | None,
+    ) -> dict[str, Any]:
         gr = rt_or_gr.group_resource if isinstance(rt_or_gr, ResourceType) else rt_or_gr
         self._rv += 1
         obj["metadata"]["resourceVersion"] = str(self._rv)
@@ -119,7 +155,9 @@ class Store:
             bucket.pop(key, None)
         else:
             bucket[key] = obj
-        event = WatchEvent(self._rv, event_type, gr, copy.deepcopy(obj), copy.deepcopy(old) if old else None)
+        event = WatchEvent(
+            self._rv, event_type, gr, copy.deepcopy(obj), copy.deepcopy(old) if old else None
+        )
         self.history.append(event)
         for listener in list(self._listeners):
             listener(event)
@@ -141,8 +179,13 @@ class Store:
     def find(self, gr: GroupResource, namespace: str, name: str) -> dict[str, Any] | None:
         return self._bucket(gr).get((namespace, name))
 
-    def list(self, rt: ResourceType, namespace: str | None, labels: LabelSelector | None = None,
-             fields: FieldSelector | None = None) -> list[dict[str, Any]]:
+    def select(
+        self,
+        rt: ResourceType,
+        namespace: str | None,
+        labels: LabelSelector | None = None,
+        fields: FieldSelector | None = None,
+    ) -> list[dict[str, Any]]:
         items = []
         for (ns, _name), obj in sorted(self._bucket(rt.group_resource).items()):
             if namespace is not None and rt.namespaced and ns != namespace:
@@ -153,15 +196,24 @@ class Store:
         return items
 
     @staticmethod
-    def matches(rt: ResourceType, obj: Mapping[str, Any], labels: LabelSelector | None,
-                fields: FieldSelector | None) -> bool:
+    def matches(
+        rt: ResourceType,
+        obj: Mapping[str, Any],
+        labels: LabelSelector | None,
+        fields: FieldSelector | None,
+    ) -> bool:
         if labels is not None and not labels.matches((obj.get("metadata") or {}).get("labels")):
             return False
         return fields is None or fields.matches(obj, rt.selectable_fields)
 
     # ------------------------------------------------------------ create
-    def create(self, rt: ResourceType, namespace: str | None, body: Any,
-               opts: WriteOptions = WriteOptions()) -> WriteResult:
+    def create(
+        self,
+        rt: ResourceType,
+        namespace: str | None,
+        body: Any,
+        opts: WriteOptions = WriteOptions(),
+    ) -> WriteResult:
         obj = self._decode(rt, body)
         meta = obj["metadata"]
         if meta.get("resourceVersion"):
@@ -180,6 +232,8 @@ class Store:
             raise errors.invalid_object(rt.kind, rt.group, name, fes)
         if rt.namespaced:
             self._require_namespace(ns, creating=True)
+        if rt.group_resource == ("", "namespaces"):
+            _namespace_defaults(obj)
         for key in SERVER_META:
             meta.pop(key, None)
         if rt.has_status:
@@ -200,8 +254,16 @@ class Store:
         return WriteResult(self.present(rt, stored), warnings, 201)
 
     # ------------------------------------------------------------ update & patch
-    def replace(self, rt: ResourceType, namespace: str, name: str, body: Any,
-                subresource: str = "", opts: WriteOptions = WriteOptions()) -> WriteResult:
+    def replace(
+        self,
+        rt: ResourceType,
+        namespace: str,
+        name: str,
+        body: Any,
+        *,
+        subresource: str = "",
+        opts: WriteOptions = WriteOptions(),
+    ) -> WriteResult:
         obj = self._decode(rt, body)
         key = (namespace if rt.namespaced else "", name)
         old = self._bucket(rt.group_resource).get(key)
@@ -209,7 +271,8 @@ class Store:
             raise errors.not_found(rt.plural, rt.group, name)
         if obj["metadata"].get("name", name) != name:
             raise errors.bad_request(
-                f"the name of the object ({obj['metadata'].get('name')}) does not match the name on the URL ({name})"
+                f"the name of the object ({obj['metadata'].get('name')}) "
+                f"does not match the name on the URL ({name})"
             )
         wanted_rv = obj["metadata"].get("resourceVersion")
         if not wanted_rv and rt.custom:
@@ -217,10 +280,19 @@ class Store:
             raise errors.invalid_object(rt.kind, rt.group, name, [fe])
         if wanted_rv and wanted_rv != old["metadata"]["resourceVersion"]:
             raise errors.conflict(rt.plural, rt.group, name, errors.MODIFIED)
-        return self._update(rt, key, old, obj, subresource, opts)
+        return self._update(rt, key, old, obj, subresource=subresource, opts=opts)
 
-    def patch(self, rt: ResourceType, namespace: str, name: str, patch_type: str, patch: Any,
-              subresource: str = "", opts: WriteOptions = WriteOptions()) -> WriteResult:
+    def patch(
+        self,
+        rt: ResourceType,
+        namespace: str,
+        name: str,
+        patch_type: str,
+        patch: Any,
+        *,
+        subresource: str = "",
+        opts: WriteOptions = WriteOptions(),
+    ) -> WriteResult:
         key = (namespace if rt.namespaced else "", name)
         old = self._bucket(rt.group_resource).get(key)
         if patch_type == patches.STRATEGIC and rt.custom:
@@ -247,10 +319,19 @@ class Store:
         wanted_rv = (patched.get("metadata") or {}).get("resourceVersion")
         if wanted_rv and wanted_rv != old["metadata"]["resourceVersion"]:
             raise errors.conflict(rt.plural, rt.group, name, errors.MODIFIED)
-        return self._update(rt, key, old, self._decode(rt, patched), subresource, opts)
+        patched = self._decode(rt, patched)
+        return self._update(rt, key, old, patched, subresource=subresource, opts=opts)
 
-    def _update(self, rt: ResourceType, key: ObjectKey, old: dict[str, Any], candidate: dict[str, Any],
-                subresource: str, opts: WriteOptions) -> WriteResult:
+    def _update(
+        self,
+        rt: ResourceType,
+        key: ObjectKey,
+        old: dict[str, Any],
+        candidate: dict[str, Any],
+        *,
+        subresource: str,
+        opts: WriteOptions,
+    ) -> WriteResult:
         name = key[1]
         if subresource == "status":
             new = copy.deepcopy(old)
@@ -273,11 +354,16 @@ class Store:
                 else:
                     meta.pop(field, None)
             if old_meta.get("deletionTimestamp"):
-                added = [f for f in meta.get("finalizers") or [] if f not in (old_meta.get("finalizers") or [])]
+                added = [
+                    f
+                    for f in meta.get("finalizers") or []
+                    if f not in (old_meta.get("finalizers") or [])
+                ]
                 if added:
                     fe = errors.forbidden(
                         "metadata.finalizers",
-                        f"no new finalizers can be added if the object is being deleted, found new finalizers {_go_strings(added)}",
+                        "no new finalizers can be added if the object is being deleted, "
+                        f"found new finalizers {_go_strings(added)}",
                     )
                     raise errors.invalid_object(rt.kind, rt.group, name, [fe])
         fes = self._validate_meta(rt, new["metadata"])
@@ -300,19 +386,40 @@ class Store:
         return WriteResult(self.present(rt, stored), warnings)
 
     # ------------------------------------------------------------ delete
-    def delete(self, rt: ResourceType, namespace: str, name: str, *, propagation: str | None = None,
-               preconditions: Mapping[str, Any] | None = None, dry_run: bool = False) -> WriteResult:
+    def delete(
+        self,
+        rt: ResourceType,
+        namespace: str,
+        name: str,
+        *,
+        propagation: str | None = None,
+        preconditions: Mapping[str, Any] | None = None,
+        dry_run: bool = False,
+    ) -> WriteResult:
         key = (namespace if rt.namespaced else "", name)
         old = self._bucket(rt.group_resource).get(key)
         if old is None:
             raise errors.not_found(rt.plural, rt.group, name)
         pre = preconditions or {}
         if pre.get("uid") and pre["uid"] != old["metadata"]["uid"]:
-            raise errors.conflict(rt.plural, rt.group, name,
-                                  f"Precondition failed: UID in precondition: {pre['uid']}, UID in object meta: {old['metadata']['uid']}")
-        if pre.get("resourceVersion") and pre["resourceVersion"] != old["metadata"]["resourceVersion"]:
-            raise errors.conflict(rt.plural, rt.group, name,
-                                  f"Precondition failed: ResourceVersion in precondition: {pre['resourceVersion']}, ResourceVersion in object meta: {old['metadata']['resourceVersion']}")
+            raise errors.conflict(
+                rt.plural,
+                rt.group,
+                name,
+                f"Precondition failed: UID in precondition: {pre['uid']}, "
+                f"UID in object meta: {old['metadata']['uid']}",
+            )
+        if (
+            pre.get("resourceVersion")
+            and pre["resourceVersion"] != old["metadata"]["resourceVersion"]
+        ):
+            raise errors.conflict(
+                rt.plural,
+                rt.group,
+                name,
+                f"Precondition failed: ResourceVersion in precondition: {pre['resourceVersion']}, "
+                f"ResourceVersion in object meta: {old['metadata']['resourceVersion']}",
+            )
         if dry_run:
             return WriteResult(self.present(rt, old), [])
         if old["metadata"].get("deletionTimestamp"):
@@ -323,7 +430,11 @@ class Store:
             self._orphan_dependents(uid)
         new = copy.deepcopy(old)
         finalizers = list(new["metadata"].get("finalizers") or [])
-        if policy == "Foreground" and self._dependents(uid) and "foregroundDeletion" not in finalizers:
+        if (
+            policy == "Foreground"
+            and self._dependents(uid)
+            and "foregroundDeletion" not in finalizers
+        ):
             finalizers.append("foregroundDeletion")
             new["metadata"]["finalizers"] = finalizers
         if rt.group_resource == ("", "namespaces"):
@@ -340,11 +451,24 @@ class Store:
         if rt.return_deleted_object:
             return WriteResult(self.present(rt, removed), [])
         details = {"name": name, "group": rt.group, "kind": rt.plural, "uid": uid}
-        return WriteResult({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
-                            "details": details}, [])
+        return WriteResult(
+            {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Success",
+                "details": details,
+            },
+            [],
+        )
 
-    def _mark(self, rt_or_gr: ResourceType | GroupResource, key: ObjectKey, new: dict[str, Any],
-              old: dict[str, Any]) -> None:
+    def _mark(
+        self,
+        rt_or_gr: ResourceType | GroupResource,
+        key: ObjectKey,
+        new: dict[str, Any],
+        old: dict[str, Any],
+    ) -> None:
         gr = rt_or_gr.group_resource if isinstance(rt_or_gr, ResourceType) else rt_or_gr
         meta = new["metadata"]
         meta["deletionTimestamp"] = timestamp(self.now())
@@ -353,8 +477,9 @@ class Store:
             meta["generation"] = int(meta["generation"]) + 1
         self._commit("MODIFIED", gr, key, new, old)
 
-    def _remove(self, gr: GroupResource, key: ObjectKey, last: dict[str, Any],
-                old: dict[str, Any]) -> dict[str, Any]:
+    def _remove(
+        self, gr: GroupResource, key: ObjectKey, last: dict[str, Any], old: dict[str, Any]
+    ) -> dict[str, Any]:
         removed = self._commit("DELETED", gr, key, copy.deepcopy(last), old)
         if gr == ("apiextensions.k8s.io", "customresourcedefinitions"):
             self.registry.remove_crd(key[1])
@@ -362,8 +487,9 @@ class Store:
         self._sweep()
         return removed
 
-    def _delete_namespace(self, rt: ResourceType, key: ObjectKey, old: dict[str, Any],
-                          new: dict[str, Any]) -> WriteResult:
+    def _delete_namespace(
+        self, rt: ResourceType, key: ObjectKey, old: dict[str, Any], new: dict[str, Any]
+    ) -> WriteResult:
         new.setdefault("status", {})["phase"] = "Terminating"
         self._mark(rt, key, new, old)
         ns = key[1]
@@ -384,7 +510,9 @@ class Store:
         ]
 
     def _uid_exists(self, uid: str) -> bool:
-        return any(o["metadata"].get("uid") == uid for b in self._objects.values() for o in b.values())
+        return any(
+            o["metadata"].get("uid") == uid for b in self._objects.values() for o in b.values()
+        )
 
     def _collect(self, uid: str) -> None:
         """Background GC: dependents of a removed owner with no remaining owner are deleted."""
@@ -394,7 +522,9 @@ class Store:
             obj = self._bucket(gr).get(key)
             if obj is None:
                 continue
-            others = [r for r in obj["metadata"].get("ownerReferences") or [] if r.get("uid") != uid]
+            others = [
+                r for r in obj["metadata"].get("ownerReferences") or [] if r.get("uid") != uid
+            ]
             if not any(self._uid_exists(r.get("uid", "")) for r in others):
                 self._delete_dependent(gr, key)
 
@@ -431,21 +561,28 @@ class Store:
                     fins = meta.get("finalizers") or []
                     if "foregroundDeletion" in fins and not self._dependents(meta["uid"]):
                         new = copy.deepcopy(obj)
-                        new["metadata"]["finalizers"] = [f for f in fins if f != "foregroundDeletion"]
+                        new["metadata"]["finalizers"] = [
+                            f for f in fins if f != "foregroundDeletion"
+                        ]
                         if new["metadata"]["finalizers"]:
                             self._commit("MODIFIED", gr, key, new, obj)
                         else:
                             self._remove(gr, key, new, obj)
                         progressed = True
-                    elif (gr == ("", "namespaces") and not fins
-                          and not self._namespace_has_content(key[1])):
+                    elif (
+                        gr == ("", "namespaces")
+                        and not fins
+                        and not self._namespace_has_content(key[1])
+                    ):
                         self._remove(gr, key, copy.deepcopy(obj), obj)
                         progressed = True
             if not progressed:
                 return
 
     def _namespace_has_content(self, ns: str) -> bool:
-        return any(k[0] == ns for gr, b in self._objects.items() if gr != ("", "namespaces") for k in b)
+        return any(
+            k[0] == ns for gr, b in self._objects.items() if gr != ("", "namespaces") for k in b
+        )
 
     # ------------------------------------------------------------ direct access (seeding)
     def seed(self, obj: Mapping[str, Any], rt: ResourceType | None = None) -> dict[str, Any]:
@@ -453,7 +590,10 @@ class Store:
         new = copy.deepcopy(dict(obj))
         rt = rt or self.registry.by_kind(new.get("apiVersion", ""), new.get("kind", ""))
         if rt is None:
-            raise KeyError(f"no served resource for apiVersion={new.get('apiVersion')!r} kind={new.get('kind')!r}")
+            raise KeyError(
+                f"no served resource for apiVersion={new.get('apiVersion')!r} "
+                f"kind={new.get('kind')!r}"
+            )
         new.setdefault("apiVersion", rt.api_version)
         new.setdefault("kind", rt.kind)
         meta = new.setdefault("metadata", {})
@@ -461,13 +601,23 @@ class Store:
         if rt.namespaced:
             meta["namespace"] = ns
             if self.find(("", "namespaces"), "", ns) is None:
-                self.seed({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns},
-                           "status": {"phase": "Active"}})
+                self.seed(
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Namespace",
+                        "metadata": {"name": ns},
+                        "status": {"phase": "Active"},
+                    }
+                )
+        elif rt.group_resource == ("", "namespaces"):
+            _namespace_defaults(new)
         key = (ns, meta["name"])
         old = self._bucket(rt.group_resource).get(key)
         meta.setdefault("uid", old["metadata"]["uid"] if old else str(uuid.uuid4()))
-        meta.setdefault("creationTimestamp",
-                        old["metadata"]["creationTimestamp"] if old else timestamp(self.now()))
+        meta.setdefault(
+            "creationTimestamp",
+            old["metadata"]["creationTimestamp"] if old else timestamp(self.now()),
+        )
         if rt.tracks_generation:
             meta.setdefault("generation", old["metadata"].get("generation", 1) if old else 1)
         meta.pop("resourceVersion", None)
@@ -483,17 +633,22 @@ class Store:
         api_version, kind = obj.get("apiVersion"), obj.get("kind")
         if api_version and api_version != rt.api_version and not self._same_group(rt, api_version):
             raise errors.bad_request(
-                f"the API version in the data ({api_version}) does not match the expected API version ({rt.api_version})"
+                f"the API version in the data ({api_version}) does not match "
+                f"the expected API version ({rt.api_version})"
             )
         if kind and kind != rt.kind:
-            raise errors.bad_request(f"the kind in the data ({kind}) does not match the expected kind ({rt.kind})")
+            raise errors.bad_request(
+                f"the kind in the data ({kind}) does not match the expected kind ({rt.kind})"
+            )
         obj["apiVersion"], obj["kind"] = rt.api_version, rt.kind
         meta = obj.get("metadata")
         if meta is None:
             obj["metadata"] = {}
         elif not isinstance(meta, dict):
             raise errors.bad_request("metadata must be a JSON object")
-        obj["metadata"] = {k: v for k, v in obj["metadata"].items() if k in OBJECT_META_FIELDS and v is not None}
+        obj["metadata"] = {
+            k: v for k, v in obj["metadata"].items() if k in OBJECT_META_FIELDS and v is not None
+        }
         obj["metadata"].pop("managedFields", None)
         return obj
 
@@ -507,7 +662,8 @@ class Store:
         body_ns = meta.get("namespace")
         if namespace and body_ns and body_ns != namespace:
             raise errors.bad_request(
-                "the namespace of the provided object does not match the namespace sent on the request"
+                "the namespace of the provided object does not match "
+                "the namespace sent on the request"
             )
         ns = namespace or body_ns
         if not ns:
@@ -519,12 +675,16 @@ class Store:
         if nso is None:
             raise errors.not_found("namespaces", "", ns)
         if creating and nso["metadata"].get("deletionTimestamp"):
-            raise APIError(403, f"unable to create new content in namespace {ns} because it is being terminated",
-                           reason="Forbidden", details={"name": ns, "kind": "namespaces"})
+            raise APIError(
+                403,
+                f"unable to create new content in namespace {ns} because it is being terminated",
+                reason="Forbidden",
+                details={"name": ns, "kind": "namespaces"},
+            )
 
     def _generate_name(self, rt: ResourceType, ns: str, prefix: str) -> str:
         for _ in range(100):
-            name = prefix + "".join(random.choices(string.ascii_lowercase + string.digits, k=5))  # noqa: S311
+            name = prefix + "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
             if (ns, name) not in self._bucket(rt.group_resource):
                 return name
         raise APIError(500, "could not generate a unique name", reason="AlreadyExists")
@@ -535,15 +695,23 @@ class Store:
             return [errors.required("metadata.name", "name or generateName is required")]
         if rt.group_resource == ("", "namespaces"):
             if not _DNS1123_LABEL.match(name) or len(name) > 63:
-                return [errors.invalid("metadata.name", name,
-                                       "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', "
-                                       "and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', "
-                                       "regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')")]
-        elif rt.group_resource != ("", "events") and (not _DNS1123_SUBDOMAIN.match(name) or len(name) > 253):
-            return [errors.invalid("metadata.name", name,
-                                   "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', "
-                                   "and must start and end with an alphanumeric character (e.g. 'example.com', regex used for "
-                                   "validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')")]
+                return [
+                    errors.invalid(
+                        "metadata.name",
+                        name,
+                        DNS1123_LABEL_MSG,
+                    )
+                ]
+        elif rt.group_resource != ("", "events") and (
+            not _DNS1123_SUBDOMAIN.match(name) or len(name) > 253
+        ):
+            return [
+                errors.invalid(
+                    "metadata.name",
+                    name,
+                    DNS1123_SUBDOMAIN_MSG,
+                )
+            ]
         return []
 
     def _initial_status(self, rt: ResourceType) -> dict[str, Any]:
@@ -553,8 +721,9 @@ class Store:
             return {"status": {"phase": "Active"}}
         return {}
 
-    def _admit(self, rt: ResourceType, obj: dict[str, Any], old: dict[str, Any] | None,
-               opts: WriteOptions) -> tuple[dict[str, Any], list[str]]:
+    def _admit(
+        self, rt: ResourceType, obj: dict[str, Any], old: dict[str, Any] | None, opts: WriteOptions
+    ) -> tuple[dict[str, Any], list[str]]:
         """Prune, default and validate (schema + CEL) a custom resource; check built-ins."""
         warnings: list[str] = []
         name = obj["metadata"].get("name", "")
@@ -586,19 +755,30 @@ class Store:
                 tables.check_columns(rt)
         except (KeyError, TypeError, ValueError) as e:
             fe = errors.invalid("spec", "object", str(e))
-            raise errors.invalid_object("CustomResourceDefinition", "apiextensions.k8s.io", name, [fe]) from e
+            raise errors.invalid_object(
+                "CustomResourceDefinition", "apiextensions.k8s.io", name, [fe]
+            ) from e
         expected = f"{(spec.get('names') or {}).get('plural')}.{spec.get('group')}"
         if name != expected:
-            fe = errors.invalid("metadata.name", name, f'must be spec.names.plural+"."+spec.group')
-            raise errors.invalid_object("CustomResourceDefinition", "apiextensions.k8s.io", name, [fe])
+            fe = errors.invalid("metadata.name", name, 'must be spec.names.plural+"."+spec.group')
+            raise errors.invalid_object(
+                "CustomResourceDefinition", "apiextensions.k8s.io", name, [fe]
+            )
         crd["status"] = {
             "acceptedNames": spec.get("names") or {},
             "storedVersions": [v["name"] for v in spec.get("versions", []) if v.get("storage")],
             "conditions": [
-                {"type": t, "status": "True", "reason": r, "message": m,
-                 "lastTransitionTime": timestamp(self.now())}
-                for t, r, m in (("NamesAccepted", "NoConflicts", "no conflicts found"),
-                                ("Established", "InitialNamesAccepted", "the initial names have been accepted"))
+                {
+                    "type": t,
+                    "status": "True",
+                    "reason": r,
+                    "message": m,
+                    "lastTransitionTime": timestamp(self.now()),
+                }
+                for t, r, m in (
+                    ("NamesAccepted", "NoConflicts", "no conflicts found"),
+                    ("Established", "InitialNamesAccepted", "the initial names have been accepted"),
+                )
             ],
         }
         return crd
@@ -610,18 +790,39 @@ class Store:
     def _is_custom(self, gr: GroupResource) -> bool:
         return any(rt.custom for rt in self.registry.versions_of(*gr))
 
-    def _changes_generation(self, rt: ResourceType, old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    def _changes_generation(
+        self, rt: ResourceType, old: Mapping[str, Any], new: Mapping[str, Any]
+    ) -> bool:
         ignored = {"metadata", "status"} if rt.has_status else {"metadata"}
-        strip = (lambda o: {k: v for k, v in o.items() if k not in ignored | {"apiVersion", "kind"}})
-        return bool(strip(old) != strip(new))
+        ignored |= {"apiVersion", "kind"}
+
+        def strip(o: Mapping[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in o.items() if k not in ignored}
+
+        return strip(old) != strip(new)
 
 
 def _same(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
     def norm(o: Mapping[str, Any]) -> dict[str, Any]:
-        meta = {k: v for k, v in (o.get("metadata") or {}).items() if k not in ("resourceVersion", "managedFields")}
-        return {**{k: v for k, v in o.items() if k not in ("metadata", "apiVersion")}, "metadata": meta}
+        meta = {
+            k: v
+            for k, v in (o.get("metadata") or {}).items()
+            if k not in ("resourceVersion", "managedFields")
+        }
+        return {
+            **{k: v for k, v in o.items() if k not in ("metadata", "apiVersion")},
+            "metadata": meta,
+        }
 
     return norm(new) == norm(old)
+
+
+def _namespace_defaults(obj: dict[str, Any]) -> None:
+    """What the namespace strategy adds: the ``kubernetes`` finalizer and the name label
+    (``kubernetes.io/metadata.name``, which namespaceSelectors rely on)."""
+    obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
+    labels = obj["metadata"].setdefault("labels", {})
+    labels["kubernetes.io/metadata.name"] = obj["metadata"]["name"]
 
 
 def _go_strings(items: Iterable[str]) -> str:

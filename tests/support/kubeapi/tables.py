@@ -14,13 +14,13 @@ from __future__ import annotations
 import datetime
 import decimal
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from . import jsonpath
 from .resources import ResourceType
 
-NAME_COLUMN = {
+NAME_COLUMN: dict[str, Any] = {
     "name": "Name",
     "type": "string",
     "format": "name",
@@ -30,7 +30,7 @@ NAME_COLUMN = {
     "definition. Cannot be updated.",
     "priority": 0,
 }
-AGE_COLUMN = {
+AGE_COLUMN: dict[str, Any] = {
     "name": "Age",
     "type": "date",
     "format": "",
@@ -94,8 +94,12 @@ def go_format(value: Any) -> str:
 
 def _go_float(value: float) -> str:
     """strconv 'g' with the shortest precision: exponent form below 1e-4 and from 1e6."""
-    if value == 0 or not math.isfinite(value):
-        return {math.inf: "+Inf", -math.inf: "-Inf"}.get(value, "NaN" if value != value else "0")
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value == 0:
+        return "0"
     d = decimal.Decimal(repr(value))
     exp = d.adjusted()
     if -4 <= exp < 6:
@@ -148,28 +152,48 @@ def _pod_row(pod: Mapping[str, Any], now: datetime.datetime) -> list[Any]:
     if (pod.get("metadata") or {}).get("deletionTimestamp"):
         phase = "Terminating"
     return [
-        pod["metadata"]["name"], f"{ready}/{len(spec.get('containers') or [])}", phase, restarts,
-        age(pod["metadata"].get("creationTimestamp"), now), status.get("podIP") or "<none>",
-        spec.get("nodeName") or "<none>", status.get("nominatedNodeName") or "<none>", "<none>",
+        pod["metadata"]["name"],
+        f"{ready}/{len(spec.get('containers') or [])}",
+        phase,
+        restarts,
+        age(pod["metadata"].get("creationTimestamp"), now),
+        status.get("podIP") or "<none>",
+        spec.get("nodeName") or "<none>",
+        status.get("nominatedNodeName") or "<none>",
+        "<none>",
     ]
 
 
 BUILTIN_PRINTERS: dict[tuple[str, str], tuple[list[dict[str, Any]], Printer]] = {
     ("", "pods"): (
-        [NAME_COLUMN, _col("Ready"), _col("Status"), _col("Restarts", "string"), _col("Age"),
-         _col("IP", priority=1), _col("Node", priority=1), _col("Nominated Node", priority=1),
-         _col("Readiness Gates", priority=1)],
+        [
+            NAME_COLUMN,
+            _col("Ready"),
+            _col("Status"),
+            _col("Restarts", "string"),
+            _col("Age"),
+            _col("IP", priority=1),
+            _col("Node", priority=1),
+            _col("Nominated Node", priority=1),
+            _col("Readiness Gates", priority=1),
+        ],
         _pod_row,
     ),
     ("", "namespaces"): (
         [NAME_COLUMN, _col("Status"), _col("Age")],
-        lambda o, now: [o["metadata"]["name"], (o.get("status") or {}).get("phase", "Active"),
-                        age(o["metadata"].get("creationTimestamp"), now)],
+        lambda o, now: [
+            o["metadata"]["name"],
+            (o.get("status") or {}).get("phase", "Active"),
+            age(o["metadata"].get("creationTimestamp"), now),
+        ],
     ),
     ("", "configmaps"): (
         [NAME_COLUMN, _col("Data", "integer"), _col("Age")],
-        lambda o, now: [o["metadata"]["name"], len(o.get("data") or {}) + len(o.get("binaryData") or {}),
-                        age(o["metadata"].get("creationTimestamp"), now)],
+        lambda o, now: [
+            o["metadata"]["name"],
+            len(o.get("data") or {}) + len(o.get("binaryData") or {}),
+            age(o["metadata"].get("creationTimestamp"), now),
+        ],
     ),
     ("apiextensions.k8s.io", "customresourcedefinitions"): (
         [NAME_COLUMN, _col("Created At", "date")],
@@ -206,8 +230,15 @@ def row_cells(rt: ResourceType, obj: Mapping[str, Any], now: datetime.datetime) 
     return cells
 
 
-def table(rt: ResourceType, objs: list[Mapping[str, Any]], *, resource_version: str,
-          include_object: str, now: datetime.datetime, continue_token: str = "") -> dict[str, Any]:
+def table(
+    rt: ResourceType,
+    objs: Sequence[Mapping[str, Any]],
+    *,
+    resource_version: str,
+    include_object: str,
+    now: datetime.datetime,
+    continue_token: str = "",
+) -> dict[str, Any]:
     rows = []
     for obj in objs:
         row: dict[str, Any] = {"cells": row_cells(rt, obj, now)}

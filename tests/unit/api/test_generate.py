@@ -1,4 +1,4 @@
-"""The generator: deterministic files, --check catching drift, chart copies kept in step."""
+"""The generator: deterministic files, --check catching drift."""
 
 from __future__ import annotations
 
@@ -30,16 +30,6 @@ def test_check_names_the_stale_file(tmp_path: Path, capsys: object) -> None:
     err = capsys.readouterr().err  # type: ignore[attr-defined]
     assert "crds/halfclosepolicies.halfclose.io.yaml" in err
     assert "halfclosereports" not in err
-
-
-def test_chart_copies_are_generated_too(tmp_path: Path) -> None:
-    (tmp_path / "charts" / "halfclose" / "crds").mkdir(parents=True)
-    main(["--root", str(tmp_path)])
-    chart = tmp_path / "charts" / "halfclose" / "crds"
-    assert sorted(p.name for p in chart.iterdir()) == NAMES
-    assert main(["--root", str(tmp_path), "--check"]) == 0
-    (chart / NAMES[0]).unlink()
-    assert main(["--root", str(tmp_path), "--check"]) == 1
 
 
 def test_files_are_single_yaml_documents_equal_to_the_model(tmp_path: Path) -> None:

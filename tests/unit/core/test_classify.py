@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-
 from halfclose.agent.core.classify import classify, is_candidate
 from halfclose.agent.core.model import (
     ConntrackEntry,
@@ -27,6 +26,7 @@ def ep(text: str) -> Endpoint:
 
 def sock(
     state: TcpState = TcpState.FIN_WAIT2,
+    *,
     local: str = "127.0.0.1:15001",
     peer: str = "192.0.2.10:40000",
     inode: int = 1000,
@@ -83,7 +83,13 @@ def test_inbound_capture_port_and_ipv6() -> None:
 
 @pytest.mark.parametrize(
     ("idle_ms", "min_idle", "flagged"),
-    [(5000, 0.0, True), (5000, 5.0, True), (4999, 5.0, False), (None, 0.0, True), (None, 1.0, False)],
+    [
+        (5000, 0.0, True),
+        (5000, 5.0, True),
+        (4999, 5.0, False),
+        (None, 0.0, True),
+        (None, 1.0, False),
+    ],
 )
 def test_min_idle_filters_both_kinds(idle_ms: int | None, min_idle: float, flagged: bool) -> None:
     leaked = sock(idle_ms=idle_ms, peer="192.0.2.10:1", cookie=1)
@@ -94,7 +100,9 @@ def test_min_idle_filters_both_kinds(idle_ms: int | None, min_idle: float, flagg
 
 
 def test_idle_age_is_the_most_recent_of_data_and_ack() -> None:
-    s = SocketRecord(TcpState.FIN_WAIT2, ep("127.0.0.1:15001"), ep("192.0.2.10:1"), 1, 1, 0, 9000, 2000)
+    s = SocketRecord(
+        TcpState.FIN_WAIT2, ep("127.0.0.1:15001"), ep("192.0.2.10:1"), 1, 1, 0, 9000, 2000
+    )
     assert s.idle_seconds == 2.0
     (f,) = classify([s], PORTS, {s.nat_reply_tuple: None}, {}, min_idle_seconds=2.0)
     assert classify([s], PORTS, {s.nat_reply_tuple: None}, {}, min_idle_seconds=2.5) == []

@@ -26,9 +26,18 @@ def down(
     n: int, *, ack_ms: int = 5000, sent: int = 100, got: int = 10, pid: int = 100
 ) -> tuple[SocketRecord, Owner]:
     # Downstream (accept()ed): bytes_acked counts the FIN it sent.
-    s = SocketRecord(TcpState.FIN_WAIT2, ep("127.0.0.1:15001"), ep(f"192.0.2.10:{40000 + n}"),
-                     cookie=n, inode=n, uid=1337, last_data_recv_ms=ack_ms + 50,
-                     last_ack_recv_ms=ack_ms, bytes_acked=sent + 1, bytes_received=got)  # fmt: skip
+    s = SocketRecord(
+        TcpState.FIN_WAIT2,
+        ep("127.0.0.1:15001"),
+        ep(f"192.0.2.10:{40000 + n}"),
+        cookie=n,
+        inode=n,
+        uid=1337,
+        last_data_recv_ms=ack_ms + 50,
+        last_ack_recv_ms=ack_ms,
+        bytes_acked=sent + 1,
+        bytes_received=got,
+    )
     return s, Owner(pid, "envoy", n)
 
 
@@ -36,10 +45,18 @@ def up(
     n: int, *, ack_ms: int = 5040, sent: int = 10, got: int = 100, peer: str = UPSTREAM
 ) -> SocketRecord:
     # Upstream (connect()ed): bytes_acked counts its SYN, bytes_received the FIN.
-    return SocketRecord(TcpState.CLOSE_WAIT, ep(f"192.0.2.10:{50000 + n}"), ep(peer),
-                        cookie=1000 + n, inode=1000 + n, uid=1337, last_data_recv_ms=ack_ms,
-                        last_ack_recv_ms=ack_ms, bytes_acked=sent + 1,
-                        bytes_received=got + 1)  # fmt: skip
+    return SocketRecord(
+        TcpState.CLOSE_WAIT,
+        ep(f"192.0.2.10:{50000 + n}"),
+        ep(peer),
+        cookie=1000 + n,
+        inode=1000 + n,
+        uid=1337,
+        last_data_recv_ms=ack_ms,
+        last_ack_recv_ms=ack_ms,
+        bytes_acked=sent + 1,
+        bytes_received=got + 1,
+    )
 
 
 def leaked(s: SocketRecord, owner: Owner) -> Finding:
@@ -48,8 +65,9 @@ def leaked(s: SocketRecord, owner: Owner) -> Finding:
 
 def at_risk(s: SocketRecord, owner: Owner, dest: str = UPSTREAM) -> Finding:
     d = ep(dest)
-    entry = ConntrackEntry(FlowTuple(s.peer.ip, s.peer.port, d.ip, d.port), s.nat_reply_tuple,
-                           "CLOSE_WAIT", 20)  # fmt: skip
+    entry = ConntrackEntry(
+        FlowTuple(s.peer.ip, s.peer.port, d.ip, d.port), s.nat_reply_tuple, "CLOSE_WAIT", 20
+    )
     return Finding(Kind.AT_RISK, s, owner, entry)
 
 
@@ -88,8 +106,18 @@ def test_indistinguishable_leaks_are_left_unpaired() -> None:
 def test_other_processes_and_states_are_never_candidates() -> None:
     d1, o1 = down(1)
     other_pid = up(1)
-    established = SocketRecord(TcpState.ESTABLISHED, ep("192.0.2.10:50009"), ep(UPSTREAM), 9, 9, 0,
-                               5040, 5040, bytes_acked=11, bytes_received=101)  # fmt: skip
+    established = SocketRecord(
+        TcpState.ESTABLISHED,
+        ep("192.0.2.10:50009"),
+        ep(UPSTREAM),
+        9,
+        9,
+        0,
+        5040,
+        5040,
+        bytes_acked=11,
+        bytes_received=101,
+    )
     owners = owners_of(other_pid, pid=200) | owners_of(established) | {1: o1}
     out = pair([leaked(d1, o1)], [other_pid, established], PORTS, owners)
     assert out[0].upstream is None
@@ -130,8 +158,17 @@ def test_unowned_finding_is_not_paired() -> None:
 
 def test_ipv6_and_capture_port_close_wait_is_not_an_upstream() -> None:
     d1, o1 = down(1)
-    inbound_cw = SocketRecord(TcpState.CLOSE_WAIT, ep("[2001:db8::1]:15001"), ep("[2001:db8::2]:1"),
-                              5, 5, 0, 5040, 5040, bytes_acked=11, bytes_received=101)  # fmt: skip
+    inbound_cw = SocketRecord(
+        TcpState.CLOSE_WAIT,
+        ep("[2001:db8::1]:15001"),
+        ep("[2001:db8::2]:1"),
+        5,
+        5,
+        0,
+        5040,
+        5040,
+        bytes_acked=11,
+        bytes_received=101,
+    )
     out = pair([leaked(d1, o1)], [inbound_cw], PORTS, owners_of(inbound_cw) | {1: o1})
     assert out[0].upstream is None
-

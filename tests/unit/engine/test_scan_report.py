@@ -4,17 +4,35 @@ from __future__ import annotations
 
 import json
 
-from halfclose.agent.core.model import Endpoint, Finding, Kind, Outcome, Owner, SocketRecord, TcpState
+from halfclose.agent.core.model import (
+    Endpoint,
+    Finding,
+    Kind,
+    Outcome,
+    Owner,
+    SocketRecord,
+    TcpState,
+)
 from halfclose.agent.engine.report import FindingOutcome, render_table, to_json_dict
 from halfclose.agent.engine.scan import ScanResult
 
-FINDING_KEYS = {"kind", "state", "local", "peer", "idle_seconds", "pid", "process", "upstream",
-                "action"}  # fmt: skip
+FINDING_KEYS = {
+    "kind",
+    "state",
+    "local",
+    "peer",
+    "idle_seconds",
+    "pid",
+    "process",
+    "upstream",
+    "action",
+}
 
 
 def _sock(state: TcpState, local: str, peer: str, cookie: int, idle_ms: int | None) -> SocketRecord:
-    return SocketRecord(state, Endpoint.parse(local), Endpoint.parse(peer), cookie, cookie, 1337,
-                        idle_ms, idle_ms)  # fmt: skip
+    return SocketRecord(
+        state, Endpoint.parse(local), Endpoint.parse(peer), cookie, cookie, 1337, idle_ms, idle_ms
+    )
 
 
 def _result() -> ScanResult:
@@ -36,7 +54,13 @@ def _result() -> ScanResult:
 def test_json_contract_shape_and_spelling() -> None:
     doc = to_json_dict(_result())
     json.dumps(doc)  # serialisable as is
-    assert set(doc) == {"netns", "capture_ports", "sockets_examined", "duration_seconds", "findings"}
+    assert set(doc) == {
+        "netns",
+        "capture_ports",
+        "sockets_examined",
+        "duration_seconds",
+        "findings",
+    }
     assert doc["capture_ports"] == [15001, 15006] and doc["sockets_examined"] == 42
     assert isinstance(doc["duration_seconds"], float)
     first, second = doc["findings"]
@@ -49,7 +73,11 @@ def test_json_contract_shape_and_spelling() -> None:
         "idle_seconds": 61.25,
         "pid": 77,
         "process": "lab-proxy",
-        "upstream": {"local": "192.0.2.10:50000", "peer": "203.0.113.10:7777", "state": "CLOSE-WAIT"},
+        "upstream": {
+            "local": "192.0.2.10:50000",
+            "peer": "203.0.113.10:7777",
+            "state": "CLOSE-WAIT",
+        },
         "action": "none",
     }
     assert second["kind"] == "at-risk" and second["local"] == "[::ffff:127.0.0.1]:15006"
@@ -70,7 +98,12 @@ def test_table_reads_like_ss() -> None:
     assert lines[1].split()[:2] == ["Kind", "State"]
     assert 'users:(("lab-proxy",pid=77,fd=9))' in lines[2]
     assert "192.0.2.10:50000 -> 203.0.113.10:7777 CLOSE-WAIT" in lines[2]
-    assert lines[3].split()[:4] == ["at-risk", "FIN-WAIT-2", "[::ffff:127.0.0.1]:15006", "[2001:db8::9]:1"]
+    assert lines[3].split()[:4] == [
+        "at-risk",
+        "FIN-WAIT-2",
+        "[::ffff:127.0.0.1]:15006",
+        "[2001:db8::9]:1",
+    ]
 
 
 def test_empty_result_is_one_summary_line() -> None:

@@ -8,11 +8,10 @@ import socket
 from typing import Any
 
 import pytest
-from support.nldump import expected, load_datagrams
-
 from halfclose.agent.core.model import ConntrackEntry, FlowTuple
 from halfclose.agent.kernel import conntrack as ct
 from halfclose.agent.kernel import netlink as nl
+from support.nldump import expected, load_datagrams
 
 IPS_SEEN_REPLY = 1 << 1
 IPS_ASSURED = 1 << 2
@@ -52,14 +51,16 @@ def test_missing_entry_answers_enoent() -> None:
 
 def test_dump_contains_the_recorded_entry() -> None:
     want = next(e for e in expected()["conntrack"] if e["family"] == "v4")
-    entries = [ct.decode_entry(m.payload) for m in _messages("conntrack_dump.dump")
-               if m.type == ct.MSG_NEW]  # fmt: skip
+    entries = [
+        ct.decode_entry(m.payload) for m in _messages("conntrack_dump.dump") if m.type == ct.MSG_NEW
+    ]
     assert _tuple(want["reply"]) in ct.entries_by_reply(entries)
 
 
 def test_get_request_roundtrips_through_the_decoder() -> None:
-    reply = FlowTuple(ipaddress.ip_address("2001:db8::1"), 15001,
-                      ipaddress.ip_address("2001:db8::2"), 40000)  # fmt: skip
+    reply = FlowTuple(
+        ipaddress.ip_address("2001:db8::1"), 15001, ipaddress.ip_address("2001:db8::2"), 40000
+    )
     (msg,) = nl.iter_messages(memoryview(ct.encode_get_by_reply(reply, seq=4, zone=3)))
     assert msg.type == ct.MSG_GET and msg.flags == nl.NLM_F_REQUEST
     family = msg.payload[0]
@@ -71,13 +72,15 @@ def test_get_request_roundtrips_through_the_decoder() -> None:
 
 def test_update_request_keys_on_the_original_tuple() -> None:
     entry = ConntrackEntry(
-        original=FlowTuple(ipaddress.ip_address("192.0.2.10"), 40000,
-                           ipaddress.ip_address("203.0.113.10"), 7777),
-        reply=FlowTuple(ipaddress.ip_address("127.0.0.1"), 15001,
-                        ipaddress.ip_address("192.0.2.10"), 40000),
+        original=FlowTuple(
+            ipaddress.ip_address("192.0.2.10"), 40000, ipaddress.ip_address("203.0.113.10"), 7777
+        ),
+        reply=FlowTuple(
+            ipaddress.ip_address("127.0.0.1"), 15001, ipaddress.ip_address("192.0.2.10"), 40000
+        ),
         tcp_state="CLOSE_WAIT",
         timeout=3,
-    )  # fmt: skip
+    )
     buf = ct.encode_update(entry, seq=5, timeout=600, status=ConntrackEntry.IPS_FIXED_TIMEOUT)
     (msg,) = nl.iter_messages(memoryview(buf))
     assert msg.type == ct.MSG_NEW
@@ -90,6 +93,22 @@ def test_update_request_keys_on_the_original_tuple() -> None:
 
 
 def test_entry_without_tuples_is_rejected() -> None:
-    payload = memoryview(ct.NFGEN.pack(socket.AF_INET, 0, 0) + nl.pack_attr(ct.CTA_TIMEOUT, b"\0\0\0\1"))
+    payload = memoryview(
+        ct.NFGEN.pack(socket.AF_INET, 0, 0) + nl.pack_attr(ct.CTA_TIMEOUT, b"\0\0\0\1")
+    )
     with pytest.raises(ValueError, match="tuples"):
         ct.decode_entry(payload)
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"), [("127.0.0.1", "192.0.2.10"), ("2001:db8::1", "2001:db8::2")]
+)
+def test_fast_get_encoder_matches_the_generic_one(src: str, dst: str) -> None:
+    reply = FlowTuple(ipaddress.ip_address(src), 15001, ipaddress.ip_address(dst), 40000)
+    generic = nl.pack_message(
+        ct.MSG_GET,
+        nl.NLM_F_REQUEST,
+        7,
+        ct.NFGEN.pack(ct._family(reply), 0, 0) + ct.encode_tuple(ct.CTA_TUPLE_REPLY, reply),
+    )
+    assert ct.encode_get_by_reply(reply, seq=7) == generic

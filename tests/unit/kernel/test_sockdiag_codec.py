@@ -12,11 +12,10 @@ import struct
 from typing import Any
 
 import pytest
-from support.nldump import expected, load_datagrams
-
 from halfclose.agent.core.model import Endpoint, SocketRecord, TcpState
 from halfclose.agent.kernel import netlink as nl
 from halfclose.agent.kernel import sockdiag
+from support.nldump import expected, load_datagrams
 
 
 def _records(name: str, keep: sockdiag.PortFilter | None = None) -> tuple[int, list[SocketRecord]]:
@@ -28,7 +27,9 @@ def _key(local: str, peer: str | None) -> tuple[str, str | None]:
     return local, peer
 
 
-@pytest.mark.parametrize(("family", "dump"), [("v4", "sockdiag_v4.dump"), ("v6", "sockdiag_v6.dump")])
+@pytest.mark.parametrize(
+    ("family", "dump"), [("v4", "sockdiag_v4.dump"), ("v6", "sockdiag_v6.dump")]
+)
 def test_dump_decodes_every_socket_as_recorded(family: str, dump: str) -> None:
     want: list[dict[str, Any]] = expected()["sockets"][family]
     seen, records = _records(dump)
@@ -119,11 +120,15 @@ def test_dump_request_sets_state_filter_and_info_extension() -> None:
 def test_message_without_tcp_info_decodes_with_unknown_ages() -> None:
     payload = (
         struct.pack("=BBBB", socket.AF_INET, TcpState.TIME_WAIT, 0, 0)
-        + sockdiag.SOCKID.pack(80, 40000, socket.inet_aton("192.0.2.1").ljust(16, b"\0"),
-                               socket.inet_aton("192.0.2.2").ljust(16, b"\0"))
+        + sockdiag.SOCKID.pack(
+            80,
+            40000,
+            socket.inet_aton("192.0.2.1").ljust(16, b"\0"),
+            socket.inet_aton("192.0.2.2").ljust(16, b"\0"),
+        )
         + struct.pack("=III", 0, 7, 0)
         + struct.pack("=IIIII", 0, 0, 0, 0, 0)
-    )  # fmt: skip
+    )
     r = sockdiag.decode_message(memoryview(payload))
     assert r.state is TcpState.TIME_WAIT and r.orphan and r.cookie == 7
     assert r.idle_seconds is None and r.bytes_acked is None
@@ -132,14 +137,17 @@ def test_message_without_tcp_info_decodes_with_unknown_ages() -> None:
 def test_short_tcp_info_from_an_older_kernel_reads_what_is_there() -> None:
     head = (
         struct.pack("=BBBB", socket.AF_INET, TcpState.FIN_WAIT2, 0, 0)
-        + sockdiag.SOCKID.pack(15001, 40000, b"\x7f\0\0\x01".ljust(16, b"\0"),
-                               b"\xc0\0\x02\x0a".ljust(16, b"\0"))
+        + sockdiag.SOCKID.pack(
+            15001, 40000, b"\x7f\0\0\x01".ljust(16, b"\0"), b"\xc0\0\x02\x0a".ljust(16, b"\0")
+        )
         + struct.pack("=III", 0, 1, 0)
         + struct.pack("=IIIII", 0, 0, 0, 1337, 99)
-    )  # fmt: skip
+    )
     info = bytearray(104)  # tcp_info as of Linux 3.x: no byte counters yet
     struct.pack_into("=II", info, 52, 1500, 2500)
-    r = sockdiag.decode_message(memoryview(head + nl.pack_attr(sockdiag.INET_DIAG_INFO, bytes(info))))
+    r = sockdiag.decode_message(
+        memoryview(head + nl.pack_attr(sockdiag.INET_DIAG_INFO, bytes(info)))
+    )
     assert (r.last_data_recv_ms, r.last_ack_recv_ms) == (1500, 2500)
     assert r.idle_seconds == 1.5
     assert r.bytes_acked is None

