@@ -42,10 +42,15 @@ from halfclose.agent.kernel.sockdiag import SockDiag
 _GONE = frozenset({errno.ENOENT, errno.ESTALE})
 
 
+# On Linux ENOTSUP == EOPNOTSUPP; the kernel's name for what SOCK_DESTROY
+# answers without CONFIG_INET_DIAG_DESTROY is EOPNOTSUPP.
+_PREFERRED_NAMES = {errno.EOPNOTSUPP: "EOPNOTSUPP"}
+
+
 def errno_name(err: int | None) -> str:
     if err is None:
         return "EUNKNOWN"
-    return errno.errorcode.get(err, f"errno {err}")
+    return _PREFERRED_NAMES.get(err) or errno.errorcode.get(err, f"errno {err}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,152 @@
+"""The executor's error handling (agent/engine/act.py), for errnos a test can't provoke.
+
+The real kernel paths (kill, already-gone, extend) are covered in
+tests/integration/test_kill.py and test_prevention.py.  Here the sock_diag and
+ctnetlink adapters are replaced by small in-memory stand-ins so that EPERM,
+ESTALE and a failing re-check can be injected: what matters is that a
+failure is reported with its errno name and never turns into a kill.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+from dataclasses import dataclass, field
+
+import pytest
+
+from halfclose.agent.core.model import (
+    ConntrackEntry,
+    Endpoint,
+    Finding,
+    FlowTuple,
+    Kind,
+    Outcome,
+    SocketRecord,
+    TcpState,
+)
+from halfclose.agent.core.plan import ActionKind, ActionSettings, Op, SkipReason, make_plan
+from halfclose.agent.engine.act import ExecSettings, Executor
+
+PORTS = {15001}
+
+
+def record(port: int, cookie: int, state: TcpState = TcpState.FIN_WAIT2) -> SocketRecord:
+    return SocketRecord(
+        state,
+        Endpoint(ipaddress.ip_address("127.0.0.1"), 15001),
+        Endpoint(ipaddress.ip_address("192.0.2.10"), port),
+        cookie=cookie,
+        inode=cookie,
+        uid=1337,
+        last_data_recv_ms=600_000,
+        last_ack_recv_ms=600_000,
+    )
+
+
+@dataclass
+class FakeDiag:
+    """sock_diag by cookie: ``sockets`` is what the kernel holds."""
+
+    sockets: dict[int, SocketRecord]
+    destroy_errno: int | None = None
+    get_errno: int | None = None
+    destroyed: list[int] = field(default_factory=list)
+
+    def get(self, rec: SocketRecord) -> SocketRecord | None:
+        if self.get_errno:
+            raise OSError(self.get_errno, "injected")
+        return self.sockets.get(rec.cookie)
+
+    def destroy(self, rec: SocketRecord) -> None:
+        if self.destroy_errno:
+            raise OSError(self.destroy_errno, "injected")
+        self.destroyed.append(rec.cookie)
+        del self.sockets[rec.cookie]
+
+    def dump(self, states: list[TcpState]) -> tuple[int, list[SocketRecord]]:
+        found = [s for s in self.sockets.values() if s.state in states]
+        return len(found), found
+
+
+@dataclass
+class FakeConntrack:
+    entries: dict[FlowTuple, ConntrackEntry] = field(default_factory=dict)
+    update_errno: int | None = None
+
+    def get_by_reply(self, reply: FlowTuple) -> ConntrackEntry | None:
+        return self.entries.get(reply)
+
+    def update(self, entry: ConntrackEntry, *, timeout: int | None = None) -> None:
+        if self.update_errno:
+            raise OSError(self.update_errno, "injected")
+        assert timeout is not None
+        self.entries[entry.reply] = ConntrackEntry(
+            entry.original, entry.reply, entry.tcp_state, timeout, entry.status
+        )
+
+
+def kill(diag: FakeDiag, ct: FakeConntrack, **kw: object) -> list[tuple[Outcome, object]]:
+    findings = [Finding(Kind.LEAKED, s, None) for s in list(diag.sockets.values())]
+    settings = ActionSettings(action=ActionKind.KILL, min_idle_seconds=0, **kw)  # type: ignore[arg-type]
+    plan = make_plan(findings, PORTS, settings)
+    ex = Executor(diag, ct, ExecSettings(upstream_wait_seconds=0.0))  # type: ignore[arg-type]
+    return [(o.outcome, o.error or o.reason) for o in ex.execute(plan)]
+
+
+@pytest.mark.parametrize(
+    ("err", "expected"),
+    [
+        (errno.EPERM, (Outcome.FAILED, "EPERM")),
+        (errno.EOPNOTSUPP, (Outcome.FAILED, "EOPNOTSUPP")),
+        (errno.ENOENT, (Outcome.SKIPPED, SkipReason.ALREADY_GONE)),
+        (errno.ESTALE, (Outcome.SKIPPED, SkipReason.ALREADY_GONE)),
+    ],
+)
+def test_destroy_errors(err: int, expected: tuple[Outcome, object]) -> None:
+    diag = FakeDiag({1: record(40001, 1)}, destroy_errno=err)
+    assert kill(diag, FakeConntrack()) == [expected]
+
+
+def test_a_failed_recheck_never_kills() -> None:
+    diag = FakeDiag({1: record(40001, 1)}, get_errno=errno.ENOBUFS)
+    assert kill(diag, FakeConntrack()) == [(Outcome.FAILED, "ENOBUFS")]
+    assert diag.destroyed == []
+
+
+def test_dry_run_never_destroys() -> None:
+    diag = FakeDiag({1: record(40001, 1), 2: record(40002, 2)})
+    assert kill(diag, FakeConntrack(), dry_run=True) == [(Outcome.SKIPPED, SkipReason.DRY_RUN)] * 2
+    assert diag.destroyed == []
+
+
+def test_kills_with_the_cookie_of_the_reread_socket() -> None:
+    diag = FakeDiag({7: record(40001, 7)})
+    assert kill(diag, FakeConntrack()) == [(Outcome.KILLED, None)]
+    assert diag.destroyed == [7]
+
+
+def test_an_entry_that_came_back_stops_the_kill() -> None:
+    rec = record(40001, 1)
+    reply = rec.nat_reply_tuple
+    entry = ConntrackEntry(reply, reply, "ESTABLISHED", 300)
+    diag = FakeDiag({1: rec})
+    assert kill(diag, FakeConntrack({reply: entry})) == [
+        (Outcome.SKIPPED, SkipReason.ENTRY_REAPPEARED)
+    ]
+    assert diag.destroyed == []
+
+
+def test_extend_failure_is_reported_with_its_errno() -> None:
+    rec = record(40001, 1)
+    reply = rec.nat_reply_tuple
+    entry = ConntrackEntry(reply, reply, "CLOSE_WAIT", 30, status=0x1AE)
+    ct = FakeConntrack({reply: entry}, update_errno=errno.EPERM)
+    plan = make_plan(
+        [Finding(Kind.AT_RISK, rec, None, entry)],
+        PORTS,
+        ActionSettings(action=ActionKind.EXTEND_CONNTRACK),
+    )
+    assert [d.op for d in plan.decisions] == [Op.EXTEND]
+    (o,) = Executor(FakeDiag({1: rec}), ct).execute(plan)  # type: ignore[arg-type]
+    assert (o.outcome, o.error, o.timeout_before) == (Outcome.FAILED, "EPERM", 30)
