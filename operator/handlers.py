@@ -31,6 +31,21 @@ from typing import Any
 
 import kopf
 import kubernetes
+from prometheus_client import CollectorRegistry
+
+from halfclose.api import (
+    GROUP,
+    POLICY_KIND,
+    POLICY_PLURAL,
+    READY,
+    REPORT_KIND,
+    REPORT_PLURAL,
+    VERSION,
+    PolicyStatus,
+    encode,
+    is_true,
+)
+from halfclose.api.schema import SchemaError, decode
 from halfclose.operator.assignment import Assignment, assign
 from halfclose.operator.http import ProbeServer
 from halfclose.operator.kube import (
@@ -51,21 +66,6 @@ from halfclose.operator.view import (
     policy_entry_from,
     report_from,
 )
-from prometheus_client import CollectorRegistry
-
-from halfclose.api import (
-    GROUP,
-    POLICY_KIND,
-    POLICY_PLURAL,
-    READY,
-    REPORT_KIND,
-    REPORT_PLURAL,
-    VERSION,
-    PolicyStatus,
-    encode,
-    is_true,
-)
-from halfclose.api.schema import SchemaError, decode
 
 log = logging.getLogger("halfclose.operator")
 Logger = logging.Logger | logging.LoggerAdapter[Any]

@@ -10,7 +10,8 @@ module only asks the kernel and applies them.
   mean the socket went by itself ("already-gone"), not a failure.  Then the
   proxy's paired upstream CLOSE_WAIT socket is watched for a bounded moment:
   a proxy that closes its upstream when the downstream errors (Envoy, HAProxy)
-  makes it go; any that stay are reported.
+  makes it go; any that stay are reported (per finding when the scan paired
+  it, else by count in ``KillSummary``).
 - extend: a ctnetlink update of that one entry's timeout, *without*
   IPS_FIXED_TIMEOUT (measured on 6.18: a fixed timeout survives the
   connection's close and can never be changed or cleared again; a plain one

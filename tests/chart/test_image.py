@@ -100,6 +100,14 @@ def test_final_stage_has_no_build_tools_and_runs_unprivileged() -> None:
                  "pip install", "pip wheel", "git"):  # fmt: skip
         assert not re.search(rf"(^|\s){re.escape(tool)}(\s|$)", runs), tool
     assert "--no-install-recommends" in runs and "rm -rf /var/lib/apt/lists/*" in runs
+    # The agent reads each pod's NAT rules with iptables-save, iptables-legacy-save
+    # and nft, through nsenter (util-linux: essential, in every Debian base).
+    install = re.search(r"apt-get install\s+(?:-\S+\s+)*(?P<pkgs>[a-z0-9 .+-]+)", runs)
+    assert install is not None
+    assert set(install["pkgs"].split()) == {"iptables", "nftables"}
+    kernel = "".join(p.read_text("utf-8") for p in (REPO / "agent" / "kernel").glob("*.py"))
+    for tool in ("iptables-save", "iptables-legacy-save", "nft", "nsenter"):
+        assert f'"{tool}"' in kernel, f"the agent no longer runs {tool}: drop its package?"
     copies = [i.args for i in final if i.keyword == "COPY"]
     assert copies == ["--from=builder /opt/halfclose /opt/halfclose"]
     users = [i.args for i in final if i.keyword == "USER"]

@@ -10,7 +10,6 @@ import kubernetes_validate
 import pytest
 import yaml
 from support.kubeapi import KubeAPIEmulator
-from support.kubeapi.plugin import kube_api  # noqa: F401  (fixture, until conftest lists the plugin)
 
 from halfclose.api import GROUP, POLICY_PLURAL, VERSION, parse_policy
 from halfclose.api.crds import all_crds
@@ -34,7 +33,10 @@ def test_crds_are_valid_apiextensions_objects(crd: dict[str, Any]) -> None:
 
 def test_there_are_the_four_examples() -> None:
     assert {p.stem for p in EXAMPLES} == {
-        "istio-report-only", "istio-kill", "linkerd", "prevention-only",
+        "istio-report-only",
+        "istio-kill",
+        "linkerd",
+        "prevention-only",
     }
 
 
@@ -46,7 +48,7 @@ def test_example_parses_strictly(path: Path) -> None:
 
 @pytest.mark.kube
 def test_examples_apply_and_the_server_defaults_them_as_parse_policy_does(
-    kube_api: KubeAPIEmulator,  # noqa: F811
+    kube_api: KubeAPIEmulator,
 ) -> None:
     for path in EXAMPLES:
         kube_api.kubectl("apply", "-f", str(path))
@@ -66,7 +68,7 @@ def test_examples_apply_and_the_server_defaults_them_as_parse_policy_does(
 
 
 @pytest.mark.kube
-def test_short_names_and_category(kube_api: KubeAPIEmulator) -> None:  # noqa: F811
+def test_short_names_and_category(kube_api: KubeAPIEmulator) -> None:
     kube_api.kubectl("apply", "-f", str(ROOT / "examples" / "linkerd.yaml"))
     for name in ("hcp", "halfclosepolicies", "halfclosepolicy", "halfclose"):
         out = kube_api.kubectl("get", name, "-o", "json").stdout

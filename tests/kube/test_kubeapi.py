@@ -396,6 +396,8 @@ def test_client_crud_codes_and_status_bodies(emu: KubeAPIEmulator) -> None:
         "code": 404,
         "details": {"name": "nope", "kind": "pods"},
     }
+    core.create_namespaced_pod("default", pod("dry"), dry_run="All")
+    assert emu.get_object("", "v1", "pods", "dry", "default") is None
     deleted = core.delete_namespaced_pod("a", "default")
     assert deleted.metadata.name == "a"  # pods answer DELETE with the object
     custom = k8s.CustomObjectsApi(emu.client())
@@ -691,6 +693,18 @@ def test_owner_references_are_garbage_collected(emu: KubeAPIEmulator) -> None:
     core.delete_namespaced_pod("owner2", "default", propagation_policy="Orphan")
     kept = emu.get_object(G, V, "widgetreports", "kept", "default")
     assert kept is not None and "ownerReferences" not in kept["metadata"]
+
+    fg_owner = core.create_namespaced_pod("default", pod("owner3")).to_dict()
+    blocker = report("blocker", fg_owner)
+    blocker["metadata"]["finalizers"] = ["kubeapi.test/keep"]
+    custom.create_namespaced_custom_object(G, V, "default", "widgetreports", blocker)
+    core.delete_namespaced_pod("owner3", "default", propagation_policy="Foreground")
+    waiting = emu.get_object("", "v1", "pods", "owner3", "default")
+    assert waiting is not None and waiting["metadata"]["finalizers"] == ["foregroundDeletion"]
+    custom.patch_namespaced_custom_object(
+        G, V, "default", "widgetreports", "blocker", {"metadata": {"finalizers": None}}
+    )
+    assert emu.get_object("", "v1", "pods", "owner3", "default") is None  # dependents gone first
 
     core.create_namespace({"metadata": {"name": "doomed"}})
     core.create_namespaced_config_map("doomed", {"metadata": {"name": "c"}})

@@ -12,7 +12,7 @@ import json
 import socket
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ import pytest
 from kopf.testing import KopfRunner
 from prometheus_client import CollectorRegistry
 from support.kubeapi import KubeAPIEmulator
-from support.kubeapi.plugin import kube_api  # noqa: F401  (fixture, until conftest lists the plugin)
 
 from halfclose.api import (
     GROUP,
@@ -31,7 +30,6 @@ from halfclose.api import (
     VERSION,
     ScanSummary,
     build_report_status,
-    find_condition,
     parse_policy,
     report_manifest,
     report_status_json,
@@ -195,7 +193,7 @@ def wait_status(
 
 
 def wait_condition(
-    api: KubeAPIEmulator, name: str, type_: str, status: str, reason: str, timeout: float = 10.0
+    api: KubeAPIEmulator, name: str, type_: str, status: str, reason: str, *, timeout: float = 10.0
 ) -> None:
     try:
         api.wait_for(lambda: condition(api, name, type_) == (status, reason), timeout=timeout)
@@ -250,14 +248,14 @@ def sample(state: OperatorState, name: str, **labels: str) -> float | None:
 
 def http_get(port: int, path: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as rsp:  # noqa: S310
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as rsp:
             return rsp.status, rsp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
 
 
 @pytest.fixture
-def custom(kube_api: KubeAPIEmulator) -> Any:  # noqa: F811
+def custom(kube_api: KubeAPIEmulator) -> Any:
     return kubernetes.client.CustomObjectsApi(kube_api.client())
 
 
@@ -269,7 +267,7 @@ def status_patches(api: KubeAPIEmulator, name: str) -> int:
 # ----------------------------------------------------------------------------- tests
 
 
-def test_policy_status_aggregates_reports(kube_api: KubeAPIEmulator, custom: Any) -> None:  # noqa: F811
+def test_policy_status_aggregates_reports(kube_api: KubeAPIEmulator, custom: Any) -> None:
     pods = seed_mesh(kube_api)
     liveness = _free_port()
     with running_operator(kube_api, liveness_port=liveness) as state:
@@ -368,7 +366,7 @@ def test_policy_status_aggregates_reports(kube_api: KubeAPIEmulator, custom: Any
     }
 
 
-def test_status_writes_are_debounced(kube_api: KubeAPIEmulator, custom: Any) -> None:  # noqa: F811
+def test_status_writes_are_debounced(kube_api: KubeAPIEmulator, custom: Any) -> None:
     pods = seed_mesh(kube_api)
     with running_operator(kube_api) as state:
         apply(kube_api, EXAMPLES / "istio-report-only.yaml")
@@ -390,7 +388,7 @@ def test_status_writes_are_debounced(kube_api: KubeAPIEmulator, custom: Any) -> 
     print(f"\n{updates} report updates in {elapsed:.1f}s -> {writes} policy status writes")
 
 
-def test_policies_the_schema_rejects(kube_api: KubeAPIEmulator) -> None:  # noqa: F811
+def test_policies_the_schema_rejects(kube_api: KubeAPIEmulator) -> None:
     cases = [
         (
             policy_manifest("a", namespaces=["shop"], conntrack={"strategy": "Sysctl"}),
@@ -424,7 +422,7 @@ def test_policies_the_schema_rejects(kube_api: KubeAPIEmulator) -> None:  # noqa
 
 
 def test_invalid_beyond_the_schema_and_selectors_matching_nothing(
-    kube_api: KubeAPIEmulator,  # noqa: F811
+    kube_api: KubeAPIEmulator,
 ) -> None:
     seed_mesh(kube_api)
     with running_operator(kube_api):
@@ -466,7 +464,7 @@ def test_invalid_beyond_the_schema_and_selectors_matching_nothing(
     assert ("no-ns", "Normal", "Applied") in events
 
 
-def test_overlapping_policies(kube_api: KubeAPIEmulator, custom: Any) -> None:  # noqa: F811
+def test_overlapping_policies(kube_api: KubeAPIEmulator, custom: Any) -> None:
     pods = seed_mesh(kube_api)
     with running_operator(kube_api):
         apply(kube_api, policy_manifest("older", namespaces=["shop"], action="KillSockets"))
@@ -506,7 +504,7 @@ def test_overlapping_policies(kube_api: KubeAPIEmulator, custom: Any) -> None:  
 
 
 def test_restart_converges_to_the_same_status(
-    kube_api: KubeAPIEmulator,  # noqa: F811
+    kube_api: KubeAPIEmulator,
     custom: Any,
 ) -> None:
     pods = seed_mesh(kube_api)
@@ -542,7 +540,7 @@ def test_restart_converges_to_the_same_status(
 
 
 def test_api_errors_and_watch_drops_are_survived(
-    kube_api: KubeAPIEmulator,  # noqa: F811
+    kube_api: KubeAPIEmulator,
     custom: Any,
 ) -> None:
     pods = seed_mesh(kube_api)
@@ -565,10 +563,11 @@ def test_api_errors_and_watch_drops_are_survived(
         seed_pod(kube_api, "shop", "late", "node-a", **ISTIO_POD)
         wait_status(kube_api, "istio-report-only", leakedNow=3, matchedPods=5, timeout=20)
 
-        # Lists fail too (the re-list after a drop), then recover.
+        # The re-watch after a drop fails too (twice), then recovers.
         def report_lists() -> int:
             return sum(
-                1 for r in kube_api.requests
+                1
+                for r in kube_api.requests
                 if r.method == "GET" and r.path.endswith(f"/{REPORT_PLURAL}")
             )
 
@@ -580,7 +579,7 @@ def test_api_errors_and_watch_drops_are_survived(
         assert report_lists() - lists_before >= 3  # 2 failed, then the one that worked
 
 
-def test_two_replicas_one_leader(kube_api: KubeAPIEmulator, custom: Any) -> None:  # noqa: F811
+def test_two_replicas_one_leader(kube_api: KubeAPIEmulator, custom: Any) -> None:
     pods = seed_mesh(kube_api)
     with running_operator(kube_api, priority=10) as standby:
         with running_operator(kube_api, priority=20) as leader:
@@ -594,3 +593,51 @@ def test_two_replicas_one_leader(kube_api: KubeAPIEmulator, custom: Any) -> None
         write_report(custom, pods["pay"], "istio-report-only", leaked=2)
         wait_status(kube_api, "istio-report-only", leakedNow=3, timeout=15)
         assert (sample(standby, "halfclose_operator_status_writes_total") or 0) >= 1
+
+
+def test_the_console_script(kube_api: KubeAPIEmulator) -> None:
+    """``halfclose-operator`` as the chart runs it: env settings, probes, peering, SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    seed_mesh(kube_api)
+    metrics, liveness = _free_port(), _free_port()
+    env = dict(
+        os.environ,
+        KUBECONFIG=kube_api.kubeconfig,
+        HALFCLOSE_OPERATOR_METRICS_PORT=str(metrics),
+        HALFCLOSE_OPERATOR_LIVENESS_PORT=str(liveness),
+        HALFCLOSE_OPERATOR_DEBOUNCE_SECONDS=str(DEBOUNCE),
+        HALFCLOSE_OPERATOR_LOG_LEVEL="warning",
+    )
+    script = Path(sys.executable).with_name("halfclose-operator")
+    proc = subprocess.Popen(
+        [str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+
+        def ready() -> bool:
+            assert proc.poll() is None, proc.communicate()[0]
+            try:
+                return http_get(metrics, "/readyz")[0] == 200
+            except OSError:
+                return False
+
+        kube_api.wait_for(ready, timeout=20, interval=0.1)
+        apply(kube_api, EXAMPLES / "linkerd.yaml")
+        wait_condition(kube_api, "linkerd", "Ready", "False", "NoMatchingPods")
+        assert http_get(liveness, "/healthz")[0] == 200
+        peering = kube_api.get_object("kopf.dev", "v1", "clusterkopfpeerings", "halfclose")
+        assert peering is not None and len(peering.get("status", {})) == 1  # this replica
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0, output
+        # A clean exit takes the replica out of the peering at once (a standby resumes).
+        peering = kube_api.get_object("kopf.dev", "v1", "clusterkopfpeerings", "halfclose")
+        assert peering is not None and not peering.get("status")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)

@@ -51,6 +51,10 @@ PROCESS_NAME = "lab-app"
 CONNECT_CONCURRENCY = 256
 STEP_TIMEOUT = 30.0  # connect, or see the half-close, for a whole batch
 CONNTRACK_POLL = 0.2
+# Request padding cycles through this many lengths: pairs within a batch of up
+# to PAD_CYCLE connections differ in byte count (a larger batch repeats, and the
+# scanner then reports such pairs as undetermined rather than guess).
+PAD_CYCLE = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +94,7 @@ class App:
         self.leaked_total = 0
         self._batches = itertools.count(1)
         self._senders: set[asyncio.Task[None]] = set()
+        self._serial = 0
         self._connect_slots = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
     # -- operations ---------------------------------------------------------
@@ -174,7 +179,14 @@ class App:
                 STEP_TIMEOUT,
             )
             try:
-                writer.write(f"{mode}\n".encode())
+                # Real apps send different amounts; identical traffic would make
+                # every proxied pair indistinguishable by its byte counters, which
+                # is what the scanner pairs downstream and upstream sockets by.
+                self._serial += 1
+                # Step 2: the scanner allows a +1 (the SYN) on the upstream leg's
+                # counters, so lengths one apart would look alike.
+                pad = "-" * (2 * (self._serial % PAD_CYCLE))
+                writer.write(f"{mode} {pad}\n".encode())
                 line = await asyncio.wait_for(reader.readline(), STEP_TIMEOUT)
                 word, _, upstream = line.decode(errors="replace").strip().partition(" ")
                 if word != "peer":

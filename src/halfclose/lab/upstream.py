@@ -40,7 +40,10 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     try:
         line = await asyncio.wait_for(reader.readline(), FIRST_LINE_TIMEOUT)
         try:
-            mode = Mode(line.decode(errors="replace").strip())
+            # The first word is the mode; the app pads the rest of the line so
+            # every connection carries a different byte count (see app.py).
+            words = line.decode(errors="replace").split(maxsplit=1)
+            mode = Mode(words[0] if words else "")
         except ValueError:
             writer.write(b"error: unknown mode\n")
             return

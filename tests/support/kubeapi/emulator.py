@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -217,7 +218,7 @@ class KubeAPIEmulator:
 
     def client(self) -> Any:
         """A ``kubernetes.client.ApiClient`` for this server (closed by ``stop()``)."""
-        import kubernetes.client
+        import kubernetes.client  # imported on use: kopf-only tests need not load it
 
         config = kubernetes.client.Configuration(host=self.url)
         config.api_key = {"authorization": self.token}
@@ -228,7 +229,7 @@ class KubeAPIEmulator:
 
     def connection_info(self) -> Any:
         """A ``kopf.ConnectionInfo`` for ``@kopf.on.login()`` handlers in operator tests."""
-        import kopf
+        import kopf  # imported on use, like the client
 
         return kopf.ConnectionInfo(
             server=self.url, token=self.token, insecure=True, default_namespace="default"
@@ -310,8 +311,6 @@ class KubeAPIEmulator:
         self, predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05
     ) -> None:
         """Poll ``predicate`` until true; AssertionError after ``timeout`` seconds."""
-        import time
-
         deadline = time.monotonic() + timeout
         while True:
             if predicate():

@@ -99,6 +99,8 @@ class KubeAPI:
             fault = next((f for f in self.faults if f.matches(method, raw.path)), None)
             if fault is not None:
                 fault.remaining -= 1
+                if fault.remaining == 0:
+                    self.faults.remove(fault)
                 raise APIError(
                     fault.status,
                     f"injected failure (fail_next) for {method} {raw.path}",
@@ -114,7 +116,7 @@ class KubeAPI:
         path = raw.path.rstrip("/") or "/"
         parts = [p for p in path.split("/") if p]
         if method == "GET":
-            doc = self._non_resource(path, parts, raw)
+            doc = self._non_resource(path, parts)
             if doc is not None:
                 return doc
         if (len(parts) >= 2 and parts[0] == "api") or (len(parts) >= 3 and parts[0] == "apis"):
@@ -122,9 +124,7 @@ class KubeAPI:
             return await self._resource(raw, method, body, target, watch_path)
         raise errors.not_found_path()
 
-    def _non_resource(
-        self, path: str, parts: list[str], raw: aiohttp.web.BaseRequest
-    ) -> aiohttp.web.StreamResponse | None:
+    def _non_resource(self, path: str, parts: list[str]) -> aiohttp.web.StreamResponse | None:
         reg = self.registry
         doc: Any = None
         if path == "/":
@@ -160,7 +160,6 @@ class KubeAPI:
                 raise errors.not_found_path()
         else:
             return None
-        del raw
         return _json(doc)
 
     def _parse_target(self, parts: list[str]) -> tuple[Target, bool]:

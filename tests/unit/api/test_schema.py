@@ -144,3 +144,17 @@ def test_status_has_no_defaults() -> None:
     for crd in (policy_crd(), report_crd()):
         for path, node in _nodes(_at(_schema(crd), "status"), ".status"):
             assert "default" not in node, path
+
+
+def test_every_field_is_documented() -> None:
+    # docs/api.md is the reference: a field added to the model must be added there too.
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "api.md").read_text()
+    missing = set()
+    for crd in (policy_crd(), report_crd()):
+        for path, _ in _nodes(_schema(crd)):
+            name = path.rsplit(".", 1)[-1].rstrip("[]{}")
+            if path.count(".") >= 2 and name and f"`{name}`" not in doc and f".{name}`" not in doc:
+                missing.add(path)
+    assert not missing, sorted(missing)

@@ -34,11 +34,16 @@ def test_matches_select_policy_on_random_clusters() -> None:
                 spec["namespaces"] = rng.sample([*namespaces, "missing"], 2)
             if rng.random() < 0.6 or not spec:
                 spec["namespaceSelector"] = (
-                    {} if rng.random() < 0.3 else {"matchLabels": {"team": rng.choice(label_values)}}
+                    {}
+                    if rng.random() < 0.3
+                    else {"matchLabels": {"team": rng.choice(label_values)}}
                 )
             if rng.random() < 0.5:
-                spec["podSelector"] = {"matchExpressions": [
-                    {"key": "app", "operator": "In", "values": rng.sample(label_values, 2)}]}
+                spec["podSelector"] = {
+                    "matchExpressions": [
+                        {"key": "app", "operator": "In", "values": rng.sample(label_values, 2)}
+                    ]
+                }
             created = f"2025-01-0{rng.randint(1, 3)}T00:00:00Z"
             policies.append(_policy(f"p{k}", created, spec))
 
@@ -55,8 +60,12 @@ def test_overlap_bookkeeping() -> None:
     old = _policy("old", "2025-01-01T00:00:00Z", {"namespaces": ["shop"]})
     new = _policy("new", "2025-02-01T00:00:00Z", {"namespaceSelector": {}})
     namespaces = {"shop": {}, "web": {}, "kube-system": {}}
-    pods = [PodInfo("shop", "a", {}), PodInfo("shop", "b", {}), PodInfo("web", "c", {}),
-            PodInfo("kube-system", "dns", {})]
+    pods = [
+        PodInfo("shop", "a", {}),
+        PodInfo("shop", "b", {}),
+        PodInfo("web", "c", {}),
+        PodInfo("kube-system", "dns", {}),
+    ]
     result = assign([new, old], namespaces, pods)
     assert result.of("old").applied == 2
     assert result.of("old").shares_with == {"new": 2}

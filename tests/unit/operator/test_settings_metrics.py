@@ -28,16 +28,26 @@ def test_random_priorities_differ() -> None:
 
 
 def test_flags_override_environment() -> None:
-    env = {"HALFCLOSE_OPERATOR_METRICS_PORT": "9999", "HALFCLOSE_OPERATOR_DEBOUNCE_SECONDS": "5",
-           "HALFCLOSE_OPERATOR_LOG_LEVEL": "debug"}
+    env = {
+        "HALFCLOSE_OPERATOR_METRICS_PORT": "9999",
+        "HALFCLOSE_OPERATOR_DEBOUNCE_SECONDS": "5",
+        "HALFCLOSE_OPERATOR_LOG_LEVEL": "debug",
+    }
     s = settings_from(["--metrics-port", "1234", "--priority", "7"], env)
     assert (s.metrics_port, s.debounce_seconds, s.log_level, s.priority) == (1234, 5.0, "DEBUG", 7)
     assert settings_from(["--standalone", "--liveness-port", "0"], {}).peering is None
     assert settings_from(["--liveness-port", "0"], {}).liveness_port is None
 
 
-@pytest.mark.parametrize("argv", [["--metrics-port", "70000"], ["--debounce-seconds", "0"],
-                                  ["--log-level", "loud"], ["--bogus"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--metrics-port", "70000"],
+        ["--debounce-seconds", "0"],
+        ["--log-level", "loud"],
+        ["--bogus"],
+    ],
+)
 def test_bad_settings_are_user_errors(argv: list[str]) -> None:
     with pytest.raises(UserError):
         settings_from(argv, {})
@@ -45,10 +55,13 @@ def test_bad_settings_are_user_errors(argv: list[str]) -> None:
 
 def _documented_operator_metrics() -> dict[str, tuple[str, set[str]]]:
     section = DOCS.read_text().split("## Operator", 1)[1]
-    rows = re.findall(r"^\| `(halfclose_[a-z_]+)` \| ([a-z ()0-9]+?) \|\s*([a-z, ]*?)\s*\|",
-                      section, re.MULTILINE)
-    return {name: (kind.split()[0], {lbl.strip() for lbl in labels.split(",") if lbl.strip()})
-            for name, kind, labels in rows}
+    rows = re.findall(
+        r"^\| `(halfclose_[a-z_]+)` \| ([a-z ()0-9]+?) \|\s*([a-z, ]*?)\s*\|", section, re.MULTILINE
+    )
+    return {
+        name: (kind.split()[0], {lbl.strip() for lbl in labels.split(",") if lbl.strip()})
+        for name, kind, labels in rows
+    }
 
 
 def test_metrics_are_exactly_the_documented_ones() -> None:
@@ -76,5 +89,7 @@ def test_readiness_and_forgetting_a_policy() -> None:
     assert registry.get_sample_value("halfclose_operator_policies", {"ready": "False"}) == 1
     metrics.set_policy_totals("a", leaked=3, killed_total=4)
     metrics.forget_policies(["a", "never-set"])
-    assert registry.get_sample_value("halfclose_operator_policy_leaked_sockets",
-                                     {"policy": "a"}) is None
+    assert (
+        registry.get_sample_value("halfclose_operator_policy_leaked_sockets", {"policy": "a"})
+        is None
+    )

@@ -12,19 +12,31 @@ from halfclose.operator.view import PodInfo, PolicyEntry, ReportSummary, policy_
 
 T0 = dt.datetime(2025, 5, 1, tzinfo=dt.UTC)
 NAMESPACES = {"shop": {"mesh": "istio"}, "web": {"mesh": "istio"}, "kube-system": {}}
-PODS = [PodInfo("shop", "cart", {"app": "cart"}), PodInfo("shop", "pay", {"app": "pay"}),
-        PodInfo("web", "front", {"app": "front"})]
+PODS = [
+    PodInfo("shop", "cart", {"app": "cart"}),
+    PodInfo("shop", "pay", {"app": "pay"}),
+    PodInfo("web", "front", {"app": "front"}),
+]
 
 
-def _entry(name: str, spec: dict[str, Any], created: str = "2025-01-01T00:00:00Z",
-           generation: int = 1) -> PolicyEntry:
-    return policy_entry_from({"metadata": {"name": name, "creationTimestamp": created,
-                                           "generation": generation}, "spec": spec})
+def _entry(
+    name: str, spec: dict[str, Any], created: str = "2025-01-01T00:00:00Z", generation: int = 1
+) -> PolicyEntry:
+    return policy_entry_from(
+        {
+            "metadata": {"name": name, "creationTimestamp": created, "generation": generation},
+            "spec": spec,
+        }
+    )
 
 
-def _status(entry: PolicyEntry, others: list[PolicyEntry] = (),  # type: ignore[assignment]
-            reports: list[ReportSummary] = (),  # type: ignore[assignment]
-            previous: PolicyStatus | None = None, now: dt.datetime = T0) -> PolicyStatus:
+def _status(
+    entry: PolicyEntry,
+    others: list[PolicyEntry] = (),  # type: ignore[assignment]
+    reports: list[ReportSummary] = (),  # type: ignore[assignment]
+    previous: PolicyStatus | None = None,
+    now: dt.datetime = T0,
+) -> PolicyStatus:
     policies = [e.policy for e in [entry, *others] if e.policy is not None]
     match = assign(policies, NAMESPACES, PODS).of(entry.name)
     return compute_status(entry, match, reports, previous or PolicyStatus(), now)
@@ -36,10 +48,20 @@ def _cond(status: PolicyStatus, type_: str) -> tuple[str, str, str]:
     return cond.status, cond.reason, cond.message
 
 
-def _report(pod: str, leaked: int, killed: int = 0, at_risk: int = 0, node: str = "n1",
-            policy: str = "p") -> ReportSummary:
-    return ReportSummary(namespace="shop", name=pod, pod=pod, node=node, policy=policy,
-                         leaked=leaked, at_risk=at_risk, killed_total=killed, extended_total=0)
+def _report(
+    pod: str, leaked: int, *, killed: int = 0, at_risk: int = 0, node: str = "n1", policy: str = "p"
+) -> ReportSummary:
+    return ReportSummary(
+        namespace="shop",
+        name=pod,
+        pod=pod,
+        node=node,
+        policy=policy,
+        leaked=leaked,
+        at_risk=at_risk,
+        killed_total=killed,
+        extended_total=0,
+    )
 
 
 def test_applied_policy() -> None:
@@ -75,8 +97,9 @@ def test_selectors_matching_nothing_say_why() -> None:
     assert ready[:2] == ("False", "NoMatchingNamespaces")
     assert "namespaceSelector mesh=linkerd matches no namespace" in ready[2]
 
-    no_pods = _status(_entry("p", {"namespaces": ["shop"], "podSelector": {
-        "matchLabels": {"app": "web"}}}))
+    no_pods = _status(
+        _entry("p", {"namespaces": ["shop"], "podSelector": {"matchLabels": {"app": "web"}}})
+    )
     ready = _cond(no_pods, "Ready")
     assert ready[:2] == ("False", "NoMatchingPods")
     assert "podSelector app=web in the 1 namespace in scope (2 pods there)" in ready[2]
@@ -87,7 +110,8 @@ def test_overlap_reported_on_both_policies() -> None:
     new = _entry("new", {"namespaceSelector": {}}, created="2025-03-01T00:00:00Z")
     loser = _status(new, [old])
     assert _cond(loser, "Overlapping") == (
-        "True", "OverlapLost",
+        "True",
+        "OverlapLost",
         "pods also selected by older policies, which apply to them: 'old' (2 pods)",
     )
     assert _cond(loser, "Ready")[:2] == ("True", "Applied")  # still has web/front
@@ -99,15 +123,20 @@ def test_overlap_reported_on_both_policies() -> None:
     only_shop = _entry("later", {"namespaces": ["shop"]}, created="2025-04-01T00:00:00Z")
     shadowed = _status(only_shop, [old])
     assert _cond(shadowed, "Ready") == (
-        "False", "AllPodsClaimed",
+        "False",
+        "AllPodsClaimed",
         "every pod it selects is claimed by an older policy: 'old' (2 pods)",
     )
 
 
 def test_aggregate_of_reports() -> None:
-    reports = [_report("a", leaked=5, killed=1, node="n1"), _report("b", leaked=0, killed=9),
-               _report("c", leaked=5, killed=2, node="n2"), _report("d", 0, at_risk=3),
-               _report("e", 0)]
+    reports = [
+        _report("a", leaked=5, killed=1, node="n1"),
+        _report("b", leaked=0, killed=9),
+        _report("c", leaked=5, killed=2, node="n2"),
+        _report("d", 0, at_risk=3),
+        _report("e", 0),
+    ]
     agg = aggregate(reports, top=3)
     assert (agg.leaked_now, agg.at_risk_now, agg.killed_total) == (10, 3, 12)
     assert agg.pods_with_findings == 3  # a, c, d (b has only history, e nothing)
@@ -118,8 +147,9 @@ def test_aggregate_of_reports() -> None:
 def test_recomputing_is_idempotent_and_keeps_transition_times() -> None:
     entry = _entry("p", {"namespaces": ["shop"]})
     first = _status(entry, reports=[_report("cart", 2)])
-    again = _status(entry, reports=[_report("cart", 2)], previous=first,
-                    now=T0 + dt.timedelta(hours=1))
+    again = _status(
+        entry, reports=[_report("cart", 2)], previous=first, now=T0 + dt.timedelta(hours=1)
+    )
     assert encode(again) == encode(first)
     assert events_for(first.conditions, again.conditions) == []
 
