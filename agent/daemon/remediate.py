@@ -26,8 +26,8 @@ class EngineRemediator:
     def __init__(
         self, state_dir: str, host_proc: str = "/proc", exec_settings: ExecSettings | None = None
     ) -> None:
-        self.patcher = CloseWaitPatcher(os.path.join(state_dir, "conntrack"))
         self.host_proc = host_proc
+        self.patcher = CloseWaitPatcher(os.path.join(state_dir, "conntrack"), proc_root=host_proc)
         # The agent loop must not sit for seconds watching upstream sockets
         # close: a short bound keeps the other netns on schedule.
         self.exec_settings = exec_settings or ExecSettings(upstream_wait_seconds=0.3)

@@ -84,8 +84,10 @@ class PatchReport:
 class CloseWaitPatcher:
     """Patch/restore/status of the CLOSE_WAIT timeout, with a state directory."""
 
-    def __init__(self, state_dir: str = DEFAULT_STATE_DIR) -> None:
+    def __init__(self, state_dir: str = DEFAULT_STATE_DIR, proc_root: str = "/proc") -> None:
         self.state_dir = state_dir
+        # The agent passes HOST_PROC: its own /proc/sys is read-only (sysctl.py).
+        self.proc_root = proc_root
 
     # -- state files ----------------------------------------------------------
 
@@ -145,10 +147,9 @@ class CloseWaitPatcher:
 
     # -- the sysctl -----------------------------------------------------------
 
-    @staticmethod
-    def read(handle: NetnsHandle) -> int:
+    def read(self, handle: NetnsHandle) -> int:
         try:
-            value: int = sysctl.read_int(handle, CLOSE_WAIT_SYSCTL)
+            value: int = sysctl.read_int(handle, CLOSE_WAIT_SYSCTL, self.proc_root)
         except sysctl.SysctlMissing:
             raise UserError(
                 f"conntrack is not available in {handle.label} (no {CLOSE_WAIT_SYSCTL})"
@@ -203,7 +204,7 @@ class CloseWaitPatcher:
                 ),
             )
         if current != timeout:
-            sysctl.write_sysctl(handle, CLOSE_WAIT_SYSCTL, str(timeout))
+            sysctl.write_sysctl(handle, CLOSE_WAIT_SYSCTL, str(timeout), self.proc_root)
         after = self.read(handle)
         return PatchReport(
             handle.label,
@@ -255,7 +256,9 @@ class CloseWaitPatcher:
                 state_file=path,
             )
         if current != record.original:
-            sysctl.write_sysctl(handle, CLOSE_WAIT_SYSCTL, str(record.original))
+            sysctl.write_sysctl(
+                handle, CLOSE_WAIT_SYSCTL, str(record.original), self.proc_root
+            )
         after = self.read(handle)
         os.unlink(path)
         return PatchReport(

@@ -5,6 +5,11 @@ opens the file, not against the mount's namespace or the reader's later one:
 so the file is opened (and read or written) by the current thread while it is
 inside the target netns (``NetnsHandle.entered``).  That is how the close-wait
 timeout of one pod is changed without touching any other.
+
+``proc_root`` lets the agent go through the host's procfs: in a container that
+is not privileged the runtime mounts its own ``/proc/sys`` read-only, so the
+chart mounts the host's ``/proc/sys/net`` writable under ``HOST_PROC`` and the
+agent writes there (the per-netns resolution at open time is the same).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import re
 
 from halfclose.agent.kernel.netns import NetnsHandle
 
-PROC_SYS = "/proc/sys"
+PROC_ROOT = "/proc"
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)+$")
 
@@ -23,11 +28,11 @@ class SysctlMissing(OSError):
     """The sysctl does not exist in that netns (module not loaded, wrong name)."""
 
 
-def sysctl_path(name: str) -> str:
+def sysctl_path(name: str, proc_root: str = PROC_ROOT) -> str:
     """``net.netfilter.x`` -> ``/proc/sys/net/netfilter/x`` (no path tricks accepted)."""
     if not _NAME.match(name):
         raise ValueError(f"not a sysctl name: {name!r}")
-    return os.path.join(PROC_SYS, *name.split("."))
+    return os.path.join(proc_root, "sys", *name.split("."))
 
 
 def _open(netns: NetnsHandle | None, path: str, flags: int) -> int:
@@ -40,22 +45,24 @@ def _open(netns: NetnsHandle | None, path: str, flags: int) -> int:
         raise SysctlMissing(2, f"no such sysctl: {path}") from None
 
 
-def read_sysctl(netns: NetnsHandle | None, name: str) -> str:
+def read_sysctl(netns: NetnsHandle | None, name: str, proc_root: str = PROC_ROOT) -> str:
     """The value as the kernel prints it, without the trailing newline."""
-    fd = _open(netns, sysctl_path(name), os.O_RDONLY)
+    fd = _open(netns, sysctl_path(name, proc_root), os.O_RDONLY)
     try:
         return os.read(fd, 4096).decode().strip()
     finally:
         os.close(fd)
 
 
-def write_sysctl(netns: NetnsHandle | None, name: str, value: str) -> None:
-    fd = _open(netns, sysctl_path(name), os.O_WRONLY)
+def write_sysctl(
+    netns: NetnsHandle | None, name: str, value: str, proc_root: str = PROC_ROOT
+) -> None:
+    fd = _open(netns, sysctl_path(name, proc_root), os.O_WRONLY)
     try:
         os.write(fd, f"{value}\n".encode())
     finally:
         os.close(fd)
 
 
-def read_int(netns: NetnsHandle | None, name: str) -> int:
-    return int(read_sysctl(netns, name))
+def read_int(netns: NetnsHandle | None, name: str, proc_root: str = PROC_ROOT) -> int:
+    return int(read_sysctl(netns, name, proc_root))
