@@ -36,10 +36,12 @@ NLA_TYPE_MASK = 0x3FFF
 NETLINK_SOCK_DIAG = 4
 NETLINK_NETFILTER = 12
 
-# Big enough that a 20k-socket dump arrives in few recv() calls; the kernel
-# fills each recv with as many messages as fit (up to its own 32 KiB skb
-# unless the buffer is larger, then it uses up to the buffer size).
-RECV_BUFFER = 1 << 20
+# One recv() never returns more than one dump skb, and the kernel sizes those
+# at most ~32 KiB (netlink_recvmsg clamps max_recvmsg_len to
+# SKB_WITH_OVERHEAD(32768)): a larger buffer only costs memory (the agent holds
+# two sockets per watched netns), so 64 KiB leaves headroom and no more.
+# Measured: scan times identical to a 1 MiB buffer at 10k and 25k sockets.
+RECV_BUFFER = 64 << 10
 SOCKET_RCVBUF = 4 << 20
 
 _ERRNO_FMT = struct.Struct("=i")

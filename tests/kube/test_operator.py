@@ -330,8 +330,6 @@ def test_policy_status_aggregates_reports(kube_api: KubeAPIEmulator, custom: Any
             ["pay", "pay", "node-a", "0", "2", "0"],
             ["ship", "ship", "node-b", "7", "0", "1"],
         ]
-        print("\n$ kubectl get hcp\n" + "\n".join(table))
-        print("$ kubectl get hcr -A\n" + "\n".join(reports))
 
         # A report goes: the aggregate follows.
         custom.delete_namespaced_custom_object(GROUP, VERSION, "shop", REPORT_PLURAL, "ship")
@@ -355,6 +353,9 @@ def test_policy_status_aggregates_reports(kube_api: KubeAPIEmulator, custom: Any
         assert http_get(state.probes.port, "/readyz")[0] == 200
         code, text = http_get(liveness, "/healthz")
         assert code == 200 and json.loads(text)["policies"] == 1
+    # (printed here: inside KopfRunner, stdout is the runner's)
+    print("\n$ kubectl get hcp\n" + "\n".join(table))
+    print("$ kubectl get hcr -A\n" + "\n".join(reports))
     events = [
         e
         for e in kube_api.objects("", "v1", "events", None)
