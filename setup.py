@@ -21,5 +21,5 @@ for name, path in ROOTS.items():
 setup(
     package_dir=ROOTS,
     packages=packages,
-    package_data={"halfclose": ["py.typed"], "halfclose.api": ["crds/*.yaml"]},
+    package_data={"halfclose": ["py.typed"]},
 )

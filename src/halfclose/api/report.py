@@ -50,6 +50,7 @@ class ReportSpec:
         "The pod's UID (a report is about one pod incarnation).",
         required=True,
         max_length=64,
+        json_name="podUID",  # Kubernetes spells acronyms in capitals (podIP, hostIP)
     )
     node_name: str = prop("The node the pod runs on.", required=True, max_length=253)
     policy: str = prop(

@@ -128,7 +128,7 @@ def test_manifest_is_owned_by_the_pod_and_round_trips() -> None:
     }
     assert manifest["spec"] == {
         "podName": "web-1",
-        "podUid": "uid-1",
+        "podUID": "uid-1",
         "nodeName": "node-a",
         "policy": "istio",
     }
@@ -151,6 +151,6 @@ def test_unreadable_report() -> None:
         parse_report(
             {
                 "metadata": {"name": "a", "namespace": "n"},
-                "spec": {"podUid": "u", "nodeName": "n", "policy": "p"},
+                "spec": {"podUID": "u", "nodeName": "n", "policy": "p"},
             }
         )
