@@ -15,7 +15,8 @@ for name, path in ROOTS.items():
     # src/halfclose/agent and src/halfclose/operator are symlinks kept for static
     # tools; the real roots are mapped above, so skip them here.
     packages.extend(
-        f"{name}.{sub}" for sub in find_packages(path, exclude=["agent", "agent.*", "operator", "operator.*"])
+        f"{name}.{sub}"
+        for sub in find_packages(path, exclude=["agent", "agent.*", "operator", "operator.*"])
     )
 
 setup(

@@ -32,15 +32,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # support.podcgroup: the cgroup2 container fake
 
+from prometheus_client import CollectorRegistry  # noqa: E402
+
 from halfclose.agent.daemon.loop import Agent  # noqa: E402
 from halfclose.agent.daemon.metrics import AgentMetrics  # noqa: E402
 from halfclose.agent.daemon.remediate import EngineRemediator  # noqa: E402
 from halfclose.agent.daemon.settings import AgentSettings  # noqa: E402
 from halfclose.agent.kube.fake import FakeReports, FakeWorld  # noqa: E402
-from prometheus_client import CollectorRegistry  # noqa: E402
-from support.podcgroup import FakeContainers, can_fake_containers, cgroup2_mount, pod_object  # noqa: E402
-
 from halfclose.lab import Lab, LabSettings  # noqa: E402
+from support.podcgroup import FakeContainers, can_fake_containers, cgroup2_mount, pod_object  # noqa: E402
 
 NODE = "bench-node"
 ENVOY_IDLE_TIMEOUT = 3600.0

@@ -12,9 +12,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from halfclose.operator.view import PodInfo
-
 from halfclose.api import Policy, namespace_in_scope, policy_matches, precedence_key
+from halfclose.operator.view import PodInfo
 
 
 @dataclass(slots=True)

@@ -8,8 +8,9 @@ and takes over when the leader goes; readiness is not leadership.
 from __future__ import annotations
 
 from aiohttp import web
-from halfclose.operator.metrics import OperatorMetrics
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from halfclose.operator.metrics import OperatorMetrics
 
 
 class ProbeServer:

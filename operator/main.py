@@ -7,10 +7,10 @@ import sys
 from collections.abc import Sequence
 
 import kopf
-from halfclose.operator.handlers import build_operator
-from halfclose.operator.settings import environment, settings_from
 
 from halfclose.errors import UserError
+from halfclose.operator.handlers import build_operator
+from halfclose.operator.settings import environment, settings_from
 
 
 def main(argv: Sequence[str] | None = None) -> int:

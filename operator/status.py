@@ -11,9 +11,6 @@ import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from halfclose.operator.assignment import PolicyMatch
-from halfclose.operator.view import PolicyEntry, ReportSummary
-
 from halfclose.api import (
     ACCEPTED,
     OVERLAPPING,
@@ -25,6 +22,8 @@ from halfclose.api import (
     set_condition,
 )
 from halfclose.api.policy import TOP_PODS
+from halfclose.operator.assignment import PolicyMatch
+from halfclose.operator.view import PolicyEntry, ReportSummary
 
 # Condition reasons (documented in docs/api.md).
 VALID = "Valid"

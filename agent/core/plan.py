@@ -29,7 +29,6 @@ from halfclose.agent.core.model import (
     SocketRecord,
     TcpState,
 )
-
 from halfclose.errors import UserError
 
 # Why 60 s: under the default nf_conntrack_tcp_timeout_close_wait (60 s) a

@@ -54,7 +54,6 @@ from halfclose.agent.kernel.netlink import NETLINK_NETFILTER
 from halfclose.agent.kernel.netns import NetnsHandle
 from halfclose.agent.kernel.podnetns import PodNetnsResolver
 from halfclose.agent.kube.reports import PodEvent, PodRef, ReportUpdate
-
 from halfclose.api.policy import KILL_SOCKETS, PATCH_CONNTRACK, Policy
 from halfclose.api.report import (
     FindingUpstream,

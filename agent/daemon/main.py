@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import FrameType
 
+from prometheus_client import CollectorRegistry
+
 from halfclose.agent.daemon.http import HealthServer
 from halfclose.agent.daemon.loop import Agent
 from halfclose.agent.daemon.metrics import AgentMetrics
@@ -24,8 +26,6 @@ from halfclose.agent.kernel.netns import require_root
 from halfclose.agent.kube.client import RawClient, load_api_client
 from halfclose.agent.kube.reports import ReportWriter
 from halfclose.agent.kube.world import KubeWorld
-from prometheus_client import CollectorRegistry
-
 from halfclose.errors import UserError
 
 log = logging.getLogger("halfclose.agent")

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from halfclose.agent.core.cgroup import pod_container_ids
-
 from halfclose.api.policy import Policy, PolicyError, parse_policy
 from halfclose.api.selection import select_policy
 

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 
 from halfclose.agent.kernel import sysctl
 from halfclose.agent.kernel.netns import NetnsHandle
-
 from halfclose.errors import UserError
 
 CLOSE_WAIT_SYSCTL = "net.netfilter.nf_conntrack_tcp_timeout_close_wait"
@@ -256,9 +255,7 @@ class CloseWaitPatcher:
                 state_file=path,
             )
         if current != record.original:
-            sysctl.write_sysctl(
-                handle, CLOSE_WAIT_SYSCTL, str(record.original), self.proc_root
-            )
+            sysctl.write_sysctl(handle, CLOSE_WAIT_SYSCTL, str(record.original), self.proc_root)
         after = self.read(handle)
         os.unlink(path)
         return PatchReport(

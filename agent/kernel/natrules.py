@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from halfclose.agent.kernel.netns import NetnsHandle
-
 from halfclose.errors import UserError
 
 IPTABLES_SOURCES: tuple[tuple[str, tuple[str, ...]], ...] = (

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from halfclose.agent.kube.client import JSON, ApiError, RawClient
-
 from halfclose.api.names import GROUP, REPORT_PLURAL, VERSION
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,6 @@ from typing import Any
 
 from halfclose.agent.kube.client import ApiError, RawClient
 from halfclose.agent.kube.watch import Reflector, object_key
-
 from halfclose.api.names import GROUP, NODE_LABEL, POLICY_PLURAL, REPORT_PLURAL, VERSION
 
 log = logging.getLogger(__name__)

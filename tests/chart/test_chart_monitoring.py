@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from support import chart, promql
 
 pytestmark = pytest.mark.chart

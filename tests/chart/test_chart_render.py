@@ -11,6 +11,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+
 from support import chart
 
 pytestmark = pytest.mark.chart

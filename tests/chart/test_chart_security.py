@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 import pytest
+
 from support import chart
 
 pytestmark = pytest.mark.chart

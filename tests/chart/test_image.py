@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from packaging.requirements import Requirement
+
 from support import chart
 
 pytestmark = pytest.mark.chart

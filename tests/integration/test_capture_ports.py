@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from halfclose.agent.kernel import natrules
 from halfclose.agent.kernel.netns import NetnsHandle
-from support.scratchnet import lab_factory, run, scratch_netns, skip_unless_root
-
 from halfclose.errors import UserError
+from support.scratchnet import lab_factory, run, scratch_netns, skip_unless_root
 
 pytestmark = pytest.mark.kernel
 

@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from halfclose.agent.engine.ctpatch import CLOSE_WAIT_SYSCTL, CloseWaitPatcher
 from halfclose.agent.kernel import sysctl
 from halfclose.agent.kernel.netns import NetnsHandle
-
 from halfclose.cli.main import main
 from halfclose.errors import UserError
 

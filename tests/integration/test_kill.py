@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+
 from halfclose.agent.core.model import Endpoint, Finding, Kind, Outcome, SocketRecord, TcpState
 from halfclose.agent.core.plan import (
     ActionKind,
@@ -30,10 +31,9 @@ from halfclose.agent.engine.act import Executor
 from halfclose.agent.engine.scan import Scanner, ScanSettings
 from halfclose.agent.kernel.netns import NetnsHandle
 from halfclose.agent.kernel.sockdiag import encode_destroy
-from support.scratchnet import lab_factory
-
 from halfclose.cli.main import main
 from halfclose.lab import Lab, ProxiedPair
+from support.scratchnet import lab_factory
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: builds a netns lab")
 

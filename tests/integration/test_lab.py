@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support.lab_fixtures import LabFactory, skip_unless_lab_possible, unique_prefix
 
 from halfclose.lab import Lab, LabError, LabSettings
+from support.lab_fixtures import LabFactory, skip_unless_lab_possible, unique_prefix
 
 pytestmark = [
     pytest.mark.kernel,

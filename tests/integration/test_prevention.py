@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from halfclose.agent.core.model import ConntrackEntry, FlowTuple, Kind, Outcome
 from halfclose.agent.core.plan import ActionKind, ActionSettings, make_plan
 from halfclose.agent.engine.act import Executor
@@ -24,10 +25,9 @@ from halfclose.agent.engine.scan import Scanner, ScanSettings
 from halfclose.agent.kernel import sysctl
 from halfclose.agent.kernel.conntrack import Conntrack
 from halfclose.agent.kernel.netns import NetnsHandle
-from support.scratchnet import lab_factory
-
 from halfclose.cli.main import main
 from halfclose.lab import Lab, LateClose, ProxiedPair
+from support.scratchnet import lab_factory
 
 pytestmark = [
     pytest.mark.kernel,

@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 import pytest
+
 from halfclose.agent.core.model import Kind
 from halfclose.agent.engine.scan import Scanner, ScanSettings, scan
 from halfclose.agent.kernel.netns import NetnsHandle

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.minimesh import minimesh
-from support.scratchnet import run, scratch_netns, skip_unless_root
 
 from halfclose.cli.scan import parse_ports
+from support.minimesh import minimesh
+from support.scratchnet import run, scratch_netns, skip_unless_root
 
 HALFCLOSE = [sys.executable, "-m", "halfclose"]
 

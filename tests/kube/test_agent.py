@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from halfclose.agent.daemon.main import Daemon
 from halfclose.agent.daemon.settings import AgentSettings
+from halfclose.api.report import report_manifest
 from support.kubeapi.plugin import kube_api  # noqa: F401 - the fixture, until conftest lists it
 from support.podcgroup import FakeContainers, can_fake_containers, cgroup2_mount, pod_object
-
-from halfclose.api.report import report_manifest
 
 pytestmark = [
     pytest.mark.kube,

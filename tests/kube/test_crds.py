@@ -9,11 +9,11 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from support.kubeapi import KubeAPIEmulator
 
 from halfclose.api import GROUP, POLICY_PLURAL, VERSION, parse_policy
 from halfclose.api.crds import all_crds
 from halfclose.api.generate import expected_files, stale_files
+from support.kubeapi import KubeAPIEmulator
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))

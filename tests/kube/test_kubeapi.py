@@ -22,6 +22,7 @@ from kopf.testing import KopfRunner
 from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
+
 from support.kubeapi import KubeAPIEmulator
 from support.kubeapi.discovery import SERVER_VERSION
 from support.kubeapi.plugin import CRD_DIR

@@ -21,7 +21,6 @@ import kubernetes
 import pytest
 from kopf.testing import KopfRunner
 from prometheus_client import CollectorRegistry
-from support.kubeapi import KubeAPIEmulator
 
 from halfclose.api import (
     GROUP,
@@ -36,6 +35,7 @@ from halfclose.api import (
 )
 from halfclose.operator.handlers import OperatorState, build_operator
 from halfclose.operator.settings import OperatorSettings
+from support.kubeapi import KubeAPIEmulator
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(120)]
 

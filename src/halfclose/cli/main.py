@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -45,14 +46,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return int(args.func(args))
     except UserError as exc:
-        print(f"halfclose: error: {exc}" if not str(exc).startswith("halfclose") else str(exc),
-              file=sys.stderr)
+        print(
+            f"halfclose: error: {exc}" if not str(exc).startswith("halfclose") else str(exc),
+            file=sys.stderr,
+        )
         return exc.exit_code
     except BrokenPipeError:
         # `halfclose scan ... | head`: the reader went away; not an error of ours.
         # Point stdout at /dev/null so the interpreter's final flush stays quiet.
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
+
 from halfclose.agent.daemon.loop import Agent
 from halfclose.agent.daemon.metrics import AgentMetrics
 from halfclose.agent.daemon.remediate import EngineRemediator
 from halfclose.agent.daemon.settings import AgentSettings
 from halfclose.agent.kube.fake import FakeReports, FakeWorld
-from prometheus_client import CollectorRegistry
 from support.podcgroup import FakeContainers, can_fake_containers, cgroup2_mount, pod_object
 
 pytestmark = [

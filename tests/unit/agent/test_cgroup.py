@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from halfclose.agent.core.cgroup import (
     container_id_from_cgroup,
     container_id_from_status,

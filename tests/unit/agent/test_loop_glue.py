@@ -6,9 +6,9 @@ import errno
 from typing import Any
 
 import pytest
+
 from halfclose.agent.core.plan import ActionKind
 from halfclose.agent.daemon.loop import action_settings, error_reason, wants_sysctl
-
 from halfclose.api.policy import parse_policy
 from halfclose.errors import UserError
 

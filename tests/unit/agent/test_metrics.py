@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from halfclose.agent.daemon.metrics import AgentMetrics
 from prometheus_client import CollectorRegistry
+
+from halfclose.agent.daemon.metrics import AgentMetrics
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "metrics.md"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from halfclose.agent.core.ratelimit import TokenBucket
 
 

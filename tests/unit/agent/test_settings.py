@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from halfclose.agent.daemon.settings import AgentSettings
 
+from halfclose.agent.daemon.settings import AgentSettings
 from halfclose.errors import UserError
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+
 from halfclose.agent.core.classify import classify, is_candidate
 from halfclose.agent.core.model import (
     ConntrackEntry,

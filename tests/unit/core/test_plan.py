@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+
 from halfclose.agent.core.model import (
     ConntrackEntry,
     Endpoint,
@@ -28,7 +29,6 @@ from halfclose.agent.core.plan import (
     recheck_extend,
     recheck_kill,
 )
-
 from halfclose.errors import UserError
 
 PORTS = frozenset({15001, 15006})

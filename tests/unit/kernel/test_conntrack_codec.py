@@ -8,6 +8,7 @@ import socket
 from typing import Any
 
 import pytest
+
 from halfclose.agent.core.model import ConntrackEntry, FlowTuple
 from halfclose.agent.kernel import conntrack as ct
 from halfclose.agent.kernel import netlink as nl

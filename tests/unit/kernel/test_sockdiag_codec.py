@@ -12,6 +12,7 @@ import struct
 from typing import Any
 
 import pytest
+
 from halfclose.agent.core.model import Endpoint, SocketRecord, TcpState
 from halfclose.agent.kernel import netlink as nl
 from halfclose.agent.kernel import sockdiag
