@@ -70,6 +70,7 @@ def to_json_dict(result: ScanResult, outcomes: Outcomes | None = None) -> dict[s
         "sockets_examined": result.sockets_examined,
         "duration_seconds": round(result.duration_seconds, 6),
         "findings": [finding_dict(f, outcomes.get(f.socket.cookie)) for f in result.findings],
+        "warnings": list(result.warnings),
     }
 
 
@@ -95,6 +96,7 @@ def render_table(result: ScanResult, outcomes: Outcomes | None = None) -> str:
         f"{result.sockets_examined} half-closed sockets examined in "
         f"{result.duration_seconds * 1000:.1f} ms; {leaked} leaked, {at_risk} at-risk"
     ]
+    lines.extend(f"warning: {w}" for w in result.warnings)
     if not result.findings:
         return "\n".join(lines)
     header = (

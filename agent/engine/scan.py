@@ -48,6 +48,8 @@ class ScanResult:
     findings: list[Finding] = field(default_factory=list)
     # Where each detected port came from; None when the ports were given.
     port_origins: CapturePorts | None = None
+    # Why findings may be incomplete (e.g. leaks withheld for lack of proof).
+    warnings: tuple[str, ...] = ()
 
 
 class Scanner:
@@ -99,7 +101,7 @@ class Scanner:
             return sport not in ports
 
         examined, sockets = self._diag.dump(DUMP_STATES, keep)
-        findings = self._judge(sockets, ports, settings)
+        findings, warnings = self._judge(sockets, ports, settings)
         return ScanResult(
             netns=self.handle.label,
             capture_ports=tuple(sorted(ports)),
@@ -107,15 +109,33 @@ class Scanner:
             duration_seconds=time.perf_counter() - started,
             findings=findings,
             port_origins=origins,
+            warnings=warnings,
         )
 
     def _judge(
         self, sockets: list[SocketRecord], ports: frozenset[int], settings: ScanSettings
-    ) -> list[Finding]:
+    ) -> tuple[list[Finding], tuple[str, ...]]:
         candidates = [s for s in sockets if is_candidate(s, ports)]
         if not candidates:
-            return []
+            return [], ()
         lookups = self._ct.lookup_replies([s.nat_reply_tuple for s in candidates])
+        warnings: tuple[str, ...] = ()
+        # A missing entry proves a leak only where conntrack tracks the
+        # connection.  Detected REDIRECT/TPROXY rules guarantee it; ports given
+        # by hand do not (conntrack is inactive in a netns until a rule needs
+        # it), and there an empty table would make every candidate look leaked.
+        # Withhold the leaks: classify() skips a candidate with no lookup result.
+        if (
+            settings.capture_ports is not None
+            and None in lookups.values()
+            and self._ct.count() == 0
+        ):
+            lookups = {t: e for t, e in lookups.items() if e is not None}
+            warnings = (
+                "conntrack tracks no connection in this netns, so a missing NAT entry "
+                "proves nothing: leaks were not reported (let the capture ports be "
+                "detected from the NAT rules, or check the ports given)",
+            )
         # Owners for the candidates and for the CLOSE_WAIT sockets they may pair with.
         wanted = [s for s in sockets if not s.orphan]
         owners = procfs.find_owners(
@@ -125,7 +145,7 @@ class Scanner:
             uid_hint={s.uid for s in candidates},
         )
         findings = classify(candidates, ports, lookups, owners, settings.min_idle_seconds)
-        return pair(findings, sockets, ports, owners)
+        return pair(findings, sockets, ports, owners), warnings
 
     def close(self) -> None:
         self._diag.close()

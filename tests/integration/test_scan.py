@@ -15,7 +15,7 @@ from halfclose.agent.core.model import Kind
 from halfclose.agent.engine.scan import Scanner, ScanSettings, scan
 from halfclose.agent.kernel.netns import NetnsHandle
 from support.minimesh import minimesh, ss_lines
-from support.scratchnet import holder, lab_factory, run, skip_unless_root
+from support.scratchnet import holder, lab_factory, run, scratch_netns, skip_unless_root
 
 pytestmark = pytest.mark.kernel
 
@@ -179,3 +179,27 @@ def test_sockdiag_reread_and_destroy_by_cookie() -> None:
         assert not any(str(first.socket.peer) in ln for ln in lines)
         assert any(str(second.socket.peer) in ln for ln in lines)
         assert ss_lines(mm.netns, "state", "listening", "( sport = :15001 )")
+
+
+def test_forced_ports_without_conntrack_prove_no_leak() -> None:
+    """A FIN_WAIT2 on a hand-given port in a netns where conntrack tracks nothing
+    (no rule needs it) has no entry, but that proves nothing: never "leaked"."""
+    skip_unless_root("ip")
+    with scratch_netns("noct") as ns, holder(ns, HEALTHY):
+        assert any(":18080 " in ln for ln in ss_lines(ns, "state", "fin-wait-2"))
+        with NetnsHandle.from_name(ns) as handle:
+            result = scan(handle, ScanSettings(capture_ports=frozenset({18080})))
+    assert result.findings == []
+    assert len(result.warnings) == 1 and "proves nothing" in result.warnings[0]
+
+
+def test_forced_ports_still_prove_leaks_where_conntrack_tracks(lab: Any) -> None:
+    """The control: with the table in use, explicit ports find exactly the leaks."""
+    leaks = lab.leak(count=2)
+    lab.idle(count=1)  # a live entry, as in any pod with traffic
+    with NetnsHandle.from_name(lab.pod_netns(0)) as handle:
+        result = scan(handle, ScanSettings(capture_ports=frozenset(lab.capture_ports)))
+    assert result.warnings == ()
+    assert set(_findings(result, Kind.LEAKED)) == {
+        (str(p.proxy_downstream), str(p.app)) for p in leaks
+    }

@@ -60,7 +60,9 @@ def test_json_contract_shape_and_spelling() -> None:
         "sockets_examined",
         "duration_seconds",
         "findings",
+        "warnings",  # additive to design.md §4: why findings may be incomplete
     }
+    assert doc["warnings"] == []
     assert doc["capture_ports"] == [15001, 15006] and doc["sockets_examined"] == 42
     assert isinstance(doc["duration_seconds"], float)
     first, second = doc["findings"]
