@@ -1,6 +1,7 @@
 """Shared fixtures: each support plugin registers its own (see tests/support/)."""
 
 pytest_plugins: list[str] = [
-    "support.lab_fixtures",  # make_lab, lab, module_lab (the leak lab)
+    "support.lab_fixtures",  # make_lab, lab, module_lab: the leak lab
     "support.kubeapi.plugin",  # kube_api: the HTTP Kubernetes API emulator
+    "support.podcgroup",  # containers: lab processes as fake containerd containers
 ]

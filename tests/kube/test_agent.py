@@ -8,12 +8,11 @@ agent runs unmodified: real watches over HTTP, real /proc, real netlink.
 
 from __future__ import annotations
 
-import secrets
 import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from halfclose.agent.daemon.main import Daemon
 from halfclose.agent.daemon.settings import AgentSettings
 from halfclose.api.report import report_manifest
 from support.kubeapi.plugin import kube_api  # noqa: F401 - the fixture, until conftest lists it
-from support.podcgroup import FakeContainers, can_fake_containers, cgroup2_mount, pod_object
+from support.podcgroup import FakeContainers, can_fake_containers, pod_object
 
 pytestmark = [
     pytest.mark.kube,
@@ -60,31 +59,6 @@ def policy(name: str, **spec: Any) -> dict[str, Any]:
         "metadata": {"name": name},
         "spec": base,
     }
-
-
-@pytest.fixture
-def lab() -> Iterator[Any]:
-    from halfclose.lab import Lab, LabSettings
-
-    lab = Lab(
-        LabSettings(prefix=f"hct-{secrets.token_hex(2)}-ka", pods=1, close_wait_timeout=CLOSE_WAIT)
-    )
-    lab.up()
-    try:
-        yield lab
-    finally:
-        lab.down()
-
-
-@pytest.fixture
-def containers() -> Iterator[FakeContainers]:
-    mount = cgroup2_mount()
-    assert mount is not None
-    fc = FakeContainers(mount)
-    try:
-        yield fc
-    finally:
-        fc.close()
 
 
 class World:

@@ -15,7 +15,10 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 
 def cgroup2_mount() -> Path | None:
@@ -109,3 +112,16 @@ def can_fake_containers() -> str | None:
     if cgroup2_mount() is None:
         return "no cgroup2 mount to fake container cgroups in"
     return None
+
+
+@pytest.fixture
+def containers() -> Iterator[FakeContainers]:
+    """Fake containerd containers (cgroup2 scopes) for lab processes; removed after."""
+    mount = cgroup2_mount()
+    if mount is None:
+        pytest.skip("no cgroup2 mount to fake container cgroups in")
+    fc = FakeContainers(mount)
+    try:
+        yield fc
+    finally:
+        fc.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from halfclose.agent.daemon.metrics import AgentMetrics
 from halfclose.agent.daemon.remediate import EngineRemediator
 from halfclose.agent.daemon.settings import AgentSettings
 from halfclose.agent.kube.fake import FakeReports, FakeWorld
-from support.podcgroup import FakeContainers, can_fake_containers, cgroup2_mount, pod_object
+from support.podcgroup import FakeContainers, can_fake_containers, pod_object
 
 pytestmark = [
     pytest.mark.kernel,
@@ -57,31 +57,6 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
     value = registry.get_sample_value(name, labels)
     return value or 0.0
-
-
-@pytest.fixture
-def lab() -> Iterator[Any]:
-    from halfclose.lab import Lab, LabSettings
-
-    lab = Lab(
-        LabSettings(prefix=f"hct-{secrets.token_hex(2)}-al", pods=1, close_wait_timeout=CLOSE_WAIT)
-    )
-    lab.up()
-    try:
-        yield lab
-    finally:
-        lab.down()
-
-
-@pytest.fixture
-def containers() -> Iterator[FakeContainers]:
-    mount = cgroup2_mount()
-    assert mount is not None
-    fc = FakeContainers(mount)
-    try:
-        yield fc
-    finally:
-        fc.close()
 
 
 class Running:
