@@ -27,7 +27,6 @@ import errno
 import logging
 import os
 import select
-import socket
 import threading
 import time
 from collections import OrderedDict, deque
@@ -50,7 +49,7 @@ from halfclose.agent.daemon.settings import AgentSettings
 from halfclose.agent.daemon.targets import PodKey, PodTarget, parse_policies, pod_targets
 from halfclose.agent.engine.scan import Scanner, ScanResult, ScanSettings
 from halfclose.agent.kernel.ctevents import ConntrackEventSocket, leak_countdown, leak_forming
-from halfclose.agent.kernel.netlink import NETLINK_NETFILTER
+from halfclose.agent.kernel.netlink import NETLINK_NETFILTER, open_socket
 from halfclose.agent.kernel.netns import NetnsHandle
 from halfclose.agent.kernel.podnetns import PodNetnsResolver
 from halfclose.agent.kube.reports import PodEvent, PodRef, ReportUpdate
@@ -481,9 +480,7 @@ class Agent:
             return None
         events: ConntrackEventSocket | None = None
         try:
-            events = ConntrackEventSocket(
-                handle.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-            )
+            events = ConntrackEventSocket(open_socket(NETLINK_NETFILTER, handle))
         except OSError as exc:
             # Without events the poll interval still finds every leak, later.
             log.warning("no conntrack events for netns %s: %s", path, exc)

@@ -287,10 +287,7 @@ class Conntrack:
 
     @classmethod
     def open(cls, netns: NetnsHandle | None = None) -> Conntrack:
-        args = (socket.AF_NETLINK, socket.SOCK_RAW, nl.NETLINK_NETFILTER)
-        if netns is None:
-            return cls(socket.socket(*args))
-        return cls(netns.socket(*args))
+        return cls(nl.open_socket(nl.NETLINK_NETFILTER, netns))
 
     def lookup_replies(
         self, replies: Sequence[FlowTuple], zone: int = 0

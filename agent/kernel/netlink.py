@@ -12,6 +12,7 @@ import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 NLA_HDR = struct.Struct("=HH")  # len, type
@@ -108,6 +109,21 @@ def iter_attrs(buf: memoryview, offset: int = 0) -> Iterator[tuple[int, memoryvi
 def error_code(msg: Message) -> int:
     """The (positive) errno carried by an NLMSG_ERROR message; 0 is an ACK."""
     return -int(_ERRNO_FMT.unpack_from(msg.payload, 0)[0])
+
+
+class SocketFactory(Protocol):
+    """What can create a socket inside a netns (``NetnsHandle``)."""
+
+    def socket(self, family: int, type_: int, proto: int, /) -> socket.socket: ...
+
+
+def open_socket(protocol: int, netns: SocketFactory | None = None) -> socket.socket:
+    """A raw netlink socket of ``protocol``, created inside ``netns`` or here.
+
+    Where it is created is where it talks, for its whole life (design.md §3).
+    """
+    args = (socket.AF_NETLINK, socket.SOCK_RAW, protocol)
+    return socket.socket(*args) if netns is None else netns.socket(*args)
 
 
 class NetlinkSocket:

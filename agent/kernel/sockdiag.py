@@ -204,10 +204,7 @@ class SockDiag:
     @classmethod
     def open(cls, netns: NetnsHandle | None = None) -> SockDiag:
         """Open in ``netns`` (a NetnsHandle) or in the caller's netns."""
-        args = (socket.AF_NETLINK, socket.SOCK_RAW, nl.NETLINK_SOCK_DIAG)
-        if netns is None:
-            return cls(socket.socket(*args))
-        return cls(netns.socket(*args))
+        return cls(nl.open_socket(nl.NETLINK_SOCK_DIAG, netns))
 
     def dump(
         self,
