@@ -125,15 +125,21 @@ def creatable(manifest: Mapping[str, Any]) -> JSON:
     return cast(JSON, obj)
 
 
-def event_object(event: PodEvent, node: str) -> JSON:
+def event_name(event: PodEvent) -> str:
+    """Unique per series: pod name + a nanosecond stamp, as client-go's recorder does."""
+    return f"{event.pod.name}.{time.time_ns():x}"
+
+
+def event_object(
+    event: PodEvent, node: str, name: str | None = None, series: EventSeries | None = None
+) -> JSON:
     pod = event.pod
     stamp = _now_iso(event.at)
     return {
         "apiVersion": "v1",
         "kind": "Event",
         "metadata": {
-            # Unique per event: pod name + a nanosecond stamp, as kubectl's recorder does.
-            "name": f"{pod.name}.{time.time_ns():x}",
+            "name": name or event_name(event),
             "namespace": pod.namespace,
         },
         "involvedObject": {
@@ -146,13 +152,73 @@ def event_object(event: PodEvent, node: str) -> JSON:
         "reason": event.reason,
         "message": event.message,
         "type": event.type,
-        "count": 1,
-        "firstTimestamp": stamp,
+        "count": series.count if series else 1,
+        "firstTimestamp": _now_iso(series.first) if series else stamp,
         "lastTimestamp": stamp,
         "source": {"component": SOURCE_COMPONENT, "host": node},
         "reportingComponent": REPORTING_COMPONENT,
         "reportingInstance": node,
     }
+
+
+@dataclass(slots=True)
+class EventSeries:
+    """One Event object in the API that repeats of the same event are counted on."""
+
+    name: str
+    count: int
+    first: float
+    last: float
+
+
+class EventCorrelator:
+    """Folds repeats of an event into one Event object, as client-go's correlator does.
+
+    The same (pod, reason, type, message) within ``window`` seconds of the last
+    occurrence bumps ``count``/``lastTimestamp`` on the existing Event instead of
+    creating another: a failure that persists (EPERM on every scan) stays one
+    line in ``kubectl get events`` with a count, not hundreds of objects.
+    Bounded: the least recently seen series is forgotten first (pure).
+    """
+
+    def __init__(self, window: float = 600.0, capacity: int = 1024) -> None:
+        self.window = window
+        self.capacity = capacity
+        self._series: OrderedDict[tuple[str, str, str, str, str, str], EventSeries] = OrderedDict()
+
+    @staticmethod
+    def key(event: PodEvent) -> tuple[str, str, str, str, str, str]:
+        pod = event.pod
+        return (pod.namespace, pod.name, pod.uid, event.reason, event.type, event.message)
+
+    def observe(self, event: PodEvent) -> tuple[EventSeries, bool]:
+        """The series this event belongs to, and whether it is new (create) or a repeat (patch)."""
+        key = self.key(event)
+        series = self._series.get(key)
+        if series is not None and event.at - series.last <= self.window:
+            series.count += 1
+            series.last = event.at
+            self._series.move_to_end(key)
+            return series, False
+        series = EventSeries(event_name(event), 1, event.at, event.at)
+        self._series[key] = series
+        self._series.move_to_end(key)
+        while len(self._series) > self.capacity:
+            self._series.popitem(last=False)
+        return series, True
+
+    def forget(self, event: PodEvent) -> None:
+        """The series' Event is gone from the API (expired, deleted): start anew."""
+        self._series.pop(self.key(event), None)
+
+    def undo(self, event: PodEvent, new: bool) -> None:
+        """The write for ``observe(event)`` did not happen: take its count back."""
+        if new:
+            self.forget(event)
+            return
+        series = self._series.get(self.key(event))
+        if series is not None and series.count > 1:
+            series.count -= 1
 
 
 class ReportWriter:
@@ -177,6 +243,7 @@ class ReportWriter:
         self._lock = threading.Lock()
         self._pending = PendingReports(capacity)
         self._events: deque[PodEvent] = deque(maxlen=max_events)
+        self._correlator = EventCorrelator()  # used by the writer thread only
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._idle = threading.Event()
@@ -261,11 +328,7 @@ class ReportWriter:
                     break
                 event = self._events[0]
             try:
-                self.client.request(
-                    "POST",
-                    f"/api/v1/namespaces/{event.pod.namespace}/events",
-                    body=event_object(event, self.node),
-                )
+                self._write_event(event)
             except ApiError as exc:
                 if exc.unreachable:
                     ok = False
@@ -279,6 +342,34 @@ class ReportWriter:
             if ok and not self._pending and not self._events:
                 self._idle.set()
         return ok
+
+    def _write_event(self, event: PodEvent) -> None:
+        series, new = self._correlator.observe(event)
+        base = f"/api/v1/namespaces/{event.pod.namespace}/events"
+        try:
+            if not new:
+                try:
+                    self.client.request(
+                        "PATCH",
+                        f"{base}/{series.name}",
+                        body={"count": series.count, "lastTimestamp": _now_iso(event.at)},
+                        content_type="application/merge-patch+json",
+                    )
+                    return
+                except ApiError as exc:
+                    if exc.status != 404:
+                        raise
+                    # The Event expired (the API server's event TTL): a new series.
+                    self._correlator.forget(event)
+                    series, new = self._correlator.observe(event)
+            self.client.request(
+                "POST", base, body=event_object(event, self.node, series.name, series)
+            )
+        except ApiError:
+            # Not written (it is retried, or dropped as rejected): the count it
+            # took must not show up on the next occurrence.
+            self._correlator.undo(event, new)
+            raise
 
     def _write(self, update: ReportUpdate) -> None:
         pod = update.pod

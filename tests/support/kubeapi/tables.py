@@ -164,7 +164,46 @@ def _pod_row(pod: Mapping[str, Any], now: datetime.datetime) -> list[Any]:
     ]
 
 
+def _event_row(ev: Mapping[str, Any], now: datetime.datetime) -> list[Any]:
+    """As kube's printers.go prints core/v1 Events (a series shows its count)."""
+    obj = ev.get("involvedObject") or {}
+    source = ev.get("source") or {}
+    count = int(ev.get("count") or 1)
+    first = ev.get("firstTimestamp") or ev["metadata"].get("creationTimestamp")
+    last = ev.get("lastTimestamp") or first
+    last_seen = age(last, now)
+    if count > 1:
+        last_seen = f"{last_seen} (x{count} over {age(first, now)})"
+    return [
+        last_seen,
+        ev.get("type", ""),
+        ev.get("reason", ""),
+        f"{str(obj.get('kind', '')).lower()}/{obj.get('name', '')}",
+        obj.get("fieldPath", ""),
+        ", ".join(x for x in (source.get("component"), source.get("host")) if x),
+        ev.get("message", ""),
+        age(first, now),
+        str(count),
+        ev["metadata"]["name"],
+    ]
+
+
 BUILTIN_PRINTERS: dict[tuple[str, str], tuple[list[dict[str, Any]], Printer]] = {
+    ("", "events"): (
+        [
+            _col("Last Seen"),
+            _col("Type"),
+            _col("Reason"),
+            _col("Object"),
+            _col("Subobject", priority=1),
+            _col("Source", priority=1),
+            _col("Message"),
+            _col("First Seen", priority=1),
+            _col("Count", priority=1),
+            _col("Name", priority=1),
+        ],
+        _event_row,
+    ),
     ("", "pods"): (
         [
             NAME_COLUMN,
