@@ -16,9 +16,12 @@ Evidence, strongest first:
    (``last_ack_recv``), and the downstream last heard from the app when it
    ACKed the FIN the proxy forwarded a moment later.
 
-Candidates are CLOSE_WAIT sockets of the *same process* (pid) not on a capture
-port.  A choice must be unique by a margin and mutual (the chosen upstream's
-best downstream is this one); otherwise the pair is None.
+Candidates are CLOSE_WAIT sockets of the *same holder* not on a capture port:
+the same process (pid) where /proc told us the owners, else the same socket
+uid from sock_diag (the agent's default capabilities cannot list another
+user's /proc/<pid>/fd; a sidecar runs under its own uid, 1337 or 2102).  A
+choice must be unique by a margin and mutual (the chosen upstream's best
+downstream is this one); otherwise the pair is None.
 """
 
 from __future__ import annotations
@@ -36,19 +39,23 @@ FIN_MARGIN_MS = 10
 FIN_MAX_GAP_MS = 2000
 
 
+Holder = tuple[str, int]
+
+
+def holder(sock: SocketRecord, owners: Mapping[int, Owner]) -> Holder:
+    """Who holds ``sock``: its process when known, else its uid (weaker, still one proxy)."""
+    owner = owners.get(sock.inode)
+    return ("pid", owner.pid) if owner is not None else ("uid", sock.uid)
+
+
 def upstream_pool(
-    sockets: Iterable[SocketRecord],
-    capture_ports: Collection[int],
-    owners: Mapping[int, Owner],
+    sockets: Iterable[SocketRecord], capture_ports: Collection[int]
 ) -> list[SocketRecord]:
-    """Owned CLOSE_WAIT sockets that could be a proxy's upstream leg."""
+    """CLOSE_WAIT sockets held by a process that could be a proxy's upstream leg."""
     return [
         s
         for s in sockets
-        if s.state is TcpState.CLOSE_WAIT
-        and not s.orphan
-        and s.local.port not in capture_ports
-        and s.inode in owners
+        if s.state is TcpState.CLOSE_WAIT and not s.orphan and s.local.port not in capture_ports
     ]
 
 
@@ -175,24 +182,23 @@ def pair(
     owners: Mapping[int, Owner],
 ) -> list[Finding]:
     """``findings`` with ``upstream`` filled where it can be determined."""
-    pool = upstream_pool(sockets, capture_ports, owners)
-    by_pid: dict[int, list[SocketRecord]] = {}
-    for s in pool:
-        by_pid.setdefault(owners[s.inode].pid, []).append(s)
+    by_holder: dict[Holder, list[SocketRecord]] = {}
+    for s in upstream_pool(sockets, capture_ports):
+        by_holder.setdefault(holder(s, owners), []).append(s)
 
     chosen: dict[int, SocketRecord] = {}  # finding index -> upstream
     claimed: set[int] = set()  # upstream cookies already paired
 
     # 1. At-risk: the original destination narrows candidates to one service.
-    by_dest: dict[tuple[int, Endpoint], list[int]] = {}
+    by_dest: dict[tuple[Holder, Endpoint], list[int]] = {}
     for i, f in enumerate(findings):
-        if f.kind is Kind.AT_RISK and f.entry is not None and f.owner is not None:
+        if f.kind is Kind.AT_RISK and f.entry is not None:
             dest = Endpoint(f.entry.original.dst, f.entry.original.dport)
-            by_dest.setdefault((f.owner.pid, dest), []).append(i)
-    for (pid, dest), idxs in by_dest.items():
+            by_dest.setdefault((holder(f.socket, owners), dest), []).append(i)
+    for (who, dest), idxs in by_dest.items():
         group = _Group(
             [findings[i].socket for i in idxs],
-            [u for u in by_pid.get(pid, []) if u.peer == dest],
+            [u for u in by_holder.get(who, []) if u.peer == dest],
         )
         for i in idxs:
             if len(idxs) == 1 and len(group.ups) == 1:
@@ -203,15 +209,15 @@ def pair(
                 chosen[i] = up
                 claimed.add(up.cookie)
 
-    # 2. Leaked (and at-risk left unpaired): same process, counters and FIN time.
-    rest: dict[int, list[int]] = {}
+    # 2. Leaked (and at-risk left unpaired): same holder, counters and FIN time.
+    rest: dict[Holder, list[int]] = {}
     for i, f in enumerate(findings):
-        if i not in chosen and f.owner is not None:
-            rest.setdefault(f.owner.pid, []).append(i)
-    for pid, idxs in rest.items():
+        if i not in chosen:
+            rest.setdefault(holder(f.socket, owners), []).append(i)
+    for who, idxs in rest.items():
         group = _Group(
             [findings[i].socket for i in idxs],
-            [u for u in by_pid.get(pid, []) if u.cookie not in claimed],
+            [u for u in by_holder.get(who, []) if u.cookie not in claimed],
         )
         for i in idxs:
             up = group.choose(findings[i].socket)

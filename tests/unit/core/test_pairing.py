@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from halfclose.agent.core.model import (
     ConntrackEntry,
     Endpoint,
@@ -172,3 +174,19 @@ def test_ipv6_and_capture_port_close_wait_is_not_an_upstream() -> None:
     )
     out = pair([leaked(d1, o1)], [inbound_cw], PORTS, owners_of(inbound_cw) | {1: o1})
     assert out[0].upstream is None
+
+
+def test_without_proc_owners_pairs_by_socket_uid() -> None:
+    """The agent's default capabilities cannot list a sidecar's /proc/<pid>/fd:
+    owners are unknown, and the socket uid from sock_diag groups the legs."""
+    d1, _ = down(1, sent=100, got=10)
+    d2, _ = down(2, sent=200, got=20)
+    u1, u2 = up(1, sent=10, got=100), up(2, sent=20, got=200)
+    # The app's own CLOSE_WAIT socket under another uid, with counters that would
+    # match d1 exactly: a different holder is never a candidate.
+    app = dataclasses.replace(up(3, sent=10, got=100), uid=1000, cookie=3003, inode=3003)
+    findings = [Finding(Kind.LEAKED, d1, None), Finding(Kind.LEAKED, d2, None)]
+    out = pair(findings, [d1, d2, app, u1, u2], PORTS, owners={})
+    assert [f.upstream for f in out] == [u1, u2]
+    only_app = pair(findings[:1], [d1, app], PORTS, owners={})
+    assert only_app[0].upstream is None
