@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import os
 import socket
 import subprocess
@@ -96,6 +97,9 @@ class NetnsHandle:
             handle.run(lambda: None)
         except OSError as exc:
             handle.close()
+            if exc.errno == errno.EINVAL:
+                # setns() says EINVAL for a file that is not a network namespace.
+                raise UserError(f"{path} is not a network namespace") from None
             raise UserError(f"cannot enter {what} ({path}): {exc.strerror}") from None
         return handle
 

@@ -77,7 +77,7 @@ def test_a_path_that_is_not_a_netns_cannot_be_entered(tmp_path: Path) -> None:
     skip_unless_root()
     f = tmp_path / "not-a-netns"
     f.write_text("")
-    assert_user_error(halfclose("scan", "--netns", str(f)), "cannot enter")
+    assert_user_error(halfclose("scan", "--netns", str(f)), "is not a network namespace")
 
 
 @pytest.mark.kernel
