@@ -139,6 +139,8 @@ class WatchedNetns:
     expired_at: OrderedDict[FlowTuple, float] = field(default_factory=OrderedDict)
     # socket cookie -> wall time a scan first saw it leaked
     leaked_since: dict[int, float] = field(default_factory=dict)
+    # The scan warnings last seen, so each new one is logged and counted once.
+    warnings: tuple[str, ...] = ()
 
     def close(self) -> None:
         for closer in (
@@ -171,6 +173,15 @@ class WatchedNetns:
             if at >= now - EXPIRY_RECORD_MAX_AGE:
                 break
             del self.expired_at[reply]
+
+
+def new_warnings(previous: tuple[str, ...], current: tuple[str, ...]) -> list[str]:
+    """The warnings of this scan that the last scan of the netns did not have.
+
+    A warning that persists is reported once; one that went away and comes
+    back is new again (someone fixed the access, then it broke again).
+    """
+    return [w for w in current if w not in previous]
 
 
 def error_reason(exc: BaseException) -> str:
@@ -488,6 +499,18 @@ class Agent:
         # First scan now: a freshly matched pod may have leaks already.
         return WatchedNetns(inode, handle, scanner, events, keys, next_scan=now)
 
+    def _note_warnings(self, watched: WatchedNetns, warnings: tuple[str, ...]) -> None:
+        """Log and count each new scan warning once per netns, not once per scan.
+
+        A warning means the scan ran but may miss leaks (unreadable NAT rules,
+        no conntrack to prove a leak with): scan_errors{reason="incomplete"}
+        feeds the scan-errors alert, so someone fixes the access or the ports.
+        """
+        for warning in new_warnings(watched.warnings, warnings):
+            log.warning("netns %d (%s): %s", watched.inode, "/".join(watched.pods[0]), warning)
+            self.metrics.scan_errors.labels(reason="incomplete").inc()
+        watched.warnings = warnings
+
     def _close_netns(self, watched: WatchedNetns) -> None:
         log.info("no longer watching netns %d", watched.inode)
         watched.close()
@@ -584,6 +607,7 @@ class Agent:
                 )
             )
             watched.capture_ports = frozenset(result.capture_ports)
+            self._note_warnings(watched, result.warnings)
             outcomes = self._act(watched, state, policy, result)
         except Exception as exc:
             reason = error_reason(exc)

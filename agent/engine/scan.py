@@ -102,6 +102,17 @@ class Scanner:
 
         examined, sockets = self._diag.dump(DUMP_STATES, keep)
         findings, warnings = self._judge(sockets, ports, settings)
+        if origins is not None:
+            # A rule source that exists but cannot be read (iptables-legacy
+            # without CAP_NET_RAW) hides its capture ports: say so, every scan.
+            warnings = (
+                tuple(
+                    f"NAT rules from {src} could not be read ({why}): capture ports "
+                    "may be incomplete (grant the access, or give the ports)"
+                    for src, why in origins.unreadable.items()
+                )
+                + warnings
+            )
         return ScanResult(
             netns=self.handle.label,
             capture_ports=tuple(sorted(ports)),

@@ -66,6 +66,14 @@ class CapturePorts:
     origins: Mapping[int, tuple[PortOrigin, ...]] = field(default_factory=dict)
     sources_read: tuple[str, ...] = ()
     sources_failed: Mapping[str, str] = field(default_factory=dict)  # source -> why
+    # Tools not installed in the netns's view: normal (node images differ), and
+    # then that rule style cannot be in use there either.
+    sources_missing: tuple[str, ...] = ()
+
+    @property
+    def unreadable(self) -> Mapping[str, str]:
+        """Sources that exist but could not be read: rules there are invisible to us."""
+        return {k: v for k, v in self.sources_failed.items() if k not in self.sources_missing}
 
 
 def _expand(lo: int, hi: int | None) -> range:
@@ -154,6 +162,10 @@ def _read(handle: NetnsHandle, argv: tuple[str, ...], timeout: float) -> tuple[b
     return True, proc.stdout
 
 
+def _tool_missing(why: str) -> bool:
+    return why == "nsenter not found" or ("failed to execute" in why and "No such file" in why)
+
+
 def detect(handle: NetnsHandle, timeout: float = 10.0) -> CapturePorts:
     """Read every rule source in ``handle``'s netns; UserError if none was readable."""
     sources = (*IPTABLES_SOURCES, NFT_SOURCE)
@@ -179,4 +191,5 @@ def detect(handle: NetnsHandle, timeout: float = 10.0) -> CapturePorts:
         why = "; ".join(f"{k}: {v}" for k, v in failed.items())
         raise UserError(f"cannot read NAT rules in {handle.label} ({why}); pass --capture-ports")
     origins = merge(found)
-    return CapturePorts(frozenset(origins), origins, tuple(read), failed)
+    missing = tuple(k for k, why in failed.items() if _tool_missing(why))
+    return CapturePorts(frozenset(origins), origins, tuple(read), failed, missing)

@@ -17,13 +17,14 @@ import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+_PR_SET_DUMPABLE = 4
 _PR_SET_NAME = 15
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def set_process_name(name: str) -> None:
     """Set the kernel's comm name (what ``ss -p``, ``ps -o comm`` and /proc show)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    _libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 def raise_open_files_limit() -> int:
@@ -41,6 +42,13 @@ def drop_privileges(uid: int, gid: int) -> None:
     os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)
+    # Changing uid made us non-dumpable, which leaves /proc/<pid> owned by root.
+    # A real sidecar is exec'd by the container runtime already as its uid and
+    # stays dumpable, so its /proc/<pid>/fd is that uid's (mode 0500): an agent
+    # without CAP_DAC_READ_SEARCH cannot list it.  Be that process.
+    if _libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_DUMPABLE): {os.strerror(err)}")
 
 
 def announce_ready() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from halfclose.agent.core.plan import ActionKind
-from halfclose.agent.daemon.loop import action_settings, error_reason, wants_sysctl
+from halfclose.agent.daemon.loop import action_settings, error_reason, new_warnings, wants_sysctl
 from halfclose.api.policy import parse_policy
 from halfclose.errors import UserError
 
@@ -62,3 +62,11 @@ def test_action_mapping() -> None:
     settings = action_settings(sysctl, 0)
     assert (settings.action, settings.close_wait_timeout) == (ActionKind.PATCH_CONNTRACK, 900)
     assert wants_sysctl(sysctl)
+
+
+def test_a_persisting_scan_warning_is_counted_once_and_again_after_it_cleared() -> None:
+    rules = "NAT rules from iptables-legacy could not be read (Permission denied)"
+    assert new_warnings((), (rules,)) == [rules]
+    assert new_warnings((rules,), (rules,)) == []  # every later scan: not again
+    assert new_warnings((rules,), ()) == []
+    assert new_warnings((), (rules,)) == [rules]  # it came back

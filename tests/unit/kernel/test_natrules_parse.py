@@ -89,3 +89,20 @@ def test_merge_keeps_each_origin_once_per_port() -> None:
     found = list(natrules.parse_iptables_save(IPTABLES_NFT, "a"))
     merged = natrules.merge([*found, *found])
     assert all(len(origins) == 1 for origins in merged.values())
+
+
+def test_a_missing_tool_is_normal_an_unreadable_source_is_not() -> None:
+    from halfclose.agent.kernel.natrules import CapturePorts, _tool_missing
+
+    missing = "nsenter: failed to execute nft: No such file or directory"
+    denied = (
+        "iptables-save v1.8.9 (legacy): Cannot initialize: Permission denied (you must be root)"
+    )
+    assert _tool_missing(missing) and _tool_missing("nsenter not found")
+    assert not _tool_missing(denied)
+    cp = CapturePorts(
+        frozenset({4143}),
+        sources_failed={"nft": missing, "iptables-legacy": denied},
+        sources_missing=("nft",),
+    )
+    assert dict(cp.unreadable) == {"iptables-legacy": denied}
