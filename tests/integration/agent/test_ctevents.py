@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,7 +17,7 @@ from halfclose.agent.kernel.ctevents import (
     leak_countdown,
     leak_forming,
 )
-from halfclose.agent.kernel.netlink import NETLINK_NETFILTER
+from halfclose.agent.kernel.netlink import NETLINK_NETFILTER, open_socket
 from halfclose.agent.kernel.netns import NetnsHandle
 
 pytestmark = [
@@ -26,12 +26,12 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"hct-{secrets.token_hex(2)}-ctev"
+@contextlib.contextmanager
+def nat_netns(tag: str) -> Iterator[str]:
+    """A fresh netns where conntrack is active (a nat chain needs it, design.md §3)."""
+    name = f"hct-{secrets.token_hex(2)}-{tag}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
-        # A nat chain makes conntrack active in the netns (design.md §3).
         subprocess.run(
             ["ip", "netns", "exec", name, "nft", "-f", "-"],
             check=True,
@@ -43,43 +43,31 @@ def netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
+@pytest.fixture
+def netns() -> Iterator[str]:
+    with nat_netns("ctev") as name:
+        yield name
+
+
+def conntrack(netns: str, *args: str) -> None:
+    """The conntrack CLI inside ``netns``: an independent way to make events."""
+    subprocess.run(
+        ["ip", "netns", "exec", netns, "conntrack", *args], check=True, capture_output=True
+    )
+
+
+def events_in(handle: NetnsHandle) -> ConntrackEventSocket:
+    return ConntrackEventSocket(open_socket(NETLINK_NETFILTER, handle))
+
+
 def insert_entry(netns: str, app_port: int, state: str, timeout: int, proxy_port: int) -> None:
     """A REDIRECTed connection's entry: app:port -> 192.0.2.2:80, reply from proxy_port."""
-    subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            netns,
-            "conntrack",
-            "-I",
-            "-p",
-            "tcp",
-            "-s",
-            "192.0.2.1",
-            "-d",
-            "192.0.2.2",
-            "--sport",
-            str(app_port),
-            "--dport",
-            "80",
-            "-r",
-            "127.0.0.1",
-            "-q",
-            "192.0.2.1",
-            "--reply-port-src",
-            str(proxy_port),
-            "--reply-port-dst",
-            str(app_port),
-            "--state",
-            state,
-            "-t",
-            str(timeout),
-            "-u",
-            "SEEN_REPLY",
-        ],
-        check=True,
-        capture_output=True,
+    conntrack(
+        netns,
+        *("-I", "-p", "tcp", "-s", "192.0.2.1", "-d", "192.0.2.2"),
+        *("--sport", str(app_port), "--dport", "80", "-r", "127.0.0.1", "-q", "192.0.2.1"),
+        *("--reply-port-src", str(proxy_port), "--reply-port-dst", str(app_port)),
+        *("--state", state, "-t", str(timeout), "-u", "SEEN_REPLY"),
     )
 
 
@@ -95,9 +83,7 @@ def collect(sock: ConntrackEventSocket, want: int, timeout: float) -> list[Connt
 
 def test_destroy_events_carry_reply_tuple_and_state(netns: str) -> None:
     with NetnsHandle.from_name(netns) as handle:
-        sock = ConntrackEventSocket(
-            handle.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        )
+        sock = events_in(handle)
         with sock:
             assert sock.drain() == ([], False)  # non-blocking when idle
             insert_entry(netns, 40001, "CLOSE_WAIT", 1, proxy_port=15001)
@@ -107,15 +93,9 @@ def test_destroy_events_carry_reply_tuple_and_state(netns: str) -> None:
             # can wait tens of seconds to be reaped (and announced).  A lookup
             # or dump reaps expired entries at once, as the agent's scans do.
             time.sleep(1.3)
-            subprocess.run(
-                ["ip", "netns", "exec", netns, "conntrack", "-L"], check=True, capture_output=True
-            )
+            conntrack(netns, "-L")
             # An explicit delete is a DESTROY too.
-            subprocess.run(
-                ["ip", "netns", "exec", netns, "conntrack", "-D", "-p", "tcp", "--sport", "40002"],
-                check=True,
-                capture_output=True,
-            )
+            conntrack(netns, "-D", "-p", "tcp", "--sport", "40002")
             events = collect(sock, 2, timeout=5.0)
     by_port = {e.reply.dport: e for e in events}
     assert set(by_port) == {40001, 40002}
@@ -130,96 +110,28 @@ def test_destroy_events_carry_reply_tuple_and_state(netns: str) -> None:
 
 
 def test_events_of_other_netns_are_not_seen(netns: str) -> None:
-    other = f"hct-{secrets.token_hex(2)}-ctev2"
-    subprocess.run(["ip", "netns", "add", other], check=True)
-    try:
-        subprocess.run(
-            ["ip", "netns", "exec", other, "nft", "-f", "-"],
-            check=True,
-            text=True,
-            input="table ip nat { chain out { type nat hook output priority -100; }; }\n",
-        )
-        with (
-            NetnsHandle.from_name(netns) as handle,
-            ConntrackEventSocket(
-                handle.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-            ) as sock,
-        ):
-            insert_entry(other, 40003, "ESTABLISHED", 300, proxy_port=15001)
-            subprocess.run(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    other,
-                    "conntrack",
-                    "-D",
-                    "-p",
-                    "tcp",
-                    "--sport",
-                    "40003",
-                ],
-                check=True,
-                capture_output=True,
-            )
-            insert_entry(netns, 40004, "ESTABLISHED", 300, proxy_port=15001)
-            subprocess.run(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    netns,
-                    "conntrack",
-                    "-D",
-                    "-p",
-                    "tcp",
-                    "--sport",
-                    "40004",
-                ],
-                check=True,
-                capture_output=True,
-            )
-            events = collect(sock, 1, timeout=5.0)
-            time.sleep(0.2)
-            events += [e for e in sock.drain()[0] if e.destroyed]
-    finally:
-        subprocess.run(["ip", "netns", "del", other], check=False)
+    with (
+        nat_netns("ctev2") as other,
+        NetnsHandle.from_name(netns) as handle,
+        events_in(handle) as sock,
+    ):
+        insert_entry(other, 40003, "ESTABLISHED", 300, proxy_port=15001)
+        conntrack(other, "-D", "-p", "tcp", "--sport", "40003")
+        insert_entry(netns, 40004, "ESTABLISHED", 300, proxy_port=15001)
+        conntrack(netns, "-D", "-p", "tcp", "--sport", "40004")
+        events = collect(sock, 1, timeout=5.0)
+        time.sleep(0.2)
+        events += [e for e in sock.drain()[0] if e.destroyed]
     assert [e.reply.dport for e in events] == [40004]
 
 
 def test_entering_close_wait_starts_the_countdown(netns: str) -> None:
-    with (
-        NetnsHandle.from_name(netns) as handle,
-        ConntrackEventSocket(
-            handle.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        ) as sock,
-    ):
+    with NetnsHandle.from_name(netns) as handle, events_in(handle) as sock:
         insert_entry(netns, 40005, "ESTABLISHED", 300, proxy_port=15001)
-        subprocess.run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                netns,
-                "conntrack",
-                "-U",
-                "-p",
-                "tcp",
-                "-s",
-                "192.0.2.1",
-                "-d",
-                "192.0.2.2",
-                "--sport",
-                "40005",
-                "--dport",
-                "80",
-                "--state",
-                "CLOSE_WAIT",
-                "-t",
-                "42",
-            ],
-            check=True,
-            capture_output=True,
+        conntrack(
+            netns,
+            *("-U", "-p", "tcp", "-s", "192.0.2.1", "-d", "192.0.2.2"),
+            *("--sport", "40005", "--dport", "80", "--state", "CLOSE_WAIT", "-t", "42"),
         )
         updates: list[ConntrackEvent] = []
         deadline = time.monotonic() + 5.0
