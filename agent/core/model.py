@@ -119,6 +119,12 @@ class SocketRecord:
     # acked and vice versa: pairing uses that (agent/core/pairing.py).
     bytes_acked: int | None = None
     bytes_received: int | None = None
+    # tcp_info age of our last data segment (ms); with the two ``last_*_recv``
+    # ages it proves silence in both directions (design.md §2 part 4).
+    last_data_sent_ms: int | None = None
+    # IP_TRANSPARENT, inherited from a TPROXY listener (INET_DIAG_SOCKOPT):
+    # such a socket holds the connection's original local port.
+    transparent: bool = False
 
     @property
     def orphan(self) -> bool:
@@ -179,7 +185,26 @@ class Owner:
 
 class Kind(enum.StrEnum):
     LEAKED = "leaked"
+    # Leaked, and the app is reusing the port right now (istio#43301): act first.
+    COLLISION = "collision"
     AT_RISK = "at-risk"
+    # Some part of the proof is missing: reported with a reason, never acted on.
+    UNPROVEN = "unproven"
+
+
+class UnprovenReason(enum.StrEnum):
+    """Why a finding is ``unproven`` (design.md §2): the part of the proof that failed."""
+
+    # Part 2: the local port is listed/seen, but no TCP NAT capture (or TPROXY
+    # with an INVALID-drop rule) is shown by rules or DST_NAT entries.
+    NOT_NAT_CAPTURED = "not-nat-captured"
+    # Part 4: the entry is gone sooner than the shortest half-closed timeout
+    # (conntrack -F/-D, eviction): a live app's next packet may revive it.
+    ENTRY_REMOVED_EARLY = "entry-removed-early"
+    # Part 4: no tcp_info ages, so silence cannot be shown.
+    IDLE_UNKNOWN = "idle-unknown"
+    # Part 3: conntrack does not track this netns at all: absence proves nothing.
+    CONNTRACK_INACTIVE = "conntrack-inactive"
 
 
 class Outcome(enum.StrEnum):
@@ -206,3 +231,5 @@ class Finding:
     owner: Owner | None
     entry: ConntrackEntry | None = None
     upstream: SocketRecord | None = None
+    # Set for ``Kind.UNPROVEN`` only: which part of the proof is missing.
+    reason: UnprovenReason | None = None

@@ -69,6 +69,11 @@ class CapturePorts:
     # Tools not installed in the netns's view: normal (node images differ), and
     # then that rule style cannot be in use there either.
     sources_missing: tuple[str, ...] = ()
+    # TCP TPROXY target ports (mangle): no NAT, so only a proof together with
+    # ``drops_invalid`` (design.md §2 part 2: the late FIN is dropped as INVALID).
+    tproxy_ports: frozenset[int] = frozenset()
+    # A rule drops conntrack-INVALID TCP packets (Istio's DROP_INVALID).
+    drops_invalid: bool = False
 
     @property
     def unreadable(self) -> Mapping[str, str]:
