@@ -16,7 +16,7 @@ import pytest
 from halfclose.agent.core.model import Endpoint, SocketRecord, TcpState
 from halfclose.agent.kernel import netlink as nl
 from halfclose.agent.kernel import sockdiag
-from support.nldump import expected, load_datagrams
+from support.nldump import DATA, expected, load_datagrams
 
 
 def _records(name: str, keep: sockdiag.PortFilter | None = None) -> tuple[int, list[SocketRecord]]:
@@ -152,3 +152,75 @@ def test_short_tcp_info_from_an_older_kernel_reads_what_is_there() -> None:
     assert (r.last_data_recv_ms, r.last_ack_recv_ms) == (1500, 2500)
     assert r.idle_seconds == 1.5
     assert r.bytes_acked is None
+
+
+def _sockopt_expected() -> list[dict[str, Any]]:
+    import json
+
+    return json.loads((DATA / "sockopt_expected.json").read_text())["sockets"]  # type: ignore[no-any-return]
+
+
+def test_transparent_bit_and_last_data_sent_as_recorded() -> None:
+    """capture_sockopt.py: a TPROXY-style listener, its accepted socket, plain ones."""
+    records = {}
+    for dump in ("sockdiag_sockopt_v4.dump", "sockdiag_sockopt_v6.dump"):
+        for r in _records(dump)[1]:
+            peer = None if r.state is TcpState.LISTEN else str(r.peer)
+            records[(str(r.local), peer)] = r
+    want = _sockopt_expected()
+    assert {w["transparent"] for w in want} == {True, False}  # both cases present
+    for w in want:
+        r = records[(w["local"], w["peer"])]
+        assert r.state is TcpState[w["state"]], w
+        assert r.cookie == w["cookie"], w
+        assert r.transparent is w["transparent"], w
+        if "last_data_sent_ms" in w:
+            # Recorded by getsockopt(TCP_INFO) just after the dump: a few ms older.
+            assert r.last_data_sent_ms is not None
+            assert 0 <= w["last_data_sent_ms"] - r.last_data_sent_ms < 200, w
+        else:
+            assert r.last_data_sent_ms is None or r.state is TcpState.LISTEN
+
+
+def test_accepted_tproxy_socket_is_transparent_and_half_closed() -> None:
+    fin_wait2 = [
+        r for r in _records("sockdiag_sockopt_v4.dump")[1] if r.state is TcpState.FIN_WAIT2
+    ]
+    assert [(r.local.port, r.transparent) for r in fin_wait2] == [(15006, True)]
+
+
+def test_dual_stack_listener_holds_ipv4_peers_as_mapped_addresses() -> None:
+    established = [
+        r for r in _records("sockdiag_sockopt_v6.dump")[1] if r.state is TcpState.ESTABLISHED
+    ]
+    (r,) = established
+    assert str(r.local) == "[::ffff:127.0.0.1]:15001"
+    assert isinstance(r.local.ip, ipaddress.IPv6Address) and r.local.ip.ipv4_mapped is not None
+    assert not r.transparent
+
+
+def _with_attrs(*attrs: bytes) -> SocketRecord:
+    head = (
+        struct.pack("=BBBB", socket.AF_INET, TcpState.FIN_WAIT2, 0, 0)
+        + sockdiag.SOCKID.pack(
+            8080, 40000, b"\xc0\0\x02\x0a".ljust(16, b"\0"), b"\xc6\x33\x64\x02".ljust(16, b"\0")
+        )
+        + struct.pack("=III", 0, 1, 0)
+        + struct.pack("=IIIII", 0, 0, 0, 1337, 99)
+    )
+    return sockdiag.decode_message(memoryview(head + b"".join(attrs)))
+
+
+def test_sockopt_then_tcp_info_in_kernel_order_unknown_attrs_skipped() -> None:
+    info = bytearray(232)
+    struct.pack_into("=IIII", info, 44, 7000, 6000, 1500, 2500)
+    r = _with_attrs(
+        nl.pack_attr(8, b"\x01"),  # INET_DIAG_SHUTDOWN
+        nl.pack_attr(sockdiag.INET_DIAG_SOCKOPT, b"\x20\x00"),
+        nl.pack_attr(sockdiag.INET_DIAG_INFO, bytes(info)),
+    )
+    assert r.transparent
+    assert (r.last_data_sent_ms, r.last_data_recv_ms, r.last_ack_recv_ms) == (7000, 1500, 2500)
+    # Every other bit set, transparent clear: not transparent.
+    r = _with_attrs(nl.pack_attr(sockdiag.INET_DIAG_SOCKOPT, b"\xdf\xff"))
+    assert not r.transparent and r.last_data_sent_ms is None
