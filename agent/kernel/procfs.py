@@ -1,12 +1,19 @@
 """Socket owners from /proc: inode -> Owner(pid, process name, fd).
 
 sock_diag gives a socket's inode, not its process.  Like ``ss -p`` we read the
-``socket:[INODE]`` links under /proc/PID/fd, but only for processes whose
-/proc/PID/ns/net is the target netns, only for the inodes we were asked about,
-and we stop as soon as all are found.  Processes whose uid matches a wanted
-socket's uid are read first: a socket's uid is its creator's, so the owner is
-nearly always among them, and the (often far larger) fd tables of other
-processes are then never read.  The order only affects speed, never the answer.
+``socket:[INODE]`` links under /proc/PID/fd, only for the inodes we were asked
+about, and stop as soon as all are found.
+
+The owner need not live in the scanned netns: Istio ambient's ztunnel is a
+process of its own pod that opens its sockets *inside* each app pod's netns
+(design.md §2), and any socket can be passed to another process over
+SCM_RIGHTS.  So every process of /proc may be read, from one listing of it,
+in the order most likely to end the search early: processes of the scanned
+netns whose uid is a wanted socket's uid (a socket's uid is its creator's),
+then the rest of the netns, then other processes with such a uid, then
+everyone else.  The (often far larger) fd tables of unrelated processes are
+read only while an inode is still unowned.  The order only affects speed,
+never the answer.
 
 ``proc_root`` is /proc normally, or the host's /proc mounted elsewhere
 (``HOST_PROC``) when the agent runs in a container.
@@ -29,15 +36,19 @@ def _pids(proc_root: str) -> Iterator[int]:
 
 def pids_in_netns(netns_inode: int, proc_root: str = "/proc") -> list[tuple[int, int]]:
     """(pid, uid) of the processes whose network namespace has ``netns_inode``."""
-    out: list[tuple[int, int]] = []
+    return [(pid, uid) for pid, uid, ino in _processes(proc_root) if ino == netns_inode]
+
+
+def _processes(proc_root: str) -> list[tuple[int, int, int]]:
+    """(pid, uid, netns inode) of every process we may inspect (one listing)."""
+    out: list[tuple[int, int, int]] = []
     for pid in _pids(proc_root):
         try:
-            if os.stat(f"{proc_root}/{pid}/ns/net").st_ino != netns_inode:
-                continue
+            ino = os.stat(f"{proc_root}/{pid}/ns/net").st_ino
             uid = os.stat(f"{proc_root}/{pid}").st_uid
         except OSError:
             continue  # exited meanwhile, or a kernel thread we may not inspect
-        out.append((pid, uid))
+        out.append((pid, uid, ino))
     return out
 
 
@@ -51,24 +62,24 @@ def process_name(pid: int, proc_root: str = "/proc") -> str:
 
 def find_owners(
     inodes: Collection[int],
-    netns_inode: int,
+    netns_inode: int | None = None,
     *,
     proc_root: str = "/proc",
     uid_hint: Collection[int] = (),
 ) -> dict[int, Owner]:
-    """Map each socket inode to the first process (in the netns) holding it.
+    """Map each socket inode to the first process (of any netns) holding it.
 
-    Inodes that no process in the netns holds (e.g. passed to a process in
-    another netns) are simply absent from the result.
+    ``netns_inode`` (the scanned netns) and ``uid_hint`` only order the search.
+    Inodes no process holds (or none we may read) are absent from the result.
     """
     wanted = {i for i in inodes if i}
     if not wanted:
         return {}
     hint = set(uid_hint)
-    procs = pids_in_netns(netns_inode, proc_root)
-    procs.sort(key=lambda p: (p[1] not in hint, p[0]))
+    procs = _processes(proc_root)
+    procs.sort(key=lambda p: (p[2] != netns_inode, p[1] not in hint, p[0]))
     owners: dict[int, Owner] = {}
-    for pid, _uid in procs:
+    for pid, _uid, _ino in procs:
         fd_dir = f"{proc_root}/{pid}/fd"
         try:
             entries = os.listdir(fd_dir)

@@ -1,0 +1,53 @@
+"""Socket owners across all of /proc (a fake proc tree: fd links and ns files)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from halfclose.agent.core.model import Owner
+from halfclose.agent.kernel import procfs
+
+
+def _proc(root: Path, pid: int, netns: Path, comm: str, sockets: dict[int, int]) -> None:
+    d = root / str(pid)
+    (d / "ns").mkdir(parents=True)
+    (d / "fd").mkdir()
+    os.symlink(netns, d / "ns" / "net")  # stat() follows: the inode of ``netns``
+    (d / "comm").write_text(comm + "\n")
+    os.symlink("/dev/null", d / "fd" / "0")
+    for fd, inode in sockets.items():
+        os.symlink(f"socket:[{inode}]", d / "fd" / str(fd))
+
+
+def _tree(tmp_path: Path) -> tuple[Path, int]:
+    root = tmp_path / "proc"
+    pod, node = tmp_path / "pod-netns", tmp_path / "ztunnel-netns"
+    pod.write_text("")
+    node.write_text("")
+    _proc(root, 10, pod, "app", {3: 500})
+    # ztunnel: a process of another netns holding sockets of the pod's netns.
+    _proc(root, 20, node, "ztunnel", {7: 601, 8: 602})
+    # The same inode held twice (inherited across fork): the pod's process wins.
+    _proc(root, 5, node, "parent", {4: 500})
+    (root / "self").mkdir()  # non-numeric entries are ignored
+    return root, pod.stat().st_ino
+
+
+def test_owners_in_another_netns_are_found(tmp_path: Path) -> None:
+    root, pod_ino = _tree(tmp_path)
+    owners = procfs.find_owners([601, 602, 0], pod_ino, proc_root=str(root))
+    assert owners == {601: Owner(20, "ztunnel", 7), 602: Owner(20, "ztunnel", 8)}
+
+
+def test_processes_of_the_scanned_netns_are_read_first(tmp_path: Path) -> None:
+    root, pod_ino = _tree(tmp_path)
+    assert procfs.find_owners([500], pod_ino, proc_root=str(root)) == {500: Owner(10, "app", 3)}
+    # Without a netns to prefer, the lowest pid holding it answers.
+    assert procfs.find_owners([500], proc_root=str(root)) == {500: Owner(5, "parent", 4)}
+
+
+def test_unheld_inodes_are_absent(tmp_path: Path) -> None:
+    root, pod_ino = _tree(tmp_path)
+    assert procfs.find_owners([999], pod_ino, proc_root=str(root)) == {}
+    assert procfs.pids_in_netns(pod_ino, str(root)) == [(10, os.getuid())]
