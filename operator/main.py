@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import kopf
 
 from halfclose.errors import UserError
-from halfclose.operator.handlers import build_operator
+from halfclose.operator.handlers import build_operator, run
 from halfclose.operator.settings import environment, settings_from
 
 
@@ -24,18 +24,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         debug=level <= logging.DEBUG, verbose=level <= logging.INFO, quiet=level >= logging.WARNING
     )
     logging.getLogger().setLevel(level)
-    registry, _ = build_operator(settings)
+    registry, state = build_operator(settings)
     liveness = (
         f"http://0.0.0.0:{settings.liveness_port}/healthz" if settings.liveness_port else None
     )
-    kopf.run(
-        registry=registry,
-        clusterwide=True,
-        standalone=settings.peering is None,
-        peering_name=settings.peering,
-        priority=settings.priority,
-        liveness_endpoint=liveness,
-    )
+    run(registry, state, liveness_endpoint=liveness)
     return 0
 
 

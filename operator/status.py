@@ -49,7 +49,11 @@ class Aggregate:
 
 
 def aggregate(reports: Iterable[ReportSummary], top: int = TOP_PODS) -> Aggregate:
-    """Sum a policy's reports; top pods by leaked, then killed, then name."""
+    """Sum a policy's reports; top pods by leaked, then killed, then name.
+
+    The reference for ``inventory.ReportTally``, which keeps the same sums
+    incrementally (the unit tests compare the two).
+    """
     items = list(reports)
     ranked = sorted(
         (r for r in items if r.has_findings or r.killed_total),
@@ -111,11 +115,11 @@ def _not_ready_reason(entry: PolicyEntry, match: PolicyMatch) -> tuple[str, str]
 def compute_status(
     entry: PolicyEntry,
     match: PolicyMatch,
-    reports: Iterable[ReportSummary],
+    reports: Aggregate,
     previous: PolicyStatus,
     now: dt.datetime,
 ) -> PolicyStatus:
-    """The whole status of one policy."""
+    """The whole status of one policy (``reports``: the sums of its reports)."""
     gen = entry.generation
     conds: tuple[Condition, ...] = previous.conditions
     if entry.policy is None:
@@ -218,10 +222,9 @@ def compute_status(
     return _with_aggregate(status, reports)
 
 
-def _with_aggregate(status: PolicyStatus, reports: Iterable[ReportSummary]) -> PolicyStatus:
+def _with_aggregate(status: PolicyStatus, agg: Aggregate) -> PolicyStatus:
     # Reports are measurements: they are shown even for a policy that is not
     # (or no longer) accepted, until the agent or the pod's deletion removes them.
-    agg = aggregate(reports)
     return replace(
         status,
         pods_with_findings=agg.pods_with_findings,

@@ -1,9 +1,8 @@
 """What the operator knows about the cluster: small immutable summaries.
 
-kopf's in-memory indexes hold these (one per object), built from watch
-events by ``from_*`` constructors; the pure reconcile code reads them.  They
-are compared for equality by kopf on every event, so they hold only what the
-decisions need (labels, not whole pod specs).
+The inventory holds these (one per object), built from watch events by
+``from_*`` constructors, once per change; the pure reconcile code reads them.
+They hold only what the decisions need (labels, not whole pod specs).
 """
 
 from __future__ import annotations
@@ -12,7 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from halfclose.api import Policy, PolicyError, ReportError, parse_policy, parse_report
+from halfclose.api import Policy, PolicyError, ReportError, parse_policy
+from halfclose.api.report import ReportSpec
+from halfclose.api.schema import SchemaError, decode
 
 FINISHED_POD_PHASES = frozenset({"Succeeded", "Failed"})
 
@@ -25,7 +26,12 @@ class PodInfo:
 
 
 def pod_from(obj: Mapping[str, Any]) -> PodInfo | None:
-    """A pod that can have proxy sockets; None for finished pods."""
+    """A pod that can have proxy sockets; None for finished pods.
+
+    The operator watches pods' metadata only, with a field selector that
+    leaves finished pods out (they arrive as deletions); a full pod's phase
+    is checked too.
+    """
     if (obj.get("status") or {}).get("phase") in FINISHED_POD_PHASES:
         return None
     meta = obj.get("metadata") or {}
@@ -73,20 +79,46 @@ class ReportSummary:
         return self.leaked + self.at_risk > 0
 
 
+_COUNTERS = (
+    ("leaked", "leaked"),
+    ("at_risk", "atRisk"),
+    ("killed_total", "killedTotal"),
+    ("extended_total", "extendedTotal"),
+)
+
+
 def report_from(obj: Mapping[str, Any]) -> ReportSummary:
-    """Raises ``ReportError`` for an object that is not a readable report."""
-    report = parse_report(obj)
-    status = report.status
+    """Raises ``ReportError`` for an object that is not a readable report.
+
+    Reads the spec and the four counters only: findings and conditions are
+    for people and the agent, and decoding them for 20,000 reports at every
+    start would be most of the operator's work.
+    """
+    meta = obj.get("metadata") or {}
+    namespace, name = meta.get("namespace"), meta.get("name")
+    if not namespace or not name:
+        raise ReportError("HalfCloseReport: metadata.name and metadata.namespace are required")
+    where = f"HalfCloseReport {namespace}/{name}"
+    try:
+        spec = decode(ReportSpec, obj.get("spec"), "spec")
+    except SchemaError as exc:
+        raise ReportError(f"{where}: {exc}") from None
+    status = obj.get("status") or {}
+    if not isinstance(status, Mapping):
+        raise ReportError(f"{where}: status: must be an object")
+    counters: dict[str, int] = {}
+    for attr, json_name in _COUNTERS:
+        value = status.get(json_name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ReportError(f"{where}: status.{json_name}: must be an integer >= 0")
+        counters[attr] = value
     return ReportSummary(
-        namespace=report.namespace,
-        name=report.name,
-        pod=report.spec.pod_name,
-        node=report.spec.node_name,
-        policy=report.spec.policy,
-        leaked=status.leaked,
-        at_risk=status.at_risk,
-        killed_total=status.killed_total,
-        extended_total=status.extended_total,
+        namespace=str(namespace),
+        name=str(name),
+        pod=spec.pod_name,
+        node=spec.node_name,
+        policy=spec.policy,
+        **counters,
     )
 
 

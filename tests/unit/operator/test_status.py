@@ -39,7 +39,7 @@ def _status(
 ) -> PolicyStatus:
     policies = [e.policy for e in [entry, *others] if e.policy is not None]
     match = assign(policies, NAMESPACES, PODS).of(entry.name)
-    return compute_status(entry, match, reports, previous or PolicyStatus(), now)
+    return compute_status(entry, match, aggregate(reports), previous or PolicyStatus(), now)
 
 
 def _cond(status: PolicyStatus, type_: str) -> tuple[str, str, str]:
