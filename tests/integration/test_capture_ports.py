@@ -139,7 +139,9 @@ def test_tproxy_and_redirect_across_all_sources() -> None:
         )
         with NetnsHandle.from_name(ns) as handle:
             found = natrules.detect(handle)
-    assert found.ports == {15006, 15001, 4140, 15008}
+    # TPROXY is not NAT: its ports are kept apart (design.md §2 part 2).
+    assert found.ports == {15001, 4140}
+    assert found.tproxy_ports == {15006, 15008}
     assert [str(o) for o in found.origins[15006]] == ["iptables-nft mangle/MESH_INBOUND TPROXY"]
     assert [o.source for o in found.origins[15001]] == ["ip6tables-nft"]
     assert [o.source for o in found.origins[4140]] == ["iptables-legacy"]

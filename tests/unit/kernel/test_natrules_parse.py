@@ -1,10 +1,17 @@
-"""Capture-port parsers over the tools' real output (captured on this host's tools)."""
+"""Capture-port parsers over the tools' real output (captured on this host's tools).
+
+Only TCP captures count (design.md §2 part 2): a UDP-only rule, a DNAT to a
+remote address and a filter-table line are not captures; TPROXY ports are kept
+apart from NAT ports; an unconditional drop of ct-INVALID TCP packets on the
+inbound path is found.
+"""
 
 from __future__ import annotations
 
 import json
 
 from halfclose.agent.kernel import natrules
+from halfclose.agent.kernel.natrules import CapturePorts, combine
 
 # iptables-save v1.8.9 (nf_tables): Istio-like rules plus a TPROXY inbound.
 IPTABLES_NFT = """\
@@ -41,6 +48,178 @@ IPTABLES_LEGACY_V6 = """\
 COMMIT
 """
 
+# istio-cni's in-pod rules (ambient), as iptables-save v1.8.9 (nf_tables) prints
+# them: UDP DNS to 15053 is not a TCP capture, TCP DNS to 15053 is.
+AMBIENT_NAT = """\
+*nat
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:ISTIO_OUTPUT - [0:0]
+:ISTIO_PRERT - [0:0]
+-A PREROUTING -j ISTIO_PRERT
+-A OUTPUT -j ISTIO_OUTPUT
+-A ISTIO_OUTPUT -d 169.254.7.127/32 -p tcp -m tcp -j ACCEPT
+-A ISTIO_OUTPUT ! -o lo -p udp -m mark ! --mark 0x539/0xfff -m udp --dport 53 -j REDIRECT --to-ports 15053
+-A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT
+-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT
+-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001
+-A ISTIO_PRERT -s 169.254.7.127/32 -p tcp -m tcp -j ACCEPT
+-A ISTIO_PRERT ! -d 127.0.0.1/32 -p tcp -m tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006
+COMMIT
+"""  # noqa: E501
+AMBIENT_TCP_DNS = (
+    "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m tcp --dport 53 -m mark ! --mark 0x539/0xfff "
+    "-j REDIRECT --to-ports 15053\n"
+)
+
+# Every protocol form iptables-nft 1.8.9 accepted for REDIRECT/DNAT/TPROXY here.
+PROTOCOLS = """\
+*nat
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A PREROUTING -p tcp -j DNAT --to-destination :15006
+-A PREROUTING -p tcp -j DNAT --to-destination 127.0.0.1:15010-15011
+-A OUTPUT -p tcp -j DNAT --to-destination 127.0.0.1:15001
+-A OUTPUT -p tcp -j DNAT --to-destination :15002
+-A OUTPUT -p tcp -j DNAT --to-destination 192.0.2.1:15003
+-A OUTPUT -p udp -j DNAT --to-destination 127.0.0.1:15004
+-A OUTPUT -p tcp -j DNAT --to-destination 127.0.0.1
+-A OUTPUT -p udp -j REDIRECT --to-ports 15053
+-A OUTPUT ! -p udp -j REDIRECT --to-ports 15098
+-A OUTPUT ! -p tcp -j REDIRECT --to-ports 15099
+-A OUTPUT -p sctp -j REDIRECT --to-ports 15096
+-A OUTPUT -p tcp --syn -j REDIRECT --to-ports 15095
+COMMIT
+*mangle
+:PREROUTING ACCEPT [0:0]
+-A PREROUTING -p udp -j TPROXY --on-port 15007 --on-ip 0.0.0.0 --tproxy-mark 0x1/0xffffffff
+-A PREROUTING -p tcp -m comment --comment "mesh inbound" -j TPROXY --on-port 15008 --on-ip 0.0.0.0 --tproxy-mark 0x1/0xffffffff
+COMMIT
+"""  # noqa: E501
+IP6_DNAT = """\
+*nat
+:OUTPUT ACCEPT [0:0]
+-A OUTPUT -p tcp -j DNAT --to-destination [::1]:15001
+-A OUTPUT -p tcp -j DNAT --to-destination ::1
+-A OUTPUT -p tcp -j DNAT --to-destination [2001:db8::1]:15002
+COMMIT
+"""
+
+# Istio's DROP_INVALID as istio-iptables writes it: a jump to a chain that drops.
+ISTIO_DROP = """\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:ISTIO_DROP - [0:0]
+-A PREROUTING -m conntrack --ctstate INVALID -j ISTIO_DROP
+-A ISTIO_DROP -j DROP
+COMMIT
+"""
+
+
+def _ports(text: str, source: str = "t") -> set[int]:
+    return {p for p, _o in natrules.parse_iptables_save(text, source).captures}
+
+
+def _drops(*rules: str, table: str = "mangle") -> bool:
+    body = "".join(f"{r}\n" for r in rules)
+    text = f"*{table}\n:PREROUTING ACCEPT [0:0]\n:X - [0:0]\n{body}COMMIT\n"
+    return natrules.parse_iptables_save(text, "t").drops_invalid
+
+
+def test_iptables_save_finds_redirect_and_tproxy_in_nat_and_mangle_only() -> None:
+    scan = natrules.parse_iptables_save(IPTABLES_NFT, "iptables-nft")
+    found = natrules.merge(scan.captures)
+    assert set(found) == {15001, 15006}  # the filter-table line is not a capture
+    (origin,) = found[15001]
+    assert (origin.table, origin.chain, origin.target) == ("nat", "ISTIO_REDIRECT", "REDIRECT")
+    assert str(found[15006][0]) == "iptables-nft mangle/PREROUTING TPROXY"
+    assert found[15006][0].is_tproxy and not origin.is_tproxy
+
+
+def test_tproxy_ports_are_not_nat_ports() -> None:
+    cp = combine([natrules.parse_iptables_save(IPTABLES_NFT, "iptables-nft")])
+    assert cp.ports == {15001}
+    assert cp.tproxy_ports == {15006}
+    assert set(cp.origins) == {15001, 15006}  # both keep where they came from
+    assert not cp.drops_invalid
+
+
+def test_port_ranges_expand_but_wide_ranges_and_portless_redirects_are_ignored() -> None:
+    assert _ports(IPTABLES_LEGACY_V6, "ip6tables-legacy") == {4140, 4141, 4143}
+
+
+def test_udp_only_redirect_is_not_a_tcp_capture() -> None:
+    # The istio-cni in-pod DNS rule: UDP 53 -> 15053 (issue 9's false leak).
+    assert _ports(AMBIENT_NAT) == {15001, 15006}
+    # istio-cni also redirects TCP DNS to 15053: that one is a TCP capture.
+    with_tcp_dns = AMBIENT_NAT.replace("COMMIT", AMBIENT_TCP_DNS + "COMMIT")
+    found = natrules.merge(natrules.parse_iptables_save(with_tcp_dns, "t").captures)
+    assert set(found) == {15001, 15006, 15053}
+    assert [o.chain for o in found[15053]] == ["ISTIO_OUTPUT"]
+
+
+def test_protocol_forms_and_dnat_to_this_host() -> None:
+    assert _ports(PROTOCOLS) == {
+        15006,  # port-only DNAT in PREROUTING: inbound packets keep their local address
+        15010,
+        15011,
+        15001,  # DNAT to loopback
+        15098,  # "! -p udp" lets TCP through
+        15095,  # --syn is a flag without an argument: the -j after it still parses
+        15008,  # TCP TPROXY (comment match is neutral)
+    }
+    # Not: 15002 (port-only DNAT of outbound traffic keeps the remote address),
+    # 15003 (remote), 15004/15053/15007 (UDP), 15099 ("! -p tcp"), 15096 (SCTP).
+    assert _ports(IP6_DNAT) == {15001}
+
+
+def test_port_only_dnat_counts_only_when_reached_from_prerouting() -> None:
+    text = """\
+*nat
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:IN - [0:0]
+:BOTH - [0:0]
+-A PREROUTING -p tcp -j IN
+-A PREROUTING -j BOTH
+-A OUTPUT -j BOTH
+-A IN -p tcp -j DNAT --to-destination :15006
+-A BOTH -p tcp -j DNAT --to-destination :15001
+COMMIT
+"""
+    assert _ports(text) == {15006}
+
+
+def test_drop_invalid_as_istio_writes_it() -> None:
+    assert natrules.parse_iptables_save(ISTIO_DROP, "t").drops_invalid
+
+
+def test_drop_invalid_forms() -> None:
+    assert _drops("-A PREROUTING -m state --state INVALID -j DROP")
+    assert _drops("-A PREROUTING -p tcp -m conntrack --ctstate INVALID,NEW -j DROP")
+    assert _drops("-A INPUT -m conntrack --ctstate INVALID -j DROP", table="filter")
+    # A user chain reached unconditionally from PREROUTING.
+    assert _drops("-A PREROUTING -p tcp -j X", "-A X -m conntrack --ctstate INVALID -j DROP")
+
+
+def test_what_is_not_a_drop_of_invalid_tcp() -> None:
+    assert not _drops("-A PREROUTING -m conntrack ! --ctstate INVALID -j DROP")
+    assert not _drops("-A PREROUTING -p udp -m conntrack --ctstate INVALID -j DROP")
+    assert not _drops("-A PREROUTING -m conntrack --ctstate INVALID -j ACCEPT")
+    assert not _drops("-A PREROUTING -m conntrack --ctstate INVALID -j LOG")
+    # Narrowed by another match: not provably every late FIN.
+    assert not _drops("-A PREROUTING -i eth9 -m conntrack --ctstate INVALID -j DROP")
+    # The drop chain drops only some packets.
+    assert not _drops(
+        "-A PREROUTING -m conntrack --ctstate INVALID -j X", "-A X -s 192.0.2.1/32 -j DROP"
+    )
+    # Reached from PREROUTING only for some packets.
+    assert not _drops("-A PREROUTING -s 192.0.2.0/24 -j X", "-A X -m state --state INVALID -j DROP")
+    # Outbound only, raw (before conntrack) and nat (never sees INVALID).
+    assert not _drops("-A OUTPUT -m conntrack --ctstate INVALID -j DROP")
+    assert not _drops("-A PREROUTING -m conntrack --ctstate INVALID -j DROP", table="raw")
+    assert not _drops("-A PREROUTING -m conntrack --ctstate INVALID -j DROP", table="nat")
+
 
 def _nft(*exprs: object) -> str:
     rules = [
@@ -49,19 +228,6 @@ def _nft(*exprs: object) -> str:
     ]
     meta = {"metainfo": {"version": "1.0.6", "json_schema_version": 1}}
     return json.dumps({"nftables": [meta, {"table": {"family": "inet", "name": "hc"}}, *rules]})
-
-
-def test_iptables_save_finds_redirect_and_tproxy_in_nat_and_mangle_only() -> None:
-    found = natrules.merge(natrules.parse_iptables_save(IPTABLES_NFT, "iptables-nft"))
-    assert set(found) == {15001, 15006}  # the filter-table line is not a capture
-    (origin,) = found[15001]
-    assert (origin.table, origin.chain, origin.target) == ("nat", "ISTIO_REDIRECT", "REDIRECT")
-    assert str(found[15006][0]) == "iptables-nft mangle/PREROUTING TPROXY"
-
-
-def test_port_ranges_expand_but_wide_ranges_and_portless_redirects_are_ignored() -> None:
-    found = natrules.merge(natrules.parse_iptables_save(IPTABLES_LEGACY_V6, "ip6tables-legacy"))
-    assert set(found) == {4140, 4141, 4143}
 
 
 def test_nft_json_redirect_and_tproxy_statements() -> None:
@@ -74,25 +240,167 @@ def test_nft_json_redirect_and_tproxy_statements() -> None:
         {"redirect": None},
         {"xt": {"type": "target", "name": "REDIRECT"}},  # iptables-nft compat: no port here
     )
-    found = natrules.merge(natrules.parse_nft_json(text))
+    found = natrules.merge(natrules.parse_nft_json(text).captures)
     assert set(found) == {15001, 15006, 15008, 8080, 8081}
     assert found[15001][0].table == "inet hc" and found[15001][0].target == "redirect"
+    cp = combine([natrules.parse_nft_json(text)])
+    assert cp.ports == {15001, 8080, 8081} and cp.tproxy_ports == {15006, 15008}
+
+
+def _l4(op: str, right: object, key: str = "meta") -> dict[str, object]:
+    left = {"meta": {"key": "l4proto"}} if key == "meta" else {"payload": key}
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _dport(proto: str, port: int = 53) -> dict[str, object]:
+    left = {"payload": {"protocol": proto, "field": "dport"}}
+    return {"match": {"op": "==", "left": left, "right": port}}
+
+
+def _nft_doc(chains: list[dict[str, object]], rules: list[tuple[str, list[object]]]) -> str:
+    items: list[object] = [{"metainfo": {"json_schema_version": 1}}]
+    items += [{"chain": {"family": "inet", "table": "t", **c}} for c in chains]
+    items += [
+        {"rule": {"family": "inet", "table": "t", "chain": ch, "handle": i, "expr": ex}}
+        for i, (ch, ex) in enumerate(rules)
+    ]
+    return json.dumps({"nftables": items})
+
+
+OUT = {"name": "out", "type": "nat", "hook": "output", "prio": -100}
+PRE_NAT = {"name": "pre", "type": "nat", "hook": "prerouting", "prio": -100}
+PRE = {"name": "mangle", "type": "filter", "hook": "prerouting", "prio": -150}
+OUT_FILTER = {"name": "ofilter", "type": "filter", "hook": "output", "prio": 0}
+
+
+def test_nft_protocol_matches_decide_tcp() -> None:
+    # Shapes from `nft -j list ruleset` (nftables 1.0.6) of the rules in comments.
+    ip_tcp = {"payload": {"protocol": "ip", "field": "protocol"}}
+    ip6_udp = {"payload": {"protocol": "ip6", "field": "nexthdr"}}
+    th = {
+        "match": {
+            "op": "==",
+            "left": {"payload": {"protocol": "th", "field": "dport"}},
+            "right": 53,
+        }
+    }
+    text = _nft_doc(
+        [OUT],
+        [
+            ("out", [_dport("udp"), {"redirect": {"port": 15053}}]),  # udp dport 53
+            ("out", [_l4("==", "udp"), th, {"redirect": {"port": 15052}}]),
+            ("out", [_l4("==", {"set": ["tcp", "udp"]}), th, {"redirect": {"port": 15054}}]),
+            (
+                "out",
+                [
+                    {"match": {"op": "==", "left": ip_tcp, "right": "tcp"}},
+                    {"redirect": {"port": 15055}},
+                ],
+            ),
+            ("out", [_dport("tcp", 80), {"redirect": {"port": 15056}}]),
+            (
+                "out",
+                [
+                    {"match": {"op": "==", "left": ip6_udp, "right": "udp"}},
+                    {"redirect": {"port": 15062}},
+                ],
+            ),
+            ("out", [_l4("!=", "udp"), {"redirect": {"port": 15058}}]),
+            ("out", [_l4("!=", "tcp"), {"redirect": {"port": 15057}}]),
+            ("out", [_l4("==", 6), {"redirect": {"port": 15061}}]),
+            ("out", [_l4("==", "udp"), {"tproxy": {"family": "ip", "port": 15009}}]),
+        ],
+    )
+    assert {p for p, _ in natrules.parse_nft_json(text).captures} == {
+        15054,
+        15055,
+        15056,
+        15058,
+        15061,
+    }
+
+
+def test_nft_dnat_to_this_host() -> None:
+    tcp = _l4("==", "tcp")
+    text = _nft_doc(
+        [OUT, PRE_NAT],
+        [
+            ("out", [tcp, {"dnat": {"family": "ip", "addr": "127.0.0.1", "port": 15059}}]),
+            ("out", [tcp, {"dnat": {"family": "ip6", "addr": "::1", "port": 15060}}]),
+            ("out", [tcp, {"dnat": {"family": "ip", "addr": "192.0.2.1", "port": 15063}}]),
+            ("out", [tcp, {"dnat": {"port": 15064}}]),  # keeps the remote address
+            ("out", [tcp, {"dnat": {"family": "ip", "addr": "192.0.2.1"}}]),
+            ("pre", [tcp, {"dnat": {"port": 15006}}]),  # inbound: the address is ours
+        ],
+    )
+    assert {p for p, _ in natrules.parse_nft_json(text).captures} == {15059, 15060, 15006}
+
+
+def _nft_drops(chains: list[dict[str, object]], rules: list[tuple[str, list[object]]]) -> bool:
+    return natrules.parse_nft_json(_nft_doc(chains, rules)).drops_invalid
+
+
+def _ct(op: str, right: object) -> dict[str, object]:
+    return {"match": {"op": op, "left": {"ct": {"key": "state"}}, "right": right}}
+
+
+COUNTER = {"counter": {"packets": 0, "bytes": 0}}
+
+
+def test_nft_drop_invalid_as_istio_writes_it() -> None:
+    # istio-nftables: "prerouting meta l4proto tcp ct state invalid counter jump istio-drop",
+    # "istio-drop counter drop".
+    assert _nft_drops(
+        [PRE, {"name": "istio-drop"}],
+        [
+            (
+                "mangle",
+                [
+                    _l4("==", "tcp"),
+                    _ct("in", "invalid"),
+                    COUNTER,
+                    {"jump": {"target": "istio-drop"}},
+                ],
+            ),
+            ("istio-drop", [COUNTER, {"drop": None}]),
+        ],
+    )
+    assert _nft_drops([PRE], [("mangle", [_ct("==", {"set": ["invalid", "new"]}), {"drop": None}])])
+
+
+def test_nft_what_is_not_a_drop_of_invalid_tcp() -> None:
+    drop = {"drop": None}
+    assert not _nft_drops([PRE], [("mangle", [_ct("!=", "invalid"), drop])])
+    assert not _nft_drops([PRE], [("mangle", [_l4("==", "udp"), _ct("in", "invalid"), drop])])
+    assert not _nft_drops([PRE], [("mangle", [_ct("in", "invalid"), {"accept": None}])])
+    assert not _nft_drops([OUT_FILTER], [("ofilter", [_ct("in", "invalid"), drop])])
+    assert not _nft_drops([OUT], [("out", [_ct("in", "invalid"), drop])])  # a nat chain
+    assert not _nft_drops([{"name": "pre2"}], [("pre2", [_ct("in", "invalid"), drop])])  # no hook
+    iif = {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "eth9"}}
+    assert not _nft_drops([PRE], [("mangle", [iif, _ct("in", "invalid"), drop])])
+    assert not _nft_drops(
+        [PRE, {"name": "x"}],
+        [
+            ("mangle", [_ct("in", "invalid"), {"jump": {"target": "x"}}]),
+            ("x", [_dport("tcp", 80), drop]),
+        ],
+    )
 
 
 def test_empty_ruleset_has_no_ports() -> None:
-    assert list(natrules.parse_nft_json('{"nftables": [{"metainfo": {}}]}')) == []
-    assert list(natrules.parse_nft_json("")) == []
-    assert list(natrules.parse_iptables_save("", "iptables-nft")) == []
+    assert natrules.parse_nft_json('{"nftables": [{"metainfo": {}}]}') == natrules.RuleScan()
+    assert natrules.parse_nft_json("") == natrules.RuleScan()
+    assert natrules.parse_iptables_save("", "iptables-nft") == natrules.RuleScan()
 
 
 def test_merge_keeps_each_origin_once_per_port() -> None:
-    found = list(natrules.parse_iptables_save(IPTABLES_NFT, "a"))
+    found = natrules.parse_iptables_save(IPTABLES_NFT, "a").captures
     merged = natrules.merge([*found, *found])
     assert all(len(origins) == 1 for origins in merged.values())
 
 
 def test_a_missing_tool_is_normal_an_unreadable_source_is_not() -> None:
-    from halfclose.agent.kernel.natrules import CapturePorts, _tool_missing
+    from halfclose.agent.kernel.natrules import _tool_missing
 
     missing = "nsenter: failed to execute nft: No such file or directory"
     denied = (
