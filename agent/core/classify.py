@@ -1,45 +1,85 @@
-"""Leaked / at-risk classification (design.md §2), as pure functions.
+"""The four-part proof of a leak (design.md §2), as pure functions.
 
 Inputs are what the kernel layer measured; nothing here does I/O.
 
 A socket is a *candidate* when it is FIN_WAIT2, owned by a process (inode != 0:
-an orphan has the kernel's tcp_fin_timeout and will go by itself) and its local
-port is a capture port.  For a candidate, the conntrack entry whose reply tuple
-is ``local -> peer`` decides:
+an orphan has the kernel's tcp_fin_timeout and will go by itself) and examined:
+its local port is one of the ports being judged, or it is a transparent
+(TPROXY) socket where TPROXY is judged.  Everything else (ESTABLISHED,
+CLOSE_WAIT, TIME_WAIT, orphans, other ports) is healthy and never flagged.
 
-- entry absent  -> LEAKED: the NAT mapping is gone, so the app's FIN can never be
-  translated back to the proxy.  Certain, not a guess.
-- entry present -> AT_RISK: it becomes leaked if the app closes after the entry
-  (usually CLOSE_WAIT, timer running) expires.
+For a candidate, the parts are checked in order; the first that fails decides:
 
-Everything else (ESTABLISHED, CLOSE_WAIT, TIME_WAIT, orphans, other ports) is
-never flagged.
+1. the socket: owned FIN_WAIT2 (the candidate test);
+2. the capture: its local port is shown to be a TCP NAT capture, by the rules
+   or by DST_NAT conntrack entries, or it is a TPROXY socket where INVALID
+   packets are dropped.  Otherwise ``unproven`` (not-nat-captured): without
+   NAT a late FIN is delivered normally and nothing leaks;
+3. the mapping: the entry under the (normalized) NAT reply tuple.  A live
+   entry -> ``at-risk``.  None, or one still opening (SYN_SENT/SYN_RECV: the
+   app's new connection from the same port, istio#43301) -> the mapping is
+   gone;
+4. the expiry: silent both ways for at least the shortest half-closed timeout
+   of this netns.  Sooner, the entry was removed by something else
+   (``conntrack -F``/``-D``, eviction) and the app may still be alive:
+   ``unproven`` (entry-removed-early).
 
-``min_idle_seconds`` filters findings by the socket's idle age from tcp_info
-(time since the peer last sent anything).  It applies to both kinds, because a
-freshly half-closed socket is usually just an app about to close.  A socket
-whose age is unknown (no tcp_info) passes only when the threshold is 0: an
-unknown age must not satisfy "idle for at least N seconds".
+All four -> ``leaked``, or ``collision`` when the app's new connection holds the
+tuple right now.
+
+``min_idle_seconds`` is the user's threshold on top of the proof: findings whose
+peer has been idle less than that are left out, except collisions (the app is
+hanging now; waiting helps nobody).  A socket whose age is unknown passes only
+when the threshold is 0: an unknown age must not satisfy "idle for at least N s".
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
 
 from halfclose.agent.core.model import (
+    CaptureEvidence,
     ConntrackEntry,
     Finding,
     FlowTuple,
+    HalfClosedTimeouts,
     Kind,
     Owner,
     SocketRecord,
     TcpState,
+    UnprovenReason,
 )
 
 
-def is_candidate(sock: SocketRecord, capture_ports: Collection[int]) -> bool:
-    """FIN_WAIT2, owned (not an orphan), on a capture port."""
-    return sock.state is TcpState.FIN_WAIT2 and not sock.orphan and sock.local.port in capture_ports
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """What the kernel layer measured in one netns, for the proof.
+
+    ``lookups`` maps a normalized reply tuple to its entry, or to None when the
+    lookup found none; a candidate whose tuple was not looked up is skipped
+    (absence of evidence is not the proof a leak needs).  ``timeouts`` None
+    means part 4 cannot be shown; ``timeouts_missing`` says why.
+    """
+
+    capture: CaptureEvidence
+    lookups: Mapping[FlowTuple, ConntrackEntry | None] = field(default_factory=dict)
+    timeouts: HalfClosedTimeouts | None = None
+    timeouts_missing: UnprovenReason = UnprovenReason.TIMEOUTS_UNKNOWN
+
+
+def examined(sock: SocketRecord, ports: Collection[int], capture: CaptureEvidence) -> bool:
+    """Is this socket one the scan judges (by port, or as a TPROXY socket)?"""
+    return sock.local.port in ports or (capture.tproxy_examined and sock.transparent)
+
+
+def is_candidate(
+    sock: SocketRecord, ports: Collection[int], capture: CaptureEvidence | None = None
+) -> bool:
+    """Part 1, on an examined socket: FIN_WAIT2, owned (not an orphan)."""
+    if sock.state is not TcpState.FIN_WAIT2 or sock.orphan:
+        return False
+    return examined(sock, ports, capture or CaptureEvidence())
 
 
 def old_enough(sock: SocketRecord, min_idle_seconds: float) -> bool:
@@ -49,40 +89,80 @@ def old_enough(sock: SocketRecord, min_idle_seconds: float) -> bool:
     return idle is not None and idle >= min_idle_seconds
 
 
+def judge(sock: SocketRecord, evidence: Evidence, owner: Owner | None) -> Finding | None:
+    """Parts 2-4 for one candidate (part 1 is the caller's ``is_candidate``).
+
+    None when the candidate's reply tuple was not looked up.
+    """
+    threshold = float(evidence.timeouts.shortest) if evidence.timeouts is not None else None
+    capture = evidence.capture.proves(sock)
+    if capture is None:
+        return Finding(
+            Kind.UNPROVEN,
+            sock,
+            owner,
+            reason=UnprovenReason.NOT_NAT_CAPTURED,
+            min_silence_seconds=threshold,
+        )
+    try:
+        entry = evidence.lookups[sock.nat_reply_tuple]
+    except KeyError:
+        return None
+    if entry is not None and not entry.opening:
+        return Finding(
+            Kind.AT_RISK, sock, owner, entry, capture=capture, min_silence_seconds=threshold
+        )
+    reason: UnprovenReason | None = None
+    silence = sock.silence_seconds
+    if threshold is None:
+        reason = evidence.timeouts_missing
+    elif silence is None:
+        reason = UnprovenReason.IDLE_UNKNOWN
+    elif silence < threshold:
+        reason = UnprovenReason.ENTRY_REMOVED_EARLY
+    if reason is not None:
+        return Finding(
+            Kind.UNPROVEN,
+            sock,
+            owner,
+            entry,
+            reason=reason,
+            capture=capture,
+            min_silence_seconds=threshold,
+        )
+    kind = Kind.LEAKED if entry is None else Kind.COLLISION
+    return Finding(kind, sock, owner, entry, capture=capture, min_silence_seconds=threshold)
+
+
 def classify(
     sockets: Iterable[SocketRecord],
-    capture_ports: Collection[int],
-    lookups: Mapping[FlowTuple, ConntrackEntry | None],
+    ports: Collection[int],
+    evidence: Evidence,
     owners: Mapping[int, Owner],
     min_idle_seconds: float = 0.0,
 ) -> list[Finding]:
-    """Findings for the candidates among ``sockets``, leaked first.
-
-    ``lookups`` maps a reply tuple to its entry, or to None when the lookup
-    found none.  A candidate whose tuple was *not looked up* (missing key) is
-    skipped: absence of evidence is not the proof a leak needs.
-    """
+    """Findings for the candidates among ``sockets``: collisions, leaks, then the rest."""
     findings: list[Finding] = []
     for sock in sockets:
-        if not is_candidate(sock, capture_ports):
+        if not is_candidate(sock, ports, evidence.capture):
             continue
-        if not old_enough(sock, min_idle_seconds):
+        finding = judge(sock, evidence, owners.get(sock.inode))
+        if finding is None:
             continue
-        reply = sock.nat_reply_tuple
-        try:
-            entry = lookups[reply]
-        except KeyError:
+        if finding.kind is not Kind.COLLISION and not old_enough(sock, min_idle_seconds):
             continue
-        kind = Kind.LEAKED if entry is None else Kind.AT_RISK
-        findings.append(Finding(kind, sock, owners.get(sock.inode), entry))
+        findings.append(finding)
     findings.sort(key=_order)
     return findings
+
+
+_KIND_ORDER = {Kind.COLLISION: 0, Kind.LEAKED: 1, Kind.AT_RISK: 2, Kind.UNPROVEN: 3}
 
 
 def _order(f: Finding) -> tuple[int, int, str, int, str, int]:
     s = f.socket
     return (
-        0 if f.kind is Kind.LEAKED else 1,
+        _KIND_ORDER[f.kind],
         s.local.ip.version,
         str(s.local.ip),
         s.local.port,

@@ -14,6 +14,20 @@ from dataclasses import dataclass
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+def normalize_ip(ip: IPAddress) -> IPAddress:
+    """An IPv4-mapped IPv6 address (``::ffff:a.b.c.d``) as the IPv4 address it maps.
+
+    A dual-stack listener (``[::]:15001`` without V6ONLY, as ztunnel binds)
+    holds IPv4 peers as mapped addresses, but the packets, and so their
+    conntrack entries, are IPv4 (design.md §2 part 3).
+    """
+    if ip.version == 6:
+        mapped = ip.ipv4_mapped
+        if mapped is not None:
+            return mapped
+    return ip
+
+
 class TcpState(enum.IntEnum):
     """Kernel TCP states, numbered as in include/net/tcp_states.h."""
 
@@ -73,6 +87,11 @@ class Endpoint:
             return f"[{self.ip}]:{self.port}"
         return f"{self.ip}:{self.port}"
 
+    def normalized(self) -> Endpoint:
+        """IPv4-mapped IPv6 spelled as IPv4, as conntrack holds it."""
+        ip = normalize_ip(self.ip)
+        return self if ip is self.ip else Endpoint(ip, self.port)
+
     @classmethod
     def parse(cls, text: str) -> Endpoint:
         """Inverse of ``str()``: ``"127.0.0.1:15001"`` or ``"[::1]:15001"``."""
@@ -91,6 +110,13 @@ class FlowTuple:
 
     def __str__(self) -> str:
         return f"src={self.src} dst={self.dst} sport={self.sport} dport={self.dport}"
+
+    def normalized(self) -> FlowTuple:
+        """Both addresses with IPv4-mapped IPv6 spelled as IPv4 (what conntrack holds)."""
+        src, dst = normalize_ip(self.src), normalize_ip(self.dst)
+        if src is self.src and dst is self.dst:
+            return self
+        return FlowTuple(src, self.sport, dst, self.dport)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +163,18 @@ class SocketRecord:
         return min(ages) / 1000.0 if ages else None
 
     @property
+    def silence_seconds(self) -> float | None:
+        """Seconds without a packet either way that tcp_info can see (design.md §2 part 4).
+
+        The youngest of the three ages: data received, ACK received, data sent.
+        None when any is unknown: silence in one direction is not silence.
+        """
+        ages = (self.last_data_recv_ms, self.last_ack_recv_ms, self.last_data_sent_ms)
+        if any(a is None for a in ages):
+            return None
+        return min(a for a in ages if a is not None) / 1000.0
+
+    @property
     def nat_reply_tuple(self) -> FlowTuple:
         """The conntrack *reply* tuple that carries this socket's NAT mapping.
 
@@ -144,9 +182,20 @@ class SocketRecord:
         REDIRECT, the entry's reply direction is ``src=127.0.0.1:15001
         dst=app:eport`` (design.md §2).  The same holds for inbound
         REDIRECT (pod-ip:15006) and, trivially, for TPROXY where no
-        translation happens.
+        translation happens.  IPv4-mapped addresses of a dual-stack listener
+        are spelled as IPv4: the packets, and their entry, are IPv4.
         """
-        return FlowTuple(self.local.ip, self.local.port, self.peer.ip, self.peer.port)
+        return FlowTuple(
+            normalize_ip(self.local.ip),
+            self.local.port,
+            normalize_ip(self.peer.ip),
+            self.peer.port,
+        )
+
+    @property
+    def local_normalized(self) -> Endpoint:
+        """The local endpoint as conntrack would spell it (IPv4-mapped -> IPv4)."""
+        return self.local.normalized()
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,12 +215,35 @@ class ConntrackEntry:
     mark: int = 0
     zone: int = 0
     entry_id: int = 0
+    # The layer-4 protocol (CTA_PROTO_NUM); 6 is TCP.  Dumps return every
+    # protocol, and a UDP entry NATed to 15053 proves no TCP capture.
+    l4proto: int = 6
 
+    IPS_DST_NAT = 1 << 5
     IPS_FIXED_TIMEOUT = 1 << 10
 
     @property
     def fixed_timeout(self) -> bool:
         return bool(self.status & self.IPS_FIXED_TIMEOUT)
+
+    @property
+    def dst_nat(self) -> bool:
+        """Destination-NATed (REDIRECT, DNAT): the reply source is the NAT target."""
+        return bool(self.status & self.IPS_DST_NAT)
+
+    @property
+    def opening(self) -> bool:
+        """A connection still being opened (SYN_SENT, SYN_RECV, SYN_SENT2).
+
+        Such an entry under a half-closed socket's reply tuple cannot be that
+        socket's connection (it was established long ago): it is a new
+        connection from the same app port (istio#43301), design.md §2 part 3.
+        """
+        return self.tcp_state in OPENING_STATES
+
+
+# conntrack TCP states of a connection that has not completed its handshake.
+OPENING_STATES = frozenset({"SYN_SENT", "SYN_RECV", "SYN_SENT2"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +277,60 @@ class UnprovenReason(enum.StrEnum):
     IDLE_UNKNOWN = "idle-unknown"
     # Part 3: conntrack does not track this netns at all: absence proves nothing.
     CONNTRACK_INACTIVE = "conntrack-inactive"
+    # Part 4: the netns's half-closed conntrack timeouts could not be read,
+    # so "silent for longer than the entry could live" cannot be shown.
+    TIMEOUTS_UNKNOWN = "timeouts-unknown"
+
+
+class Capture(enum.StrEnum):
+    """How part 2 was shown: what makes the socket's local port a capture (design.md §2)."""
+
+    # A TCP REDIRECT/DNAT-to-local rule of this netns targets the port.
+    RULE = "rule"
+    # DST_NAT TCP conntrack entries of this netns have this endpoint as reply source.
+    CONNTRACK = "conntrack"
+    # An IP_TRANSPARENT socket (TPROXY) in a netns whose rules drop INVALID packets.
+    TPROXY = "tproxy"
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureEvidence:
+    """What shows which sockets a NAT capture feeds, for one netns (part 2).
+
+    Built by the engine from the netns's rules and its conntrack table;
+    ``nat_endpoints`` are the (normalized) reply sources of DST_NAT TCP entries.
+    ``tproxy_examined`` says transparent FIN_WAIT2 sockets are candidates
+    whatever their port (a TPROXY socket keeps the original local port).
+    """
+
+    rule_ports: frozenset[int] = frozenset()
+    nat_endpoints: frozenset[Endpoint] = frozenset()
+    tproxy_ports: frozenset[int] = frozenset()
+    drops_invalid: bool = False
+    tproxy_examined: bool = False
+
+    def proves(self, sock: SocketRecord) -> Capture | None:
+        if sock.local.port in self.rule_ports:
+            return Capture.RULE
+        if sock.local_normalized in self.nat_endpoints:
+            return Capture.CONNTRACK
+        if sock.transparent and self.drops_invalid and self.tproxy_ports:
+            # No NAT: the late FIN arrives, is INVALID, and the rule drops it.
+            return Capture.TPROXY
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class HalfClosedTimeouts:
+    """A netns's conntrack timeouts for half-closed TCP entries, in seconds."""
+
+    close_wait: int
+    fin_wait: int
+
+    @property
+    def shortest(self) -> int:
+        """The soonest a half-closed entry can expire after its last packet."""
+        return min(self.close_wait, self.fin_wait)
 
 
 class Outcome(enum.StrEnum):
@@ -233,3 +359,8 @@ class Finding:
     upstream: SocketRecord | None = None
     # Set for ``Kind.UNPROVEN`` only: which part of the proof is missing.
     reason: UnprovenReason | None = None
+    # How part 2 was shown (None when it was not: ``not-nat-captured``).
+    capture: Capture | None = None
+    # Part 4's threshold for this netns at scan time: the socket must have
+    # been silent at least this long.  The kill re-check holds it again.
+    min_silence_seconds: float | None = None

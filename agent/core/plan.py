@@ -3,16 +3,20 @@
 This code decides which sockets in other people's pods get destroyed, so the
 rules are few, explicit and all here:
 
-- ``kill`` only a socket classified *leaked* (FIN_WAIT2, owned by a process,
-  on a capture port, its NAT entry gone), carrying a socket cookie, idle at
-  least ``min_idle_seconds``, and at most ``max_kills`` of them per scan.
+- ``kill`` only a socket the four-part proof (``classify``) called *leaked* or
+  *collision*, still FIN_WAIT2, owned, examined, carrying a socket cookie, and at
+  most ``max_kills`` of them per scan.  Collisions go first and regardless of
+  ``min_idle_seconds`` (the app's new connection hangs until the stale socket
+  goes, istio#43301); leaks must be idle at least ``min_idle_seconds``.
 - ``extend`` only the entry of an *at-risk* socket whose entry is in
-  CLOSE_WAIT (the state whose timer forms the leak).
-- Anything else is skipped with a reason a person can read.
+  CLOSE_WAIT (the state whose timer forms the leak); never a collision's
+  entry (it is the app's new connection).
+- ``unproven`` findings and anything else are skipped with a reason a person
+  can read.
 
-``recheck_kill`` / ``recheck_extend`` repeat the same rules against what the
-kernel says right before acting: a socket can close, or its entry vanish or
-reappear, between the scan and the action.
+``recheck_kill`` / ``recheck_extend`` repeat the proof against what the kernel
+says right before acting: a socket can close, receive a packet, or its entry
+vanish or reappear, between the scan and the action.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from halfclose.agent.core.model import (
+    Capture,
     ConntrackEntry,
     Finding,
     Kind,
@@ -76,6 +81,7 @@ class SkipReason(enum.StrEnum):
     REPORT_ONLY = "report-only"
     NETNS_WIDE = "netns-wide-action"  # patch-conntrack acts on the netns, not on sockets
     NOT_LEAKED = "not-leaked"  # kill asked; the NAT entry is still alive
+    UNPROVEN = "unproven"  # part of the proof is missing: never acted on
     NOT_AT_RISK = "not-at-risk"  # extend asked; the entry is gone already (kill it)
     NOT_FIN_WAIT2 = "not-fin-wait-2"
     NOT_CAPTURE_PORT = "not-capture-port"
@@ -91,6 +97,7 @@ class SkipReason(enum.StrEnum):
     ALREADY_GONE = "already-gone"
     STATE_CHANGED = "state-changed"
     ENTRY_REAPPEARED = "entry-reappeared"
+    NOT_SILENT = "not-silent"  # a packet moved since the scan: part 4 no longer holds
     ENTRY_GONE = "entry-gone"
     LONG_ENOUGH = "timeout-long-enough"  # never shorten an entry's timeout
 
@@ -175,11 +182,18 @@ class FindingOutcome:
         return out
 
 
-def _socket_guard(sock: SocketRecord, capture_ports: Collection[int]) -> SkipReason | None:
-    """The rules every action shares: only owned FIN_WAIT2 proxy sockets, with a cookie."""
+def _socket_guard(
+    sock: SocketRecord, capture_ports: Collection[int], capture: Capture | None = None
+) -> SkipReason | None:
+    """The rules every action shares: only owned FIN_WAIT2 proxy sockets, with a cookie.
+
+    A TPROXY socket keeps the connection's original port, so it passes the
+    port rule by being transparent where the proof says TPROXY captures it.
+    """
     if sock.state is not TcpState.FIN_WAIT2:
         return SkipReason.NOT_FIN_WAIT2
-    if sock.local.port not in capture_ports:
+    tproxied = capture is Capture.TPROXY and sock.transparent
+    if sock.local.port not in capture_ports and not tproxied:
         return SkipReason.NOT_CAPTURE_PORT
     if sock.orphan:
         return SkipReason.ORPHAN
@@ -191,11 +205,17 @@ def _socket_guard(sock: SocketRecord, capture_ports: Collection[int]) -> SkipRea
 def _kill_reason(
     finding: Finding, capture_ports: Collection[int], settings: ActionSettings
 ) -> SkipReason | None:
-    if finding.kind is not Kind.LEAKED or finding.entry is not None:
+    if finding.kind is Kind.UNPROVEN:
+        return SkipReason.UNPROVEN
+    if not _mapping_gone(finding.kind, finding.entry):
         return SkipReason.NOT_LEAKED
-    guard = _socket_guard(finding.socket, capture_ports)
+    if finding.capture is None or finding.min_silence_seconds is None:
+        return SkipReason.UNPROVEN  # not a finding the proof produced
+    guard = _socket_guard(finding.socket, capture_ports, finding.capture)
     if guard is not None:
         return guard
+    if finding.kind is Kind.COLLISION:
+        return None  # the app is hanging on it now: no minimum idle
     idle = finding.socket.idle_seconds
     if idle is None:
         return SkipReason.IDLE_UNKNOWN
@@ -204,10 +224,21 @@ def _kill_reason(
     return None
 
 
+def _mapping_gone(kind: Kind, entry: ConntrackEntry | None) -> bool:
+    """Part 3 as the kinds state it: no entry (leaked) or a new connection's (collision)."""
+    if kind is Kind.LEAKED:
+        return entry is None
+    if kind is Kind.COLLISION:
+        return entry is not None and entry.opening
+    return False
+
+
 def _extend_reason(finding: Finding, capture_ports: Collection[int]) -> SkipReason | None:
-    if finding.kind is not Kind.AT_RISK or finding.entry is None:
+    if finding.kind is Kind.UNPROVEN:
+        return SkipReason.UNPROVEN
+    if finding.kind is not Kind.AT_RISK or finding.entry is None or finding.entry.opening:
         return SkipReason.NOT_AT_RISK
-    guard = _socket_guard(finding.socket, capture_ports)
+    guard = _socket_guard(finding.socket, capture_ports, finding.capture)
     if guard is not None:
         return guard
     return _entry_guard(finding.entry)
@@ -226,15 +257,16 @@ def make_plan(
 ) -> Plan:
     """One decision per finding, in the findings' order.
 
-    When more sockets qualify for a kill than ``max_kills`` allows, the ones
-    idle longest go first: they are the surest leaks and the oldest damage.
+    When more sockets qualify for a kill than ``max_kills`` allows,
+    collisions go first (an app is hanging on each), then the leaks idle
+    longest: they are the surest leaks and the oldest damage.
     """
     ports = frozenset(capture_ports)
     items = list(findings)
     decisions: list[Decision] = []
     if settings.action is ActionKind.KILL:
         eligible = [f for f in items if _kill_reason(f, ports, settings) is None]
-        eligible.sort(key=lambda f: -(f.socket.idle_seconds or 0.0))
+        eligible.sort(key=lambda f: (f.kind is not Kind.COLLISION, -(f.socket.idle_seconds or 0.0)))
         chosen = {id(f) for f in eligible[: settings.max_kills]}
         for f in items:
             reason = _kill_reason(f, ports, settings)
@@ -268,21 +300,33 @@ def recheck_kill(
     """Is the kill still right, given the socket and entry as they are now?
 
     ``current`` is the socket re-read by tuple *and cookie* (None: gone);
-    ``entry_now`` the entry looked up again by the socket's NAT reply tuple.
+    ``entry_now`` the entry looked up again by the socket's (normalized) NAT
+    reply tuple.  The proof's parts are held again: part 1 (state, cookie,
+    owner), part 2 (the capture the scan showed, on the same port), part 3
+    (no entry, or only a new connection's opening one) and part 4 (still
+    silent for the netns's shortest half-closed timeout).
     """
-    planned = decision.finding.socket
+    finding = decision.finding
+    planned = finding.socket
     if current is None:
         return SkipReason.ALREADY_GONE
     if current.cookie != planned.cookie:
         # The tuple now names another socket (the port was reused): ours is gone.
         return SkipReason.ALREADY_GONE
-    guard = _socket_guard(current, capture_ports)
+    if finding.kind is Kind.UNPROVEN or finding.capture is None:
+        return SkipReason.UNPROVEN
+    guard = _socket_guard(current, capture_ports, finding.capture)
     if guard is SkipReason.NOT_FIN_WAIT2:
         return SkipReason.STATE_CHANGED
     if guard is not None:
         return guard
-    if entry_now is not None:
+    if entry_now is not None and not entry_now.opening:
         return SkipReason.ENTRY_REAPPEARED
+    silence = current.silence_seconds
+    if finding.min_silence_seconds is None or silence is None:
+        return SkipReason.UNPROVEN
+    if silence < finding.min_silence_seconds:
+        return SkipReason.NOT_SILENT
     return None
 
 
@@ -301,13 +345,16 @@ def recheck_extend(
     planned = decision.finding.socket
     if current is None or current.cookie != planned.cookie:
         return SkipReason.ALREADY_GONE
-    guard = _socket_guard(current, capture_ports)
+    guard = _socket_guard(current, capture_ports, decision.finding.capture)
     if guard is SkipReason.NOT_FIN_WAIT2:
         return SkipReason.STATE_CHANGED
     if guard is not None:
         return guard
     if entry_now is None:
         return SkipReason.ENTRY_GONE
+    if entry_now.opening:
+        # A new connection holds the tuple now (istio#43301): never extend it.
+        return SkipReason.STATE_CHANGED
     seen = decision.finding.entry
     if seen is not None and seen.entry_id and entry_now.entry_id != seen.entry_id:
         # Same reply tuple, different entry: not the connection the scan judged.

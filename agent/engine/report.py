@@ -3,12 +3,20 @@
 JSON shape (a contract: users' scripts read it)::
 
     {"netns", "capture_ports": [int], "sockets_examined": int,
-     "duration_seconds": float, "findings": [{"kind", "state", "local", "peer",
-     "idle_seconds", "pid", "process", "upstream": {"local", "peer", "state"} | null,
-     "action": "none" | "killed" | "extended" | "failed", "error"?}]}
+     "duration_seconds": float, "findings": [{"kind": "leaked" | "collision" |
+     "at-risk" | "unproven", "reason"? (for unproven: the missing part), "state",
+     "local", "peer", "idle_seconds", "pid", "process",
+     "upstream": {"local", "peer", "state"} | null,
+     "action": "none" | "killed" | "extended" | "failed", "error"?}],
+     "warnings": [str]}
 
 Endpoints and states are spelled as ``ss`` prints them.  Actions are the
 remediation's business: it passes each finding's outcome in by socket cookie.
+An unproven finding's ``reason`` is always the proof's (``not-nat-captured``,
+``entry-removed-early``, ...): nothing acts on it, so no action reason is due.
+Additive fields: ``capture`` (how part 2 was shown: rule, conntrack, tproxy)
+and ``silence_seconds`` (part 4's measure) per finding; ``min_silence_seconds``
+(part 4's bar in this netns) at the top.
 """
 
 from __future__ import annotations
@@ -38,6 +46,11 @@ def _idle(sock: SocketRecord) -> float | None:
     return None if idle is None else round(idle, 3)
 
 
+def _silence(sock: SocketRecord) -> float | None:
+    silence = sock.silence_seconds
+    return None if silence is None else round(silence, 3)
+
+
 def finding_dict(f: Finding, outcome: FindingOutcome | None = None) -> dict[str, Any]:
     up = f.upstream
     out: dict[str, Any] = {
@@ -54,10 +67,14 @@ def finding_dict(f: Finding, outcome: FindingOutcome | None = None) -> dict[str,
             else None
         ),
         "action": str(outcome.action) if outcome else str(Outcome.NONE),
+        "capture": str(f.capture) if f.capture is not None else None,
+        "silence_seconds": _silence(f.socket),
     }
     if outcome and outcome.error:
         out["error"] = outcome.error
-    if outcome and outcome.reason:
+    if f.reason is not None:
+        out["reason"] = str(f.reason)
+    elif outcome and outcome.reason:
         out["reason"] = outcome.reason
     return out
 
@@ -71,7 +88,16 @@ def to_json_dict(result: ScanResult, outcomes: Outcomes | None = None) -> dict[s
         "duration_seconds": round(result.duration_seconds, 6),
         "findings": [finding_dict(f, outcomes.get(f.socket.cookie)) for f in result.findings],
         "warnings": list(result.warnings),
+        "min_silence_seconds": result.timeouts.shortest if result.timeouts else None,
     }
+
+
+def counts(result: ScanResult) -> dict[Kind, int]:
+    """Findings per kind, every kind present (0 when none)."""
+    out = dict.fromkeys(Kind, 0)
+    for f in result.findings:
+        out[f.kind] += 1
+    return out
 
 
 def _process(f: Finding) -> str:
@@ -88,13 +114,17 @@ def _idle_text(sock: SocketRecord) -> str:
 def render_table(result: ScanResult, outcomes: Outcomes | None = None) -> str:
     """A summary line, then one row per finding in ``ss`` spelling."""
     outcomes = outcomes or {}
-    leaked = sum(1 for f in result.findings if f.kind is Kind.LEAKED)
-    at_risk = len(result.findings) - leaked
+    n = counts(result)
     ports = ",".join(map(str, result.capture_ports)) or "none"
+    tally = f"{n[Kind.LEAKED]} leaked, {n[Kind.AT_RISK]} at-risk"
+    if n[Kind.COLLISION]:
+        tally = f"{n[Kind.COLLISION]} collision, " + tally
+    if n[Kind.UNPROVEN]:
+        tally += f", {n[Kind.UNPROVEN]} unproven (never acted on)"
     lines = [
         f"netns {result.netns}: capture ports {ports}; "
         f"{result.sockets_examined} half-closed sockets examined in "
-        f"{result.duration_seconds * 1000:.1f} ms; {leaked} leaked, {at_risk} at-risk"
+        f"{result.duration_seconds * 1000:.1f} ms; {tally}"
     ]
     lines.extend(f"warning: {w}" for w in result.warnings)
     if not result.findings:
@@ -113,7 +143,7 @@ def render_table(result: ScanResult, outcomes: Outcomes | None = None) -> str:
     for f in result.findings:
         up = f.upstream
         row = [
-            str(f.kind),
+            f"{f.kind} ({f.reason})" if f.reason is not None else str(f.kind),
             f.socket.state.ss_name,
             str(f.socket.local),
             str(f.socket.peer),
@@ -124,8 +154,10 @@ def render_table(result: ScanResult, outcomes: Outcomes | None = None) -> str:
         if show_action:
             o = outcomes.get(f.socket.cookie)
             text = str(o.action) if o else str(Outcome.NONE)
-            if o and (o.error or o.reason):
-                text += f" ({o.error or o.reason})"
+            if o and o.error:
+                text += f" ({o.error})"
+            elif o and o.reason and f.reason is None:
+                text += f" ({o.reason})"
             row.append(text)
         rows.append(row)
     cols = [*header, "Action"] if show_action else list(header)

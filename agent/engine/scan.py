@@ -11,17 +11,27 @@ filter: the work the scan could not avoid.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
-from halfclose.agent.core.classify import classify, is_candidate
-from halfclose.agent.core.model import Finding, SocketRecord, TcpState
+from halfclose.agent.core.classify import Evidence, classify, is_candidate
+from halfclose.agent.core.model import (
+    CaptureEvidence,
+    Endpoint,
+    Finding,
+    HalfClosedTimeouts,
+    SocketRecord,
+    TcpState,
+    UnprovenReason,
+)
 from halfclose.agent.core.pairing import pair
-from halfclose.agent.kernel import natrules, procfs
+from halfclose.agent.kernel import natrules, procfs, sysctl
 from halfclose.agent.kernel.conntrack import Conntrack
 from halfclose.agent.kernel.natrules import CapturePorts
 from halfclose.agent.kernel.netns import NetnsHandle
 from halfclose.agent.kernel.sockdiag import SockDiag
+from halfclose.errors import UserError
 
 DUMP_STATES = (TcpState.FIN_WAIT2, TcpState.CLOSE_WAIT)
 _FIN_WAIT2 = int(TcpState.FIN_WAIT2)  # a plain int: compared once per dumped socket
@@ -29,7 +39,12 @@ _FIN_WAIT2 = int(TcpState.FIN_WAIT2)  # a plain int: compared once per dumped so
 
 @dataclass(frozen=True, slots=True)
 class ScanSettings:
-    """What to scan for.  ``capture_ports=None`` means detect them from the rules."""
+    """What to scan for.
+
+    ``capture_ports=None`` means judge the ports the netns's rules (or its
+    DST_NAT conntrack entries) show captured; given ports only narrow what is
+    judged, they never stand in for that evidence (design.md §2 part 2).
+    """
 
     capture_ports: frozenset[int] | None = None
     min_idle_seconds: float = 0.0
@@ -37,6 +52,9 @@ class ScanSettings:
     # Detected ports are re-read when older than this (0: every scan).  NAT
     # rules are written once at pod start, so a long-running agent can cache.
     rules_max_age_seconds: float = 0.0
+    # The netns's half-closed conntrack timeouts (part 4) are re-read when
+    # older than this.  Short: a raised timeout must raise the bar soon.
+    timeouts_max_age_seconds: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,10 +64,24 @@ class ScanResult:
     sockets_examined: int
     duration_seconds: float
     findings: list[Finding] = field(default_factory=list)
-    # Where each detected port came from; None when the ports were given.
+    # Where each detected port came from; None when the rules were not read.
     port_origins: CapturePorts | None = None
     # Why findings may be incomplete (e.g. leaks withheld for lack of proof).
     warnings: tuple[str, ...] = ()
+    # Part 4's bar in this netns at scan time (None: unknown).
+    timeouts: HalfClosedTimeouts | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Rules:
+    """The netns's rules as read (or why not), for part 2."""
+
+    found: CapturePorts | None
+    error: str | None = None
+
+    @property
+    def incomplete(self) -> bool:
+        return self.found is None or bool(self.found.unreadable)
 
 
 class Scanner:
@@ -67,8 +99,10 @@ class Scanner:
         except BaseException:
             self._diag.close()
             raise
-        self._rules: CapturePorts | None = None
+        self._rules: _Rules | None = None
         self._rules_at = 0.0
+        self._timeouts: HalfClosedTimeouts | UnprovenReason | None = None
+        self._timeouts_at = 0.0
 
     @property
     def sockdiag(self) -> SockDiag:
@@ -78,74 +112,125 @@ class Scanner:
     def conntrack(self) -> Conntrack:
         return self._ct
 
-    def capture_ports(self, settings: ScanSettings) -> tuple[frozenset[int], CapturePorts | None]:
-        if settings.capture_ports is not None:
-            return settings.capture_ports, None
+    def rules(self, settings: ScanSettings) -> _Rules:
+        """The netns's NAT/TPROXY rules, cached for ``rules_max_age_seconds``."""
         now = time.monotonic()
         if self._rules is None or now - self._rules_at >= settings.rules_max_age_seconds:
-            self._rules = natrules.detect(self.handle)
+            try:
+                self._rules = _Rules(natrules.detect(self.handle))
+            except UserError as exc:
+                self._rules = _Rules(None, str(exc))
             self._rules_at = now
-        return self._rules.ports, self._rules
+        return self._rules
+
+    def capture_ports(self, settings: ScanSettings) -> tuple[frozenset[int], CapturePorts | None]:
+        """The ports judged: the given ones, else the rules' TCP capture ports."""
+        rules = self.rules(settings)
+        if settings.capture_ports is not None:
+            return settings.capture_ports, rules.found
+        if rules.found is None:
+            raise UserError(rules.error or f"cannot read NAT rules in {self.handle.label}")
+        return rules.found.ports, rules.found
+
+    def timeouts(self, settings: ScanSettings) -> HalfClosedTimeouts | UnprovenReason:
+        """This netns's half-closed conntrack timeouts (part 4), cached briefly."""
+        now = time.monotonic()
+        if self._timeouts is None or now - self._timeouts_at >= settings.timeouts_max_age_seconds:
+            self._timeouts = read_timeouts(self.handle, settings.proc_root)
+            self._timeouts_at = now
+        return self._timeouts
 
     def scan(self, settings: ScanSettings | None = None) -> ScanResult:
         settings = settings or ScanSettings()
         started = time.perf_counter()
-        ports, origins = self.capture_ports(settings)
+        rules = self.rules(settings)
+        warnings: list[str] = []
+        nat_eps: frozenset[Endpoint] | None = None
+        if settings.capture_ports is not None:
+            ports = settings.capture_ports
+        elif rules.found is not None and not rules.incomplete:
+            ports = rules.found.ports
+        else:
+            # Some rules are hidden from us (iptables-legacy without
+            # CAP_NET_RAW, or no tool at all): the DST_NAT entries show the
+            # captures those rules make, so their ports are judged too.
+            nat_eps = self._nat_endpoints()
+            if rules.found is None and not nat_eps:
+                raise UserError(rules.error or f"cannot read NAT rules in {self.handle.label}")
+            ports = (rules.found.ports if rules.found else frozenset()) | {e.port for e in nat_eps}
+        capture = _capture_evidence(rules.found, settings.capture_ports, nat_eps)
+        tproxy_all = capture.tproxy_examined
+        dump_ports = ports
 
         def keep(state: int, sport: int, _dport: int) -> bool:
-            # FIN_WAIT2 on a capture port is a candidate; CLOSE_WAIT off the
-            # capture ports may be its upstream leg.  Everything else is dropped
-            # before an object is built.
+            # FIN_WAIT2 on a judged port is a candidate (any FIN_WAIT2 where a
+            # TPROXY socket may be one: its port is the original one); CLOSE_WAIT
+            # off the judged ports may be its upstream leg.  Everything else is
+            # dropped before an object is built.
             if state == _FIN_WAIT2:
-                return sport in ports
-            return sport not in ports
+                return tproxy_all or sport in dump_ports
+            return sport not in dump_ports
 
         examined, sockets = self._diag.dump(DUMP_STATES, keep)
-        findings, warnings = self._judge(sockets, ports, settings)
-        if origins is not None:
+        findings, more = self._judge(sockets, ports, capture, nat_eps, settings)
+        warnings.extend(more)
+        if rules.found is None:
+            warnings.insert(
+                0,
+                f"NAT rules could not be read ({rules.error}): captures are shown by "
+                "conntrack's DST_NAT entries only",
+            )
+        else:
             # A rule source that exists but cannot be read (iptables-legacy
             # without CAP_NET_RAW) hides its capture ports: say so, every scan.
-            warnings = (
-                tuple(
-                    f"NAT rules from {src} could not be read ({why}): capture ports "
-                    "may be incomplete (grant the access, or give the ports)"
-                    for src, why in origins.unreadable.items()
-                )
-                + warnings
-            )
+            warnings[:0] = [
+                f"NAT rules from {src} could not be read ({why}): capture ports "
+                "may be incomplete (grant the access, or give the ports)"
+                for src, why in rules.found.unreadable.items()
+            ]
+        timeouts = self._timeouts if isinstance(self._timeouts, HalfClosedTimeouts) else None
         return ScanResult(
             netns=self.handle.label,
             capture_ports=tuple(sorted(ports)),
             sockets_examined=examined,
             duration_seconds=time.perf_counter() - started,
             findings=findings,
-            port_origins=origins,
-            warnings=warnings,
+            port_origins=rules.found,
+            warnings=tuple(warnings),
+            timeouts=timeouts,
+        )
+
+    def _nat_endpoints(self) -> frozenset[Endpoint]:
+        return frozenset(
+            Endpoint(e.reply.src, e.reply.sport).normalized() for e in self._ct.dst_nat_entries()
         )
 
     def _judge(
-        self, sockets: list[SocketRecord], ports: frozenset[int], settings: ScanSettings
+        self,
+        sockets: list[SocketRecord],
+        ports: frozenset[int],
+        capture: CaptureEvidence,
+        nat_eps: frozenset[Endpoint] | None,
+        settings: ScanSettings,
     ) -> tuple[list[Finding], tuple[str, ...]]:
-        candidates = [s for s in sockets if is_candidate(s, ports)]
+        candidates = [s for s in sockets if is_candidate(s, ports, capture)]
         if not candidates:
             return [], ()
-        lookups = self._ct.lookup_replies([s.nat_reply_tuple for s in candidates])
+        if nat_eps is None and any(capture.proves(s) is None for s in candidates):
+            # The rules do not show every candidate's capture: conntrack's
+            # DST_NAT entries may (one filtered dump, only when needed).
+            capture = dataclasses.replace(capture, nat_endpoints=self._nat_endpoints())
+        proven = [s for s in candidates if capture.proves(s) is not None]
+        lookups = self._ct.lookup_replies([s.nat_reply_tuple for s in proven])
         warnings: tuple[str, ...] = ()
-        # A missing entry proves a leak only where conntrack tracks the
-        # connection.  Detected REDIRECT/TPROXY rules guarantee it; ports given
-        # by hand do not (conntrack is inactive in a netns until a rule needs
-        # it), and there an empty table would make every candidate look leaked.
-        # Withhold the leaks: classify() skips a candidate with no lookup result.
-        if (
-            settings.capture_ports is not None
-            and None in lookups.values()
-            and self._ct.count() == 0
-        ):
-            lookups = {t: e for t, e in lookups.items() if e is not None}
+        timeouts = self.timeouts(settings)
+        if isinstance(timeouts, HalfClosedTimeouts):
+            evidence = Evidence(capture, lookups, timeouts)
+        else:
+            evidence = Evidence(capture, lookups, None, timeouts)
             warnings = (
-                "conntrack tracks no connection in this netns, so a missing NAT entry "
-                "proves nothing: leaks were not reported (let the capture ports be "
-                "detected from the NAT rules, or check the ports given)",
+                f"the conntrack timeouts of {self.handle.label} could not be read "
+                f"({timeouts}): no leak can be proven",
             )
         # Owners for the candidates and for the CLOSE_WAIT sockets they may pair with.
         wanted = [s for s in sockets if not s.orphan]
@@ -155,7 +240,7 @@ class Scanner:
             proc_root=settings.proc_root,
             uid_hint={s.uid for s in candidates},
         )
-        findings = classify(candidates, ports, lookups, owners, settings.min_idle_seconds)
+        findings = classify(candidates, ports, evidence, owners, settings.min_idle_seconds)
         return pair(findings, sockets, ports, owners), warnings
 
     def close(self) -> None:
@@ -167,6 +252,47 @@ class Scanner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+CLOSE_WAIT_TIMEOUT = "net.netfilter.nf_conntrack_tcp_timeout_close_wait"
+FIN_WAIT_TIMEOUT = "net.netfilter.nf_conntrack_tcp_timeout_fin_wait"
+
+
+def read_timeouts(
+    handle: NetnsHandle, proc_root: str = "/proc"
+) -> HalfClosedTimeouts | UnprovenReason:
+    """The netns's half-closed TCP conntrack timeouts, or why they are unknown."""
+    try:
+        return HalfClosedTimeouts(
+            close_wait=sysctl.read_int(handle, CLOSE_WAIT_TIMEOUT, proc_root),
+            fin_wait=sysctl.read_int(handle, FIN_WAIT_TIMEOUT, proc_root),
+        )
+    except sysctl.SysctlMissing:
+        return UnprovenReason.CONNTRACK_INACTIVE  # nf_conntrack is not loaded
+    except (OSError, ValueError):
+        return UnprovenReason.TIMEOUTS_UNKNOWN
+
+
+def _capture_evidence(
+    rules: CapturePorts | None,
+    given: frozenset[int] | None,
+    nat_endpoints: frozenset[Endpoint] | None,
+) -> CaptureEvidence:
+    """Part 2's evidence from the rules (and DST_NAT entries, when read already)."""
+    if rules is None:
+        return CaptureEvidence(nat_endpoints=nat_endpoints or frozenset())
+    # TPROXY sockets are judged wherever TPROXY is in use and INVALID packets
+    # are dropped, unless the ports given leave the TPROXY ports out.
+    tproxy = bool(rules.tproxy_ports) and rules.drops_invalid
+    if given is not None:
+        tproxy = tproxy and bool(given & rules.tproxy_ports)
+    return CaptureEvidence(
+        rule_ports=rules.ports,
+        nat_endpoints=nat_endpoints or frozenset(),
+        tproxy_ports=rules.tproxy_ports,
+        drops_invalid=rules.drops_invalid,
+        tproxy_examined=tproxy,
+    )
 
 
 def scan(handle: NetnsHandle, settings: ScanSettings | None = None) -> ScanResult:

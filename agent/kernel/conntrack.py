@@ -22,7 +22,7 @@ import errno
 import ipaddress
 import socket
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from halfclose.agent.core.model import ConntrackEntry, FlowTuple
@@ -47,6 +47,8 @@ CTA_TIMEOUT = 7
 CTA_MARK = 8
 CTA_ID = 12
 CTA_ZONE = 18
+CTA_FILTER = 25
+CTA_STATUS_MASK = 26
 
 CTA_TUPLE_IP = 1
 CTA_TUPLE_PROTO = 2
@@ -58,6 +60,9 @@ CTA_IP_V6_DST = 4
 CTA_PROTO_NUM = 1
 CTA_PROTO_SRC_PORT = 2
 CTA_PROTO_DST_PORT = 3
+CTA_FILTER_ORIG_FLAGS = 1
+CTA_FILTER_REPLY_FLAGS = 2
+CTA_FILTER_FLAG_CTA_PROTO_NUM = 1 << 3  # CTA_FILTER_F_CTA_PROTO_NUM
 CTA_PROTOINFO_TCP = 1
 CTA_PROTOINFO_TCP_STATE = 1
 CTA_STATS_GLOBAL_ENTRIES = 1
@@ -66,6 +71,7 @@ NFGEN = struct.Struct("!BBH")  # family, version, res_id
 NFNETLINK_V0 = 0
 _BE16 = struct.Struct("!H")
 _BE32 = struct.Struct("!I")
+_HOST32 = struct.Struct("=I")
 
 # enum tcp_conntrack (include/uapi/linux/netfilter/nf_conntrack_tcp.h)
 TCP_CONNTRACK_STATES = (
@@ -91,6 +97,10 @@ def _family(t: FlowTuple) -> int:
 
 
 def encode_tuple(attr_type: int, t: FlowTuple, zone: int | None = None) -> bytes:
+    # IPv4-mapped addresses (a dual-stack listener's peers) are IPv4 to
+    # conntrack: asking AF_INET6 for them finds nothing, which would read as
+    # "mapping gone" (design.md §2 part 3).
+    t = t.normalized()
     v4 = t.src.version == 4
     ip = nl.pack_nested(
         CTA_TUPLE_IP,
@@ -124,7 +134,8 @@ def _nla_hdr(length: int, attr_type: int) -> tuple[int, int]:
 
 
 def encode_get_by_reply(reply: FlowTuple, seq: int, zone: int = 0) -> bytes:
-    """IPCTNL_MSG_CT_GET for the entry whose reply tuple is ``reply``."""
+    """IPCTNL_MSG_CT_GET for the entry whose reply tuple is ``reply`` (normalized)."""
+    reply = reply.normalized()
     if zone:
         payload = NFGEN.pack(_family(reply), NFNETLINK_V0, 0) + encode_tuple(CTA_TUPLE_REPLY, reply)
         payload += nl.pack_attr(CTA_ZONE, _BE16.pack(zone))
@@ -185,7 +196,7 @@ def encode_update(
     the given attributes change.  A new timeout is reset to the state's default
     by the next packet unless ``status`` carries IPS_FIXED_TIMEOUT.
     """
-    payload = NFGEN.pack(_family(entry.original), NFNETLINK_V0, 0) + encode_tuple(
+    payload = NFGEN.pack(_family(entry.original.normalized()), NFNETLINK_V0, 0) + encode_tuple(
         CTA_TUPLE_ORIG, entry.original
     )
     if entry.zone:
@@ -205,9 +216,38 @@ def encode_get_stats(seq: int) -> bytes:
     )
 
 
-def _decode_tuple(buf: memoryview) -> FlowTuple:
+def encode_dump_dst_nat(family: int, seq: int) -> bytes:
+    """A dump of one family's TCP entries that were destination-NATed.
+
+    Filtered in the kernel (CTA_STATUS/CTA_STATUS_MASK, Linux 5.19+; CTA_FILTER
+    on the original tuple's protocol, 5.8+), so only the evidence crosses to
+    us.  Older kernels ignore or refuse the filter; ``decode_entry`` callers
+    check status and protocol again.
+    """
+    payload = NFGEN.pack(family, NFNETLINK_V0, 0)
+    payload += nl.pack_nested(
+        CTA_TUPLE_ORIG,
+        nl.pack_nested(CTA_TUPLE_PROTO, nl.pack_attr(CTA_PROTO_NUM, bytes([socket.IPPROTO_TCP]))),
+    )
+    payload += nl.pack_nested(
+        CTA_FILTER, nl.pack_attr(CTA_FILTER_ORIG_FLAGS, _HOST32.pack(CTA_FILTER_FLAG_CTA_PROTO_NUM))
+    )
+    payload += nl.pack_attr(CTA_STATUS, _BE32.pack(ConntrackEntry.IPS_DST_NAT))
+    payload += nl.pack_attr(CTA_STATUS_MASK, _BE32.pack(ConntrackEntry.IPS_DST_NAT))
+    return nl.pack_message(MSG_GET, nl.NLM_F_REQUEST | nl.NLM_F_DUMP, seq, payload)
+
+
+def _encode_dump_all(family: int, seq: int) -> bytes:
+    return nl.pack_message(
+        MSG_GET, nl.NLM_F_REQUEST | nl.NLM_F_DUMP, seq, NFGEN.pack(family, NFNETLINK_V0, 0)
+    )
+
+
+def _decode_tuple(buf: memoryview) -> tuple[FlowTuple, int]:
+    """(tuple, layer-4 protocol number)."""
     src = dst = None
     sport = dport = 0
+    proto = socket.IPPROTO_TCP
     for t, v in nl.iter_attrs(buf):
         if t == CTA_TUPLE_IP:
             for it, iv in nl.iter_attrs(v):
@@ -217,25 +257,28 @@ def _decode_tuple(buf: memoryview) -> FlowTuple:
                     dst = ipaddress.ip_address(bytes(iv))
         elif t == CTA_TUPLE_PROTO:
             for pt, pv in nl.iter_attrs(v):
-                if pt == CTA_PROTO_SRC_PORT:
+                if pt == CTA_PROTO_NUM and len(pv) >= 1:
+                    proto = pv[0]
+                elif pt == CTA_PROTO_SRC_PORT:
                     sport = _BE16.unpack_from(pv)[0]
                 elif pt == CTA_PROTO_DST_PORT:
                     dport = _BE16.unpack_from(pv)[0]
     if src is None or dst is None:
         raise ValueError("conntrack tuple without addresses")
-    return FlowTuple(src, sport, dst, dport)
+    return FlowTuple(src, sport, dst, dport), proto
 
 
 def decode_entry(payload: memoryview) -> ConntrackEntry:
     """Decode an IPCTNL_MSG_CT_NEW message (a GET reply or a dump item)."""
     original = reply = None
+    proto = socket.IPPROTO_TCP
     tcp_state = "NONE"
     timeout = status = mark = zone = entry_id = 0
     for t, v in nl.iter_attrs(payload, NFGEN.size):
         if t == CTA_TUPLE_ORIG:
-            original = _decode_tuple(v)
+            original, proto = _decode_tuple(v)
         elif t == CTA_TUPLE_REPLY:
-            reply = _decode_tuple(v)
+            reply, _ = _decode_tuple(v)
         elif t == CTA_STATUS:
             status = _BE32.unpack_from(v)[0]
         elif t == CTA_TIMEOUT:
@@ -267,6 +310,7 @@ def decode_entry(payload: memoryview) -> ConntrackEntry:
         mark=mark,
         zone=zone,
         entry_id=entry_id,
+        l4proto=proto,
     )
 
 
@@ -341,6 +385,35 @@ class Conntrack:
             )
             for msg in self._nl.dump(req, seq):
                 entry = decode_entry(msg.payload)
+                yield entry
+
+    def dst_nat_entries(self) -> list[ConntrackEntry]:
+        """The TCP entries of this netns that were destination-NATed (REDIRECT, DNAT).
+
+        Their reply sources show which local endpoints a NAT capture feeds
+        (design.md §2 part 2) without reading any rule.  One filtered dump per
+        family; a kernel that refuses the filter (EINVAL, EOPNOTSUPP before
+        5.19) gets a plain dump, filtered here.
+        """
+        out: list[ConntrackEntry] = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                out.extend(self._dst_nat(encode_dump_dst_nat, family))
+            except OSError as exc:
+                # The kernel refuses a filter it does not know before sending
+                # any entry, so nothing was collected for this family yet.
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                out.extend(self._dst_nat(_encode_dump_all, family))
+        return out
+
+    def _dst_nat(
+        self, encode: Callable[[int, int], bytes], family: int
+    ) -> Iterator[ConntrackEntry]:
+        seq = self._nl.next_seq()
+        for msg in self._nl.dump(encode(family, seq), seq):
+            entry = decode_entry(msg.payload)  # at once: the view is reused
+            if entry.dst_nat and entry.l4proto == socket.IPPROTO_TCP:
                 yield entry
 
     def count(self) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from halfclose.agent.core.model import Kind
+from halfclose.agent.core.model import Kind, UnprovenReason
 from halfclose.agent.engine.scan import Scanner, ScanSettings, scan
 from halfclose.agent.kernel.netns import NetnsHandle
 from support.minimesh import minimesh, ss_lines
@@ -183,14 +183,17 @@ def test_sockdiag_reread_and_destroy_by_cookie() -> None:
 
 def test_forced_ports_without_conntrack_prove_no_leak() -> None:
     """A FIN_WAIT2 on a hand-given port in a netns where conntrack tracks nothing
-    (no rule needs it) has no entry, but that proves nothing: never "leaked"."""
+    (no rule needs it) has no entry, but that proves nothing: never "leaked".
+    No NAT rule and no DST_NAT entry shows a capture: unproven, not-nat-captured."""
     skip_unless_root("ip")
     with scratch_netns("noct") as ns, holder(ns, HEALTHY):
         assert any(":18080 " in ln for ln in ss_lines(ns, "state", "fin-wait-2"))
         with NetnsHandle.from_name(ns) as handle:
             result = scan(handle, ScanSettings(capture_ports=frozenset({18080})))
-    assert result.findings == []
-    assert len(result.warnings) == 1 and "proves nothing" in result.warnings[0]
+    assert result.findings
+    assert {(f.kind, f.reason) for f in result.findings} == {
+        (Kind.UNPROVEN, UnprovenReason.NOT_NAT_CAPTURED)
+    }
 
 
 def test_forced_ports_still_prove_leaks_where_conntrack_tracks(lab: Any) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 
 import pytest
 
 from halfclose.agent.core.model import (
+    Capture,
     ConntrackEntry,
     Endpoint,
     Finding,
@@ -16,6 +18,7 @@ from halfclose.agent.core.model import (
     Owner,
     SocketRecord,
     TcpState,
+    UnprovenReason,
 )
 from halfclose.agent.core.plan import (
     DEFAULT_MIN_IDLE_SECONDS,
@@ -53,6 +56,7 @@ def sock(
         uid=1337,
         last_data_recv_ms=idle_ms,
         last_ack_recv_ms=idle_ms,
+        last_data_sent_ms=idle_ms,
     )
 
 
@@ -64,13 +68,31 @@ def entry(
     return ConntrackEntry(original, reply, state, timeout=30, status=status, entry_id=eid)
 
 
+PROOF = {"capture": Capture.RULE, "min_silence_seconds": 60.0}
+
+
 def leaked(s: SocketRecord | None = None) -> Finding:
-    return Finding(Kind.LEAKED, s or sock(), Owner(10, "proxy"))
+    return Finding(Kind.LEAKED, s or sock(), Owner(10, "proxy"), **PROOF)  # type: ignore[arg-type]
+
+
+def collision(s: SocketRecord | None = None, state: str = "SYN_SENT") -> Finding:
+    s = s or sock()
+    return Finding(Kind.COLLISION, s, Owner(10, "proxy"), entry(s, state), **PROOF)  # type: ignore[arg-type]
+
+
+def unproven(s: SocketRecord | None = None) -> Finding:
+    return Finding(
+        Kind.UNPROVEN,
+        s or sock(),
+        Owner(10, "proxy"),
+        reason=UnprovenReason.ENTRY_REMOVED_EARLY,
+        **PROOF,  # type: ignore[arg-type]
+    )
 
 
 def at_risk(s: SocketRecord | None = None, **kw: object) -> Finding:
     s = s or sock()
-    return Finding(Kind.AT_RISK, s, Owner(10, "proxy"), entry=entry(s, **kw))  # type: ignore[arg-type]
+    return Finding(Kind.AT_RISK, s, Owner(10, "proxy"), entry=entry(s, **kw), **PROOF)  # type: ignore[arg-type]
 
 
 def settings(action: ActionKind, **kw: object) -> ActionSettings:
@@ -206,7 +228,67 @@ def test_bad_settings_are_user_errors(kw: dict[str, object]) -> None:
         ActionSettings(**kw)  # type: ignore[arg-type]
 
 
+class TestProofKinds:
+    def test_unproven_is_never_acted_on(self) -> None:
+        for action in (ActionKind.KILL, ActionKind.EXTEND_CONNTRACK):
+            plan = make_plan([unproven()], PORTS, settings(action, min_idle_seconds=0))
+            assert ops(plan.decisions) == [(Op.NONE, SkipReason.UNPROVEN)]
+
+    def test_a_leak_without_the_proofs_marks_is_not_killed(self) -> None:
+        # A LEAKED finding the classifier did not produce (no capture shown).
+        f = Finding(Kind.LEAKED, sock(), None)
+        plan = make_plan([f], PORTS, settings(ActionKind.KILL, min_idle_seconds=0))
+        assert ops(plan.decisions) == [(Op.NONE, SkipReason.UNPROVEN)]
+
+    def test_collisions_go_first_regardless_of_min_idle_within_the_budget(self) -> None:
+        old = leaked(sock(idle_ms=900_000))
+        young_collisions = [collision(sock(idle_ms=70_000, app_port=p)) for p in (1, 2)]
+        findings = [old, *young_collisions]
+        plan = make_plan(
+            findings, PORTS, settings(ActionKind.KILL, min_idle_seconds=600, max_kills=2)
+        )
+        assert ops(plan.decisions) == [
+            (Op.NONE, SkipReason.OVER_MAX_KILLS),
+            (Op.KILL, None),
+            (Op.KILL, None),
+        ]
+
+    def test_a_collision_needs_an_opening_entry(self) -> None:
+        s = sock()
+        f = Finding(Kind.COLLISION, s, None, entry(s, "ESTABLISHED"), **PROOF)  # type: ignore[arg-type]
+        plan = make_plan([f], PORTS, settings(ActionKind.KILL))
+        assert ops(plan.decisions) == [(Op.NONE, SkipReason.NOT_LEAKED)]
+
+    def test_extend_never_touches_a_collision_entry(self) -> None:
+        plan = make_plan([collision()], PORTS, settings(ActionKind.EXTEND_CONNTRACK))
+        assert ops(plan.decisions) == [(Op.NONE, SkipReason.NOT_AT_RISK)]
+        f = at_risk()
+        d = Decision(f, Op.EXTEND)
+        syn = entry(f.socket, "SYN_SENT")
+        assert recheck_extend(d, f.socket, syn, PORTS, 3600) is SkipReason.STATE_CHANGED
+
+    def test_tproxy_socket_passes_the_port_rule_by_being_transparent(self) -> None:
+        s = dataclasses.replace(sock(8080), transparent=True)
+        f = Finding(Kind.LEAKED, s, None, capture=Capture.TPROXY, min_silence_seconds=60.0)
+        plan = make_plan([f], PORTS, settings(ActionKind.KILL))
+        assert ops(plan.decisions) == [(Op.KILL, None)]
+        plain = dataclasses.replace(s, transparent=False)
+        assert recheck_kill(plan.kills[0], plain, None, PORTS) is SkipReason.NOT_CAPTURE_PORT
+
+
 class TestRecheck:
+    def test_kill_rechecks_silence_and_allows_a_collision_entry(self) -> None:
+        f = leaked(sock(idle_ms=120_000))
+        d = Decision(f, Op.KILL)
+        syn = entry(f.socket, "SYN_RECV")
+        assert recheck_kill(d, f.socket, syn, PORTS) is None
+        spoke = dataclasses.replace(f.socket, last_data_sent_ms=10)
+        assert recheck_kill(d, spoke, None, PORTS) is SkipReason.NOT_SILENT
+        heard = dataclasses.replace(f.socket, last_ack_recv_ms=59_999)
+        assert recheck_kill(d, heard, None, PORTS) is SkipReason.NOT_SILENT
+        unknown = dataclasses.replace(f.socket, last_data_sent_ms=None)
+        assert recheck_kill(d, unknown, None, PORTS) is SkipReason.UNPROVEN
+
     def test_kill_proceeds_when_nothing_changed(self) -> None:
         f = leaked()
         assert recheck_kill(Decision(f, Op.KILL), f.socket, None, PORTS) is None

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from halfclose.agent.core.model import (
+    Capture,
     ConntrackEntry,
     Endpoint,
     Finding,
@@ -41,6 +42,7 @@ def record(port: int, cookie: int, state: TcpState = TcpState.FIN_WAIT2) -> Sock
         uid=1337,
         last_data_recv_ms=600_000,
         last_ack_recv_ms=600_000,
+        last_data_sent_ms=600_000,
     )
 
 
@@ -87,7 +89,10 @@ class FakeConntrack:
 
 
 def kill(diag: FakeDiag, ct: FakeConntrack, **kw: object) -> list[tuple[Outcome, object]]:
-    findings = [Finding(Kind.LEAKED, s, None) for s in list(diag.sockets.values())]
+    findings = [
+        Finding(Kind.LEAKED, s, None, capture=Capture.RULE, min_silence_seconds=60.0)
+        for s in list(diag.sockets.values())
+    ]
     settings = ActionSettings(action=ActionKind.KILL, min_idle_seconds=0, **kw)  # type: ignore[arg-type]
     plan = make_plan(findings, PORTS, settings)
     ex = Executor(diag, ct, ExecSettings(upstream_wait_seconds=0.0))  # type: ignore[arg-type]

@@ -7,11 +7,13 @@ import json
 from halfclose.agent.core.model import (
     Endpoint,
     Finding,
+    HalfClosedTimeouts,
     Kind,
     Outcome,
     Owner,
     SocketRecord,
     TcpState,
+    UnprovenReason,
 )
 from halfclose.agent.engine.report import FindingOutcome, render_table, to_json_dict
 from halfclose.agent.engine.scan import ScanResult
@@ -26,6 +28,9 @@ FINDING_KEYS = {
     "process",
     "upstream",
     "action",
+    # additive to design.md §4: how part 2 was shown, part 4's measure
+    "capture",
+    "silence_seconds",
 }
 
 
@@ -61,6 +66,7 @@ def test_json_contract_shape_and_spelling() -> None:
         "duration_seconds",
         "findings",
         "warnings",  # additive to design.md §4: why findings may be incomplete
+        "min_silence_seconds",  # additive: part 4's bar in this netns (None: unknown)
     }
     assert doc["warnings"] == []
     assert doc["capture_ports"] == [15001, 15006] and doc["sockets_examined"] == 42
@@ -81,6 +87,8 @@ def test_json_contract_shape_and_spelling() -> None:
             "state": "CLOSE-WAIT",
         },
         "action": "none",
+        "capture": None,
+        "silence_seconds": None,
     }
     assert second["kind"] == "at-risk" and second["local"] == "[::ffff:127.0.0.1]:15006"
     assert second["pid"] is None and second["upstream"] is None and second["idle_seconds"] is None
@@ -113,3 +121,21 @@ def test_empty_result_is_one_summary_line() -> None:
     assert render_table(r) == (
         "netns x: capture ports none; 0 half-closed sockets examined in 1.0 ms; 0 leaked, 0 at-risk"
     )
+
+
+def test_unproven_findings_carry_the_missing_part_as_reason() -> None:
+    s = _sock(TcpState.FIN_WAIT2, "192.0.2.1:8080", "192.0.2.10:40000", 5, 3000)
+    f = Finding(Kind.UNPROVEN, s, None, reason=UnprovenReason.NOT_NAT_CAPTURED)
+    r = ScanResult("x", (8080,), 1, 0.001, [f], timeouts=HalfClosedTimeouts(60, 120))
+    # Even when an action skipped it with its own reason, the proof's reason shows.
+    doc = to_json_dict(r, {5: FindingOutcome(Outcome.NONE, reason="unproven")})
+    (item,) = doc["findings"]
+    assert (item["kind"], item["reason"], item["action"]) == (
+        "unproven",
+        "not-nat-captured",
+        "none",
+    )
+    assert doc["min_silence_seconds"] == 60
+    lines = render_table(r).splitlines()
+    assert lines[0].endswith("0 leaked, 0 at-risk, 1 unproven (never acted on)")
+    assert lines[2].startswith("unproven (not-nat-captured)  FIN-WAIT-2")

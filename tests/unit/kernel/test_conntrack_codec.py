@@ -68,7 +68,7 @@ def test_get_request_roundtrips_through_the_decoder() -> None:
     assert family == socket.AF_INET6
     attrs = dict(nl.iter_attrs(msg.payload, ct.NFGEN.size))
     assert set(attrs) == {ct.CTA_TUPLE_REPLY, ct.CTA_ZONE}
-    assert ct._decode_tuple(attrs[ct.CTA_TUPLE_REPLY]) == reply
+    assert ct._decode_tuple(attrs[ct.CTA_TUPLE_REPLY]) == (reply, 6)
 
 
 def test_update_request_keys_on_the_original_tuple() -> None:
@@ -87,7 +87,7 @@ def test_update_request_keys_on_the_original_tuple() -> None:
     assert msg.type == ct.MSG_NEW
     assert not msg.flags & nl.NLM_F_CREATE  # update only: never create an entry
     attrs = dict(nl.iter_attrs(msg.payload, ct.NFGEN.size))
-    assert ct._decode_tuple(attrs[ct.CTA_TUPLE_ORIG]) == entry.original
+    assert ct._decode_tuple(attrs[ct.CTA_TUPLE_ORIG]) == (entry.original, 6)
     assert ct.CTA_TUPLE_REPLY not in attrs
     assert int.from_bytes(attrs[ct.CTA_TIMEOUT], "big") == 600
     assert int.from_bytes(attrs[ct.CTA_STATUS], "big") == 1 << 10
