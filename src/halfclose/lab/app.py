@@ -41,6 +41,8 @@ from typing import Any
 
 from pyroute2.conntrack import AsyncConntrack
 
+from halfclose.agent.kernel.conntrack import Conntrack
+from halfclose.agent.kernel.netns import NetnsHandle
 from halfclose.lab import control, daemon
 from halfclose.lab.settings import MAX_COUNT
 from halfclose.lab.upstream import Mode
@@ -65,6 +67,10 @@ class AppSettings:
     close_wait_timeout: float
     live_interval: float
     max_lifetime: float = 6 * 3600.0
+    # The netns whose conntrack decides when to close (a leak): our own, or,
+    # for the inbound clients that live outside the pod, the pod's.
+    conntrack_netns: str | None = None
+    name: str = PROCESS_NAME
 
 
 @dataclass(slots=True)
@@ -228,6 +234,8 @@ class App:
 
     async def _tracked(self, apps: set[tuple[str, int]]) -> set[tuple[str, int]]:
         """Which of our endpoints still have a conntrack entry towards the service."""
+        if self.settings.conntrack_netns is not None:
+            return await asyncio.to_thread(self._tracked_in, self.settings.conntrack_netns, apps)
         found: set[tuple[str, int]] = set()
         ct = AsyncConntrack()
         try:
@@ -243,6 +251,24 @@ class App:
                     found.add((orig.saddr, orig.sport))
         finally:
             ct.close()
+        return found
+
+    def _tracked_in(self, path: str, apps: set[tuple[str, int]]) -> set[tuple[str, int]]:
+        """``_tracked`` against another netns's table (a socket created inside it)."""
+        found: set[tuple[str, int]] = set()
+        with NetnsHandle.from_path(path) as handle:
+            ct = Conntrack.open(handle)
+            try:
+                for entry in ct.dump():
+                    orig = entry.original
+                    if (
+                        str(orig.dst) == self.settings.service_host
+                        and orig.dport == self.settings.service_port
+                        and (str(orig.src), orig.sport) in apps
+                    ):
+                        found.add((str(orig.src), orig.sport))
+            finally:
+                ct.close()
         return found
 
     async def _keep_sending(self, conn: AppConnection) -> None:
@@ -333,6 +359,8 @@ def parse_args(argv: Sequence[str] | None) -> AppSettings:
     p.add_argument("--live-interval", type=float, default=1.0)
     p.add_argument("--max-lifetime", type=float, default=6 * 3600.0)
     p.add_argument("--lab", help="the lab's prefix (a label in the process list)")
+    p.add_argument("--conntrack-netns", help="netns path whose conntrack to wait on")
+    p.add_argument("--name", default=PROCESS_NAME, help="process name (comm)")
     args = p.parse_args(argv)
     host, _, port = args.service.rpartition(":")
     return AppSettings(
@@ -342,13 +370,15 @@ def parse_args(argv: Sequence[str] | None) -> AppSettings:
         close_wait_timeout=args.close_wait_timeout,
         live_interval=args.live_interval,
         max_lifetime=args.max_lifetime,
+        conntrack_netns=args.conntrack_netns,
+        name=args.name,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
     app = App(settings)
-    return daemon.run(app.serve, name=PROCESS_NAME, max_lifetime=settings.max_lifetime)
+    return daemon.run(app.serve, name=settings.name, max_lifetime=settings.max_lifetime)
 
 
 if __name__ == "__main__":

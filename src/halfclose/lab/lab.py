@@ -34,11 +34,18 @@ from halfclose.lab.model import (
     ProxiedPair,
     Teardown,
 )
-from halfclose.lab.settings import DEFAULT_RUN_DIR, MAX_COUNT, LabSettings, validate_prefix
+from halfclose.lab.settings import (
+    DEFAULT_RUN_DIR,
+    INBOUND_APP_PORT,
+    MAX_COUNT,
+    LabSettings,
+    validate_prefix,
+)
 from halfclose.lab.state import LabPaths, LabState, ProcessRecord
 from halfclose.lab.topology import SERVICE, Topology, netns_pattern
 
 CLOSE_WAIT_SYSCTL = "net.netfilter.nf_conntrack_tcp_timeout_close_wait"
+FIN_WAIT_SYSCTL = "net.netfilter.nf_conntrack_tcp_timeout_fin_wait"
 BASE_TOOLS = ("ip", "ss", "nsenter", "sysctl")
 READY_TIMEOUT = 30.0
 VERIFY_TIMEOUT = 5.0
@@ -56,7 +63,7 @@ class Lab:
 
     def __init__(self, settings: LabSettings | None = None) -> None:
         self.settings = settings or LabSettings()
-        self.topology = Topology(self.settings.prefix, self.settings.pods)
+        self.topology = _topology(self.settings)
         self.paths = LabPaths(self.settings.run_dir, self.settings.prefix)
         self._state: LabState | None = None
         self._children: list[subprocess.Popen[bytes]] = []
@@ -116,7 +123,30 @@ class Lab:
         return str(self.topology.pod_ip(pod))
 
     def proxy_pid(self, pod: int) -> int:
+        """The pid holding the pod's proxy sockets (ambient: the one ztunnel)."""
+        if self._current_state().settings.mesh.node_proxy:
+            self.topology.pod_netns(pod)  # range check
+            return self._record("ztunnel", None).pid
         return self._record("proxy", pod).pid
+
+    @property
+    def node_netns(self) -> str | None:
+        """Ambient: ztunnel's own netns (``<prefix>-zt``); None for sidecar styles."""
+        return self.topology.node_netns if self.settings.mesh.node_proxy else None
+
+    def inbound_service(self, pod: int) -> Endpoint:
+        """Where inbound clients connect: the pod's app port (pod-ip:8080)."""
+        return Endpoint(self.topology.pod_ip(pod), INBOUND_APP_PORT)
+
+    @property
+    def inbound_local_port(self) -> int:
+        """The local port of the proxy's inbound downstream sockets.
+
+        15006 (or 4143) behind a REDIRECT; the original port (8080) behind
+        TPROXY, where nothing is translated.
+        """
+        mesh = self.settings.mesh
+        return INBOUND_APP_PORT if mesh.inbound_tproxy else mesh.inbound_port
 
     def app_pid(self, pod: int) -> int | None:
         record = self._current_state().find("app", pod)
@@ -174,36 +204,45 @@ class Lab:
 
     # -- traffic ----------------------------------------------------------------
 
-    def leak(self, count: int = 1, pod: int = 0) -> list[LeakedPair]:
+    def leak(self, count: int = 1, pod: int = 0, *, inbound: bool = False) -> list[LeakedPair]:
         """Form ``count`` leaked pairs at once; returns when all are verified to exist.
 
         Verified: the app saw the proxy's FIN, conntrack had dropped every NAT
         entry before the app closed (checked by the app), and the proxy's
         FIN-WAIT-2 and CLOSE-WAIT sockets are there (checked here with ss).
+
+        ``inbound``: the connections come from clients outside the pod (in the
+        upstream netns) to the pod's app port 8080, through the proxy's
+        inbound capture; the in-pod app server closes and the client closes
+        once the pod's entry is gone.  The pair's ``app`` is then the client.
         """
         self._check(count, pod)
         cw = self._current_state().settings.close_wait_timeout
         timeout = 2 * cw + 10 + HOLDER_STEPS + count / 50
-        reply = self._ask(pod, {"op": "leak", "count": count}, timeout)
-        return self._verify(pod, reply["pairs"], "FIN-WAIT-2", "CLOSE-WAIT")
+        reply = self._ask(pod, {"op": "leak", "count": count}, timeout, inbound)
+        return self._verify(pod, reply["pairs"], "FIN-WAIT-2", "CLOSE-WAIT", inbound)
 
-    def idle(self, count: int = 1, pod: int = 0) -> list[ProxiedPair]:
+    def idle(self, count: int = 1, pod: int = 0, *, inbound: bool = False) -> list[ProxiedPair]:
         """``count`` idle ESTABLISHED connections, held until ``down``."""
         self._check(count, pod)
-        reply = self._ask(pod, {"op": "idle", "count": count}, HOLDER_STEPS + count / 50)
-        return self._verify(pod, reply["pairs"], "ESTAB", "ESTAB")
+        reply = self._ask(pod, {"op": "idle", "count": count}, HOLDER_STEPS + count / 50, inbound)
+        return self._verify(pod, reply["pairs"], "ESTAB", "ESTAB", inbound)
 
-    def live_half_close(self, count: int = 1, pod: int = 0) -> list[ProxiedPair]:
+    def live_half_close(
+        self, count: int = 1, pod: int = 0, *, inbound: bool = False
+    ) -> list[ProxiedPair]:
         """``count`` connections the upstream half-closed while the app keeps sending.
 
         The proxy's downstream socket is FIN-WAIT-2 but its conntrack entry is
         kept alive by the app's traffic: at-risk, never leaked.  Held until ``down``.
         """
         self._check(count, pod)
-        reply = self._ask(pod, {"op": "live", "count": count}, HOLDER_STEPS + count / 50)
-        return self._verify(pod, reply["pairs"], "FIN-WAIT-2", "CLOSE-WAIT")
+        reply = self._ask(pod, {"op": "live", "count": count}, HOLDER_STEPS + count / 50, inbound)
+        return self._verify(pod, reply["pairs"], "FIN-WAIT-2", "CLOSE-WAIT", inbound)
 
-    def late_close(self, count: int = 1, after_seconds: float = 10.0, pod: int = 0) -> LateClose:
+    def late_close(
+        self, count: int = 1, after_seconds: float = 10.0, pod: int = 0, *, inbound: bool = False
+    ) -> LateClose:
         """``count`` connections half-closed now; the app closes them ``after_seconds`` later.
 
         If nothing intervenes and ``after_seconds`` exceeds the close_wait
@@ -213,17 +252,23 @@ class Lab:
         if not after_seconds >= 0:
             raise LabError(f"bad after_seconds {after_seconds!r}: >= 0")
         reply = self._ask(
-            pod, {"op": "late", "count": count, "after": after_seconds}, HOLDER_STEPS + count / 50
+            pod,
+            {"op": "late", "count": count, "after": after_seconds},
+            HOLDER_STEPS + count / 50,
+            inbound,
         )
-        pairs = self._verify(pod, reply["pairs"], "FIN-WAIT-2", "CLOSE-WAIT")
-        return LateClose(pod, int(reply["batch"]), tuple(pairs), float(reply["closes_at"]))
+        pairs = self._verify(pod, reply["pairs"], "FIN-WAIT-2", "CLOSE-WAIT", inbound)
+        return LateClose(pod, int(reply["batch"]), tuple(pairs), float(reply["closes_at"]), inbound)
 
     def wait_late_closed(self, late: LateClose, timeout: float | None = None) -> None:
         """Block until the app has closed a ``late_close`` batch (bounded)."""
         if timeout is None:
             timeout = max(0.0, late.closes_at - time.time()) + 10.0
         deadline = time.monotonic() + timeout
-        while str(late.batch) in self._ask(late.pod, {"op": "status"}, 10)["late_pending"]:
+        while (
+            str(late.batch)
+            in self._ask(late.pod, {"op": "status"}, 10, late.inbound)["late_pending"]
+        ):
             if time.monotonic() > deadline:
                 raise LabError(f"late-close batch {late.batch} still open after {timeout:.0f}s")
             time.sleep(min(0.1, max(0.01, late.closes_at - time.time())))
@@ -241,7 +286,7 @@ class Lab:
                 prefix, bool(named), None, None, None, None, None, stray_netns=tuple(named)
             )
         settings = state.settings
-        topo = Topology(settings.prefix, settings.pods)
+        topo = _topology(settings)
         known = set(topo.all_netns)
         pods = tuple(self._pod_status(state, topo, i) for i in range(settings.pods))
         upstream = state.find("upstream", None)
@@ -261,19 +306,18 @@ class Lab:
         """``status()`` for one pod only (cheap in a 100-pod lab)."""
         _require_root()
         state = self._current_state()
-        topo = Topology(state.settings.prefix, state.settings.pods)
-        return self._pod_status(state, topo, pod)
+        return self._pod_status(state, _topology(state.settings), pod)
 
     def _pod_status(self, state: LabState, topo: Topology, pod: int) -> PodStatus:
         name = topo.pod_netns(pod)
-        proxy = state.find("proxy", pod)
+        proxy = state.find("proxy", pod) or state.find("ztunnel", None)
         app = state.find("app", pod)
         proxy_info = _process_info(proxy) if proxy else None
         app_info = _process_info(app) if app else None
         if not netns.exists(name):
             return PodStatus(pod, name, str(topo.pod_ip(pod)), False, None, proxy_info, app_info)
         views = ss.sockets(name, processes=True)
-        capture = state.settings.mesh.capture_ports
+        capture = (*state.settings.mesh.capture_ports, INBOUND_APP_PORT)
         proxy_pid = proxy.pid if proxy else None
         mine = tuple(
             v
@@ -321,6 +365,8 @@ class Lab:
         topo = self.topology
         netns.add(topo.all_netns)
         netns.ip_batch(topo.upstream_netns, topo.upstream_batch())
+        if self.settings.mesh.node_proxy:
+            netns.ip_batch(topo.node_netns, ["link set lo up"])
         if self.settings.drop_invalid:
             self._load_rules(topo.upstream_netns, rules.network_rules(self.settings.backend))
         # Each pod is a handful of short commands; a few at a time hides their latency.
@@ -329,10 +375,16 @@ class Lab:
 
     def _setup_pod(self, pod: int) -> None:
         name = self.topology.pod_netns(pod)
-        netns.ip_batch(name, self.topology.pod_batch(pod))
-        self._load_rules(name, rules.pod_rules(self.settings.mesh, self.settings.backend))
+        mesh = self.settings.mesh
+        netns.ip_batch(name, self.topology.pod_batch(pod) + rules.pod_routes(mesh))
+        load = rules.pod_rules(
+            mesh, self.settings.backend, drop_invalid=self.settings.pod_drop_invalid
+        )
+        self._load_rules(name, load)
         # Per netns: only this pod's conntrack changes (the host keeps its value).
         netns.write_sysctl(name, CLOSE_WAIT_SYSCTL, str(self.settings.close_wait_timeout))
+        if self.settings.fin_wait_timeout is not None:
+            netns.write_sysctl(name, FIN_WAIT_SYSCTL, str(self.settings.fin_wait_timeout))
 
     @staticmethod
     def _load_rules(name: str, load: rules.RuleLoad) -> None:
@@ -353,20 +405,43 @@ class Lab:
         proc = self._launch("upstream", None, name, argv, log)
         supervise.wait_ready([("upstream server", proc, log)], READY_TIMEOUT)
 
-    def _start_proxies(self) -> None:
+    def _proxy_args(self) -> list[str]:
         mesh = self.settings.mesh
+        args = ["--uid", str(mesh.proxy_uid)]
+        for port in mesh.listen_ports:
+            args += ["--port", str(port)]
+        if mesh.inbound_tproxy:
+            args += ["--tproxy-port", str(mesh.inbound_port)]
+        if self.settings.listens_dual_stack:
+            args.append("--dual-stack")
+        if mesh.mark is not None:
+            args += ["--mark", hex(mesh.mark)]
+        if self.settings.proxy_idle_timeout is not None:
+            args += ["--idle-timeout", str(self.settings.proxy_idle_timeout)]
+        return args
+
+    def _start_proxies(self) -> None:
+        if self.settings.mesh.node_proxy:
+            self._start_ztunnel()
+            return
         started = []
         for pod in range(self.settings.pods):
-            args = ["--uid", str(mesh.proxy_uid)]
-            for port in mesh.capture_ports:
-                args += ["--port", str(port)]
-            if self.settings.proxy_idle_timeout is not None:
-                args += ["--idle-timeout", str(self.settings.proxy_idle_timeout)]
+            args = self._proxy_args()
             log = self.paths.log("proxy", pod)
             name = self.topology.pod_netns(pod)
             proc = self._launch("proxy", pod, name, self._daemon_argv("proxy", *args), log)
             started.append((f"proxy of pod {pod}", proc, log))
         supervise.wait_ready(started, READY_TIMEOUT + 0.2 * len(started))
+
+    def _start_ztunnel(self) -> None:
+        """Ambient: one ztunnel in its own netns, serving inside every pod's netns."""
+        args = [*self._proxy_args(), "--name", "lab-ztunnel"]
+        for pod in range(self.settings.pods):
+            args += ["--netns", netns.path(self.topology.pod_netns(pod))]
+        log = self.paths.log("ztunnel", None)
+        argv = self._daemon_argv("proxy", *args)
+        proc = self._launch("ztunnel", None, self.topology.node_netns, argv, log)
+        supervise.wait_ready([("ztunnel", proc, log)], READY_TIMEOUT + 0.05 * self.settings.pods)
 
     def _launch(
         self, role: str, pod: int | None, name: str, argv: Sequence[str], log: str
@@ -380,29 +455,54 @@ class Lab:
         self._save()  # before waiting: a crash from here on still knows the pid
         return proc
 
-    def _ensure_app(self, pod: int) -> None:
-        """Start the pod's app holder on first use (a 100-pod lab needs only its proxies)."""
+    def _ensure_app(self, pod: int, inbound: bool = False) -> None:
+        """Start the pod's app holder on first use (a 100-pod lab needs only its proxies).
+
+        ``inbound``: the pod's app server (:8080, in the pod) and the holder of
+        its inbound clients (in the upstream netns, waiting on the pod's
+        conntrack) instead.
+        """
+        role = "client" if inbound else "app"
         with self._locked():
             state = LabState.load(self.paths.state)
             if state is None:
                 raise LabError(f"lab {self.settings.prefix!r} is gone")
             self._adopt(state)
-            record = state.find("app", pod)
+            record = state.find(role, pod)
             if record is not None and supervise.alive(record.pid, record.start_time):
                 return
             settings = state.settings
+            pod_netns = self.topology.pod_netns(pod)
+            if inbound:
+                self._ensure_server(state, pod)
             # Send well inside the close_wait timeout so the entry never lapses.
             interval = min(1.0, settings.close_wait_timeout / 4)
-            argv = self._daemon_argv(
-                "app",
-                "--control", self.paths.control(pod),
-                "--service", str(SERVICE),
+            service = self.inbound_service(pod) if inbound else SERVICE
+            args = [
+                "--control", self.paths.control(pod, role),
+                "--service", str(service),
                 "--close-wait-timeout", str(settings.close_wait_timeout),
                 "--live-interval", str(interval),
-            )  # fmt: skip
-            log = self.paths.log("app", pod)
-            proc = self._launch("app", pod, self.topology.pod_netns(pod), argv, log)
-            supervise.wait_ready([(f"app of pod {pod}", proc, log)], READY_TIMEOUT)
+            ]  # fmt: skip
+            if inbound:
+                args += ["--conntrack-netns", netns.path(pod_netns), "--name", "lab-client"]
+            argv = self._daemon_argv("app", *args)
+            log = self.paths.log(role, pod)
+            where = self.topology.upstream_netns if inbound else pod_netns
+            proc = self._launch(role, pod, where, argv, log)
+            supervise.wait_ready([(f"{role} of pod {pod}", proc, log)], READY_TIMEOUT)
+
+    def _ensure_server(self, state: LabState, pod: int) -> None:
+        """The pod's own app server on :8080 (the inbound connections' destination)."""
+        record = state.find("server", pod)
+        if record is not None and supervise.alive(record.pid, record.start_time):
+            return
+        argv = self._daemon_argv(
+            "upstream", "--listen", f"0.0.0.0:{INBOUND_APP_PORT}", "--name", "lab-server"
+        )
+        log = self.paths.log("server", pod)
+        proc = self._launch("server", pod, self.topology.pod_netns(pod), argv, log)
+        supervise.wait_ready([(f"app server of pod {pod}", proc, log)], READY_TIMEOUT)
 
     # -- helpers ----------------------------------------------------------------
 
@@ -415,21 +515,47 @@ class Lab:
             raise LabError(f"lab {self.settings.prefix!r} is not up (phase {state.phase})")
         self.topology.pod_netns(pod)  # range check
 
-    def _ask(self, pod: int, message: control.Message, timeout: float) -> control.Message:
-        self._ensure_app(pod)
-        return control.request(self.paths.control(pod), message, timeout)
+    def _ask(
+        self, pod: int, message: control.Message, timeout: float, inbound: bool = False
+    ) -> control.Message:
+        self._ensure_app(pod, inbound)
+        role = "client" if inbound else "app"
+        return control.request(self.paths.control(pod, role), message, timeout)
 
     def _verify(
-        self, pod: int, raw: Sequence[dict[str, str]], downstream: str, upstream: str
+        self,
+        pod: int,
+        raw: Sequence[dict[str, str]],
+        downstream: str,
+        upstream: str,
+        inbound: bool = False,
     ) -> list[ProxiedPair]:
-        """Check with ss that the proxy holds each pair's sockets in the expected states."""
+        """Check with ss that the proxy holds each pair's sockets in the expected states.
+
+        A dual-stack proxy's sockets show IPv4 peers as ``[::ffff:a.b.c.d]``:
+        they are matched by their IPv4 spelling, and returned as the kernel
+        holds them.
+        """
         name = self.topology.pod_netns(pod)
-        outbound = self.settings.mesh.outbound_port
+        if inbound:
+            local_port = self.inbound_local_port
+            target = str(self.inbound_service(pod))
+        else:
+            local_port = self.settings.mesh.outbound_port
+            target = str(SERVICE)
         deadline = time.monotonic() + VERIFY_TIMEOUT
         while True:
             views = ss.sockets(name)
-            down = {v.peer: v for v in views if v.state == downstream and v.local_port == outbound}
-            up = {v.local: v for v in views if v.state == upstream and v.peer == str(SERVICE)}
+            down = {
+                _unmapped(v.peer): v
+                for v in views
+                if v.state == downstream and v.local_port == local_port
+            }
+            up = {
+                _unmapped(v.local): v
+                for v in views
+                if v.state == upstream and _unmapped(v.peer) == target
+            }
             missing = [p for p in raw if p["app"] not in down or p["upstream"] not in up]
             if not missing:
                 break
@@ -467,7 +593,7 @@ class Lab:
         self._state = state
         if state.settings != self.settings:
             self.settings = dataclasses.replace(state.settings, run_dir=self.settings.run_dir)
-            self.topology = Topology(self.settings.prefix, self.settings.pods)
+            self.topology = _topology(self.settings)
 
     def _record(self, role: str, pod: int | None) -> ProcessRecord:
         record = self._current_state().find(role, pod)
@@ -499,6 +625,18 @@ class Lab:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=2)
         self._children.clear()
+
+
+def _topology(settings: LabSettings) -> Topology:
+    return Topology(settings.prefix, settings.pods, settings.mesh.node_proxy)
+
+
+def _unmapped(text: str) -> str:
+    """``[::ffff:192.0.2.10]:80`` -> ``192.0.2.10:80`` (ss's spelling of a mapped peer)."""
+    if text.startswith("[::ffff:") and "." in text:
+        host, _, port = text[1:].rpartition("]:")
+        return f"{host[7:]}:{port}"
+    return text
 
 
 def _require_root() -> None:

@@ -36,6 +36,7 @@ class LateClose:
     batch: int
     pairs: tuple[ProxiedPair, ...]
     closes_at: float
+    inbound: bool = False  # made by the pod's inbound clients (``late_close(inbound=True)``)
 
 
 @dataclass(frozen=True, slots=True)

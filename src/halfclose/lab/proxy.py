@@ -17,6 +17,20 @@ Like Envoy's tcp_proxy behind an iptables REDIRECT it:
 - closes the upstream side when the downstream socket fails (e.g.
   ECONNABORTED after SOCK_DESTROY), as Envoy does, so destroying a leaked
   downstream socket also frees its CLOSE_WAIT partner.
+
+Options for the other capture shapes (docs/lab.md):
+
+- ``--dual-stack``: listen on ``[::]`` with IPV6_V6ONLY=0, as ztunnel and any
+  proxy binding ``::`` do: IPv4 peers are then held as ``::ffff:a.b.c.d``, and
+  SO_ORIGINAL_DST still answers at the IPv4 level for them.
+- ``--tproxy-port P``: listen IP_TRANSPARENT on P (Istio's TPROXY mode): an
+  accepted socket's local address *is* the original destination (no NAT);
+  the dial to the app leaves from 127.0.0.6 over lo, as Envoy's does.
+- ``--netns PATH`` (repeatable) with ``--mark M``: be ztunnel: a process of
+  another netns that opens its listeners and its upstream sockets *inside*
+  each pod's netns (setns on the current thread around socket(), then back:
+  a socket stays in the netns it was created in), marking its dials with
+  SO_MARK so the pod's rules exempt them.
 """
 
 from __future__ import annotations
@@ -27,17 +41,22 @@ import logging
 import socket
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
+from halfclose.agent.kernel.netns import NetnsHandle
 from halfclose.lab import daemon
 
 log = logging.getLogger("lab-proxy")
 
-SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h (IP6T_SO_ORIGINAL_DST is also 80)
+IP_TRANSPARENT = 19
 PROCESS_NAME = "lab-proxy"
 LISTEN_BACKLOG = 4096
+# Envoy's inbound passthrough source (InboundPassthroughClusterIpv4): the
+# TPROXY rules exempt it on lo, so the dial to the app is not captured again.
+INBOUND_SOURCE = "127.0.0.6"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,13 +67,30 @@ class ProxySettings:
     idle_timeout: float | None = None
     connect_timeout: float = 10.0
     max_lifetime: float = 6 * 3600.0
+    dual_stack: bool = False
+    tproxy_ports: tuple[int, ...] = ()
+    mark: int | None = None
+    netns_paths: tuple[str, ...] = ()
+    name: str = PROCESS_NAME
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:
-    """Where the app connected before REDIRECT rewrote it (struct sockaddr_in)."""
+    """Where the app connected before REDIRECT rewrote it.
+
+    IPv4 (also an IPv4 peer of a dual-stack listener, whose conntrack entry is
+    IPv4): SOL_IP, a struct sockaddr_in.  Native IPv6: SOL_IPV6, sockaddr_in6.
+    """
+    if sock.family == socket.AF_INET6 and not sock.getsockname()[0].startswith("::ffff:"):
+        raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+        port, addr = struct.unpack_from("!2xH4x16s", raw)
+        return socket.inet_ntop(socket.AF_INET6, addr), port
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     port, addr = struct.unpack_from("!2xH4s", raw)
     return socket.inet_ntoa(addr), port
+
+
+def _unmapped(host: str) -> str:
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
 
 
 class _Side(asyncio.Protocol):
@@ -100,8 +136,12 @@ class _Side(asyncio.Protocol):
 class Connection:
     """A downstream (app side) socket and the upstream socket dialled for it."""
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(
+        self, proxy: Proxy, netns: NetnsHandle | None = None, transparent: bool = False
+    ) -> None:
         self.proxy = proxy
+        self.netns = netns  # where this connection's sockets live (ztunnel: a pod's)
+        self.transparent = transparent  # accepted from a TPROXY (IP_TRANSPARENT) listener
         self.downstream = _Side(self)
         self.upstream = _Side(self)
         self._dial: asyncio.Task[None] | None = None
@@ -119,13 +159,24 @@ class Connection:
         # Nothing is read from the app until the upstream exists.
         side.transport.pause_reading()
         sock = side.transport.get_extra_info("socket")
+        if self.transparent:
+            # TPROXY: no NAT; the socket's own local address is where the
+            # client was going (e.g. pod-ip:8080).
+            host, port = sock.getsockname()[:2]
+            self._touch()
+            self._dial = asyncio.get_running_loop().create_task(
+                self._connect((_unmapped(host), port))
+            )
+            return
         try:
             dst = original_destination(sock)
         except OSError:
             log.warning("no original destination (not redirected): closing")
             side.transport.close()
             return
-        if dst == sock.getsockname()[:2]:
+        if dst[1] == sock.getsockname()[1] and _unmapped(dst[0]) == _unmapped(
+            sock.getsockname()[0]
+        ):
             # Not redirected (someone dialled the capture port itself): dialling
             # the original destination would loop back to us.
             side.transport.close()
@@ -134,12 +185,8 @@ class Connection:
         self._dial = asyncio.get_running_loop().create_task(self._connect(dst))
 
     async def _connect(self, dst: tuple[str, int]) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: self.upstream, dst[0], dst[1]),
-                self.proxy.settings.connect_timeout,
-            )
+            await asyncio.wait_for(self._dial_upstream(dst), self.proxy.settings.connect_timeout)
         except (OSError, TimeoutError) as exc:
             log.info("upstream %s:%d: %s", dst[0], dst[1], exc)
             self.downstream.close()
@@ -149,6 +196,26 @@ class Connection:
             return
         assert self.downstream.transport is not None
         self.downstream.transport.resume_reading()
+
+    async def _dial_upstream(self, dst: tuple[str, int]) -> None:
+        settings = self.proxy.settings
+        family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
+        if self.netns is not None:
+            # ztunnel's way: the socket is born in the pod's netns.
+            sock = self.netns.socket(family, socket.SOCK_STREAM, 0)
+        else:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if settings.mark is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, settings.mark)
+            if self.transparent:
+                sock.bind((INBOUND_SOURCE, 0))
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, dst)
+            await asyncio.get_running_loop().create_connection(lambda: self.upstream, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
 
     def forward(self, side: _Side, data: bytes) -> None:
         self._touch()
@@ -213,34 +280,66 @@ class Proxy:
 
     async def serve(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        listeners = [_listen(port) for port in self.settings.ports]
+        settings = self.settings
+        # ztunnel opens every pod's netns once and keeps it (the fd pins it).
+        targets: list[NetnsHandle | None] = [
+            NetnsHandle.from_path(path) for path in settings.netns_paths
+        ] or [None]
+        listeners = [
+            (target, port, self._listen(target, port))
+            for target in targets
+            for port in settings.ports
+        ]
         # Bound as root (harmless), then serve as the mesh's proxy uid: the
         # NAT rules exempt that uid, which is what lets our dials out.
         daemon.raise_open_files_limit()
-        daemon.drop_privileges(self.settings.uid, self.settings.gid)
+        daemon.drop_privileges(settings.uid, settings.gid)
         servers = [
             await loop.create_server(
-                lambda: Connection(self).downstream, sock=sock, backlog=LISTEN_BACKLOG
+                self._factory(target, port in settings.tproxy_ports),
+                sock=sock,
+                backlog=LISTEN_BACKLOG,
             )
-            for sock in listeners
+            for target, port, sock in listeners
         ]
-        log.info("listening on %s as uid %d", self.settings.ports, self.settings.uid)
+        log.info(
+            "listening on %s%s in %s as uid %d",
+            settings.ports,
+            " (dual-stack)" if settings.dual_stack else "",
+            ", ".join(settings.netns_paths) or "our netns",
+            settings.uid,
+        )
         daemon.announce_ready()
         await stop.wait()
         for server in servers:
             server.close()
         for conn in list(self.active):
             conn.close()
+        for target in targets:
+            if target is not None:
+                target.close()
 
+    def _factory(self, target: NetnsHandle | None, transparent: bool) -> Callable[[], _Side]:
+        return lambda: Connection(self, target, transparent).downstream
 
-def _listen(port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # All addresses: outbound redirects arrive on 127.0.0.1, inbound on the pod IP.
-    sock.bind(("0.0.0.0", port))  # noqa: S104
-    sock.listen(LISTEN_BACKLOG)
-    sock.setblocking(False)
-    return sock
+    def _listen(self, target: NetnsHandle | None, port: int) -> socket.socket:
+        settings = self.settings
+        family = socket.AF_INET6 if settings.dual_stack else socket.AF_INET
+        if target is not None:
+            sock = target.socket(family, socket.SOCK_STREAM, 0)
+        else:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if settings.dual_stack:
+            # Set explicitly: the default follows net.ipv6.bindv6only.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if port in settings.tproxy_ports:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        # All addresses: outbound redirects arrive on 127.0.0.1, inbound on the pod IP.
+        sock.bind(("::" if settings.dual_stack else "0.0.0.0", port))  # noqa: S104
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+        return sock
 
 
 def parse_args(argv: Sequence[str] | None) -> ProxySettings:
@@ -251,6 +350,17 @@ def parse_args(argv: Sequence[str] | None) -> ProxySettings:
     p.add_argument("--idle-timeout", type=float, help="seconds; default: none")
     p.add_argument("--max-lifetime", type=float, default=6 * 3600.0)
     p.add_argument("--lab", help="the lab's prefix (a label in the process list)")
+    p.add_argument("--dual-stack", action="store_true", help="listen on [::], V6ONLY=0")
+    p.add_argument(
+        "--tproxy-port", type=int, action="append", default=[], dest="tproxy_ports",
+        help="listen IP_TRANSPARENT on this port (also give it with --port)",
+    )  # fmt: skip
+    p.add_argument("--mark", type=lambda v: int(v, 0), help="SO_MARK on upstream dials")
+    p.add_argument(
+        "--netns", action="append", default=[], dest="netns_paths",
+        help="open the listeners and dials inside this netns (repeatable; ztunnel)",
+    )  # fmt: skip
+    p.add_argument("--name", default=PROCESS_NAME, help="process name (comm)")
     args = p.parse_args(argv)
     return ProxySettings(
         ports=tuple(args.ports),
@@ -258,13 +368,18 @@ def parse_args(argv: Sequence[str] | None) -> ProxySettings:
         gid=args.uid if args.gid is None else args.gid,
         idle_timeout=args.idle_timeout,
         max_lifetime=args.max_lifetime,
+        dual_stack=args.dual_stack,
+        tproxy_ports=tuple(args.tproxy_ports),
+        mark=args.mark,
+        netns_paths=tuple(args.netns_paths),
+        name=args.name,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
     proxy = Proxy(settings)
-    return daemon.run(proxy.serve, name=PROCESS_NAME, max_lifetime=settings.max_lifetime)
+    return daemon.run(proxy.serve, name=settings.name, max_lifetime=settings.max_lifetime)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,11 @@ class LabPaths:
     def lock(self) -> str:
         return os.path.join(self.dir, "lock")
 
-    def control(self, pod: int) -> str:
-        return os.path.join(self.dir, f"pod{pod}.sock")
+    def control(self, pod: int, role: str = "app") -> str:
+        # "app": the pod's app holder; "client": the holder of the pod's inbound
+        # clients (in the upstream netns).
+        suffix = "" if role == "app" else f"-{role}"
+        return os.path.join(self.dir, f"pod{pod}{suffix}.sock")
 
     def log(self, role: str, pod: int | None) -> str:
         name = role if pod is None else f"pod{pod}-{role}"
@@ -45,7 +48,7 @@ class LabPaths:
 
 @dataclass(frozen=True, slots=True)
 class ProcessRecord:
-    role: str  # "upstream" | "proxy" | "app"
+    role: str  # "upstream" | "proxy" | "ztunnel" | "app" | "server" | "client"
     pod: int | None
     pid: int
     start_time: int | None  # /proc/<pid>/stat field 22: tells a reused pid apart

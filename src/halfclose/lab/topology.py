@@ -38,10 +38,16 @@ SERVICE_DEVICE = "lo"
 class Topology:
     prefix: str
     pods: int
+    # Ambient: ztunnel's own netns (a node-level pod, lo only), <prefix>-zt.
+    node_proxy: bool = False
 
     @property
     def upstream_netns(self) -> str:
         return f"{self.prefix}-up"
+
+    @property
+    def node_netns(self) -> str:
+        return f"{self.prefix}-zt"
 
     def pod_netns(self, index: int) -> str:
         self._check(index)
@@ -59,7 +65,8 @@ class Topology:
     @property
     def all_netns(self) -> tuple[str, ...]:
         """Pods first: deleting them first takes their veths out of the bridge."""
-        return (*(self.pod_netns(i) for i in range(self.pods)), self.upstream_netns)
+        node = (self.node_netns,) if self.node_proxy else ()
+        return (*(self.pod_netns(i) for i in range(self.pods)), self.upstream_netns, *node)
 
     def upstream_batch(self) -> list[str]:
         """``ip -n <upstream> -batch -`` lines: bridge, service address, pod veths."""
@@ -97,4 +104,4 @@ class Topology:
 
 def netns_pattern(prefix: str) -> re.Pattern[str]:
     """Matches exactly the netns names a lab with this prefix can create."""
-    return re.compile(rf"{re.escape(prefix)}-(?:up|pod\d+)")
+    return re.compile(rf"{re.escape(prefix)}-(?:up|zt|pod\d+)")

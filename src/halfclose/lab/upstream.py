@@ -76,11 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--listen", required=True, help="ip:port")
     p.add_argument("--max-lifetime", type=float, default=6 * 3600.0)
     p.add_argument("--lab", help="the lab's prefix (a label in the process list)")
+    p.add_argument("--name", default=PROCESS_NAME, help="process name (comm)")
     args = p.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
     return daemon.run(
         lambda stop: serve(host, int(port), stop),
-        name=PROCESS_NAME,
+        name=args.name,
         max_lifetime=args.max_lifetime,
     )
 
