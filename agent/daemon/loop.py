@@ -16,7 +16,15 @@ When a netns is scanned:
 - right after an at-risk entry's timer runs out (the scan saw its timeout), or
   a too-young leak becomes old enough: the leak is handled within a scan's time
   of forming even when the kernel's conntrack GC reaps the entry (and sends
-  the event) late.
+  the event) late;
+- at once on a conntrack NEW event whose reply tuple is a stale socket's the
+  last scan found (leaked or at risk): the app is reusing that socket's port
+  and hangs until it goes (a collision, istio#43301).  The netns's event
+  socket joins the NEW group only while such sockets exist, so a busy pod
+  without leaks pays nothing, and one with leaks one set lookup per event.
+
+A pod whose netns resolves to the host's is refused (``hostnetns``): the agent
+never judges the node's own sockets.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from halfclose.agent.core.model import Finding, FlowTuple, Kind, Outcome
+from halfclose.agent.core.model import Finding, FlowTuple, Kind, Outcome, UnprovenReason
 from halfclose.agent.core.plan import (
     DEFAULT_MAX_KILLS,
     ActionKind,
@@ -44,11 +52,17 @@ from halfclose.agent.core.plan import (
     make_plan,
 )
 from halfclose.agent.core.ratelimit import TokenBucket
+from halfclose.agent.daemon.hostnetns import host_netns_inodes
 from halfclose.agent.daemon.metrics import AgentMetrics
 from halfclose.agent.daemon.settings import AgentSettings
 from halfclose.agent.daemon.targets import PodKey, PodTarget, parse_policies, pod_targets
 from halfclose.agent.engine.scan import Scanner, ScanResult, ScanSettings
-from halfclose.agent.kernel.ctevents import ConntrackEventSocket, leak_countdown, leak_forming
+from halfclose.agent.kernel.ctevents import (
+    ConntrackEventSocket,
+    collision_forming,
+    leak_countdown,
+    leak_forming,
+)
 from halfclose.agent.kernel.netlink import NETLINK_NETFILTER, open_socket
 from halfclose.agent.kernel.netns import NetnsHandle
 from halfclose.agent.kernel.podnetns import PodNetnsResolver
@@ -83,6 +97,10 @@ EXPIRY_MARGIN = 0.05
 REPORT_REFRESH_SECONDS = 300.0
 # The per-scan cap under the node-wide bucket (the plan's own default).
 MAX_KILLS_PER_SCAN = DEFAULT_MAX_KILLS
+# Per-collision Events per scan; more are summed up in one.
+MAX_COLLISION_EVENTS = 5
+# The FIN_WAIT2 findings whose reply tuple a NEW entry may collide with.
+STALE_KINDS = frozenset({Kind.LEAKED, Kind.COLLISION, Kind.AT_RISK})
 # Remembered conntrack destroy/expiry times per netns, for leak lifetimes.
 # Bounded per netns; records older than a proxy's idle timeout are useless.
 MAX_EXPIRY_RECORDS = 2048
@@ -141,6 +159,22 @@ class WatchedNetns:
     leaked_since: dict[int, float] = field(default_factory=dict)
     # The scan warnings last seen, so each new one is logged and counted once.
     warnings: tuple[str, ...] = ()
+    # NAT reply tuples of the stale (leaked or at-risk) FIN_WAIT2 sockets of the
+    # last scan: a NEW entry under one of them is a collision (istio#43301).
+    stale_replies: frozenset[FlowTuple] = frozenset()
+    # Cookies of the sockets already counted (and announced) as collisions.
+    collisions_seen: set[int] = field(default_factory=set)
+
+    def remember_stale(self, findings: list[Finding]) -> None:
+        """Keep the stale sockets' reply tuples; watch NEW events only while there are some."""
+        self.stale_replies = frozenset(
+            f.socket.nat_reply_tuple for f in findings if f.kind in STALE_KINDS
+        )
+        if self.events is not None:
+            try:
+                self.events.watch_new(bool(self.stale_replies))
+            except OSError as exc:  # the poll interval still finds collisions, later
+                log.warning("netns %d: cannot watch conntrack NEW events: %s", self.inode, exc)
 
     def close(self) -> None:
         for closer in (
@@ -225,6 +259,19 @@ def wants_sysctl(policy: Policy) -> bool:
     return spec.action == PATCH_CONNTRACK and spec.conntrack.strategy == "Sysctl"
 
 
+def collision_text(finding: Finding) -> str:
+    """``127.0.0.1:15001<-192.0.2.10:51920 blocking a new connection from 192.0.2.10:51920
+    to 203.0.113.10:7777`` (the destination when the new entry names it)."""
+    s = finding.socket
+    text = f"{s.local}<-{s.peer} blocking a new connection from {s.peer}"
+    entry = finding.entry
+    if entry is not None:
+        o = entry.original
+        dst = f"[{o.dst}]:{o.dport}" if o.dst.version == 6 else f"{o.dst}:{o.dport}"
+        text += f" to {dst}"
+    return text
+
+
 def report_finding(finding: Finding, outcome: FindingOutcome | None, at: str) -> ReportFinding:
     up = finding.upstream
     action = "none"
@@ -234,7 +281,7 @@ def report_finding(finding: Finding, outcome: FindingOutcome | None, at: str) ->
         error = outcome.error
     idle = finding.socket.idle_seconds
     return ReportFinding(
-        kind="leaked" if finding.kind is Kind.LEAKED else "at-risk",
+        kind=finding.kind.value,  # type: ignore[arg-type]
         state=finding.socket.state.ss_name,
         local=str(finding.socket.local),
         peer=str(finding.socket.peer),
@@ -288,6 +335,8 @@ class Agent:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._next_reconcile = 0.0
+        self.host_netns = host_netns_inodes(settings.host_proc)
+        self._refused: set[PodKey] = set()  # pods refused for the host netns (logged once)
 
     # -- called from other threads --------------------------------------------------
 
@@ -379,6 +428,17 @@ class Agent:
         wall, now = self.wall(), self.clock()
         relevant = False
         for event in events:
+            if event.created:
+                if collision_forming(event, watched.stale_replies):
+                    # The app reuses a stale socket's port and hangs until it
+                    # goes: scan now (the kill, under KillSockets, comes first).
+                    log.info(
+                        "netns %d: new connection under stale reply tuple %s: scanning",
+                        watched.inode,
+                        event.reply,
+                    )
+                    watched.trigger_at = now
+                continue
             if leak_forming(event, watched.capture_ports):
                 watched.note_expiry(event.reply, wall)
                 relevant = True
@@ -403,9 +463,13 @@ class Agent:
         self._update_bucket(policies)
         # Group pods by netns inode (pods sharing one are scanned once).
         wanted: dict[int, tuple[str, list[PodKey]]] = {}
+        refused: set[PodKey] = set()
         for key, target in sorted(targets.items()):
             where = self.resolver.resolve(target.container_ids)
             if where is None:
+                continue
+            if where.inode in self.host_netns:
+                refused.add(key)
                 continue
             wanted.setdefault(where.inode, (where.path, []))[1].append(key)
         # Pods that left: forget their series and reports.
@@ -416,6 +480,9 @@ class Agent:
                 self.pods[key].target = target
             else:
                 self.pods[key] = PodState(target, status=self._previous_status(target))
+        for key in sorted(refused - self._refused):
+            self._refuse_host_netns(self.pods[key])
+        self._refused = refused
         # Netns nobody wants any more: put the sysctl back, then let go.
         for inode in [i for i in self.netns if i not in wanted]:
             leaving = self.netns.pop(inode)
@@ -438,6 +505,23 @@ class Agent:
                 self._restore_sysctl(watched)  # the policy changed action or strategy
         self.metrics.watched_netns.set(len(self.netns))
         self._restore_orphan_sysctls()
+
+    def _refuse_host_netns(self, state: PodState) -> None:
+        """Never scan the node's own netns for a pod (once per pod, until it changes)."""
+        t = state.target
+        log.warning(
+            "refusing pod %s/%s: its containers resolve to the host network namespace; "
+            "the agent never scans or acts on the node's own sockets",
+            t.namespace,
+            t.name,
+        )
+        self.metrics.scan_errors.labels(reason="host_netns").inc()
+        self._event(
+            state,
+            "HostNetnsRefused",
+            "Not scanned: the pod's containers are in the host network namespace",
+            "Warning",
+        )
 
     def _previous_status(self, target: PodTarget) -> ReportStatus | None:
         """The status this node's agent wrote before a restart, so totals carry on."""
@@ -607,6 +691,7 @@ class Agent:
                 )
             )
             watched.capture_ports = frozenset(result.capture_ports)
+            watched.remember_stale(result.findings)
             self._note_warnings(watched, result.warnings)
             outcomes = self._act(watched, state, policy, result)
         except Exception as exc:
@@ -685,8 +770,14 @@ class Agent:
         wall = self.wall()
         scanned_at = dt.datetime.fromtimestamp(wall, dt.UTC)
         stamp = scanned_at.strftime("%Y-%m-%dT%H:%M:%SZ")
-        leaked = [f for f in result.findings if f.kind is Kind.LEAKED]
+        leaked = [f for f in result.findings if f.kind in (Kind.LEAKED, Kind.COLLISION)]
         at_risk = [f for f in result.findings if f.kind is Kind.AT_RISK]
+        self._record_unproven(ns, pod, result.findings)
+        collisions = [f for f in result.findings if f.kind is Kind.COLLISION]
+        fresh = [f for f in collisions if f.socket.cookie not in watched.collisions_seen]
+        if fresh:
+            self.metrics.collisions.labels(ns, pod).inc(len(fresh))
+        watched.collisions_seen = {f.socket.cookie for f in collisions}
         # Leak lifetimes: from entry expiry (event or prediction), else first sighting.
         seen_now = {f.socket.cookie for f in leaked}
         for f in leaked:
@@ -694,13 +785,17 @@ class Agent:
         killed_ports: dict[int, int] = {}
         failures: dict[str, int] = {}
         killed = extended = 0
+        unblocked: list[Finding] = []
         for f in result.findings:
             o = outcomes.get(f.socket.cookie)
             if o is None:
                 continue
             if o.outcome is Outcome.KILLED:
                 killed += 1
-                killed_ports[f.socket.local.port] = killed_ports.get(f.socket.local.port, 0) + 1
+                if f.kind is Kind.COLLISION:
+                    unblocked.append(f)
+                else:
+                    killed_ports[f.socket.local.port] = killed_ports.get(f.socket.local.port, 0) + 1
                 since = watched.expired_at.get(f.socket.nat_reply_tuple)
                 first = watched.leaked_since.get(f.socket.cookie, wall)
                 start = min(since, first) if since is not None else first
@@ -723,12 +818,14 @@ class Agent:
         leaked_now = len(leaked) - killed
         self.metrics.leaked.labels(ns, pod).set(leaked_now)
         self.metrics.at_risk.labels(ns, pod).set(len(at_risk))
-        if killed:
+        self._collision_events(state, unblocked, [f for f in fresh if f not in unblocked])
+        plain = killed - len(unblocked)
+        if plain:
             ports_text = ", ".join(f":{p}" for p in sorted(killed_ports))
             self._event(
                 state,
                 "LeakedSocketsKilled",
-                f"Killed {killed} leaked half-closed socket{'s' if killed != 1 else ''} "
+                f"Killed {plain} leaked half-closed socket{'s' if plain != 1 else ''} "
                 f"on {ports_text}",
             )
         if failures:
@@ -757,6 +854,41 @@ class Agent:
                 findings=findings,
             ),
         )
+
+    def _record_unproven(self, ns: str, pod: str, findings: list[Finding]) -> None:
+        """``halfclose_unproven_sockets{reason}``: one series per reason seen, none at 0."""
+        counts: dict[UnprovenReason, int] = {}
+        for f in findings:
+            if f.kind is Kind.UNPROVEN and f.reason is not None:
+                counts[f.reason] = counts.get(f.reason, 0) + 1
+        for reason in UnprovenReason:
+            n = counts.get(reason, 0)
+            if n:
+                self.metrics.unproven.labels(ns, pod, reason.value).set(n)
+            else:
+                with contextlib.suppress(KeyError):
+                    self.metrics.unproven.remove(ns, pod, reason.value)
+
+    def _collision_events(
+        self, state: PodState, killed: list[Finding], left: list[Finding]
+    ) -> None:
+        """Say which connect a kill unblocked, or which one hangs (not killed)."""
+        for f in killed[:MAX_COLLISION_EVENTS]:
+            self._event(state, "CollisionUnblocked", f"Killed stale socket {collision_text(f)}")
+        if len(killed) > MAX_COLLISION_EVENTS:
+            more = len(killed) - MAX_COLLISION_EVENTS
+            self._event(
+                state,
+                "CollisionUnblocked",
+                f"Killed {more} more stale sockets blocking new connections",
+            )
+        for f in left[:MAX_COLLISION_EVENTS]:
+            self._event(
+                state,
+                "PortReuseCollision",
+                f"Stale socket {collision_text(f)} (not killed)",
+                "Warning",
+            )
 
     def _report(self, state: PodState, policy: Policy, summary: ScanSummary) -> None:
         status = build_report_status(

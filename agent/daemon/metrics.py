@@ -47,6 +47,20 @@ class AgentMetrics:
             pod,
             registry=registry,
         )
+        self.collisions = Counter(
+            "halfclose_collisions",
+            "Stale (leaked) sockets found blocking a new connection from their port "
+            "(istio#43301), counted once per socket",
+            pod,
+            registry=registry,
+        )
+        self.unproven = Gauge(
+            "halfclose_unproven_sockets",
+            "FIN_WAIT2 proxy sockets of the last scan that miss a part of the leak proof "
+            "(reason = the part); never acted on",
+            (*pod, "reason"),
+            registry=registry,
+        )
         self.kill_failures = Counter(
             "halfclose_kill_failures",
             "SOCK_DESTROY attempts that failed (reason = errno name)",
@@ -102,21 +116,23 @@ class AgentMetrics:
 
     def forget_pod(self, namespace: str, pod: str) -> None:
         """Drop every per-pod series of a pod that no longer exists or matches."""
-        for metric in (self.leaked, self.at_risk, self.killed, self.extended):
+        for metric in (self.leaked, self.at_risk, self.killed, self.extended, self.collisions):
             with contextlib.suppress(KeyError):
                 metric.remove(namespace, pod)
-        # kill_failures carries a third label: remove each reason seen for the pod.
-        for labels in list(_label_sets(self.kill_failures)):
-            if labels[:2] == (namespace, pod):
-                self.kill_failures.remove(*labels)
+        # These carry a third label: remove each reason seen for the pod.
+        for with_reason in (self.kill_failures, self.unproven):
+            for labels in _label_sets(with_reason):
+                if labels[:2] == (namespace, pod):
+                    with contextlib.suppress(KeyError):
+                        with_reason.remove(*labels)
 
 
-def _label_sets(metric: Counter) -> list[tuple[str, ...]]:
+def _label_sets(metric: Counter | Gauge) -> set[tuple[str, ...]]:
     # prometheus_client keeps children keyed by label values; there is no
     # public accessor, and collect() gives the same information publicly.
-    out: list[tuple[str, ...]] = []
+    out: set[tuple[str, ...]] = set()
     for family in metric.collect():
         for sample in family.samples:
-            if sample.name.endswith("_total"):
-                out.append(tuple(sample.labels[n] for n in ("namespace", "pod", "reason")))
+            if "reason" in sample.labels:
+                out.add(tuple(sample.labels[n] for n in ("namespace", "pod", "reason")))
     return out

@@ -1,4 +1,4 @@
-"""conntrack DESTROY and UPDATE events (ctnetlink multicast) from one network namespace.
+"""conntrack DESTROY, UPDATE and NEW events (ctnetlink multicast) from one network namespace.
 
 A leak forms at one precise moment: the NAT entry of a proxied connection,
 sitting in CLOSE_WAIT, expires (design.md §1).  The kernel announces that on
@@ -21,6 +21,14 @@ carries the entry's timeout, i.e. the moment the leak will form, and the
 agent schedules a scan for just after it.  A scan's own conntrack lookups
 reap the expired entry at once (an expired entry is never returned).
 
+NEW events serve the port-reuse collision (istio#43301, design.md §2): when
+the app connects again from a leaked socket's port, its SYN is NATed to the
+proxy port and conntrack creates an entry whose *reply* tuple is the leaked
+socket's; the app hangs until the stale socket goes.  NEW events come for
+every connection of the pod, so the socket joins that group only while the
+agent knows leaked or at-risk sockets in the netns (``watch_new``): a pod
+without any pays nothing, and one with some pays one set lookup per event.
+
 The socket is non-blocking and drained in one go per wakeup.  When the kernel
 drops events because we fell behind (ENOBUFS), the caller is told to scan
 anyway: a missed event must never mean a missed leak.
@@ -33,12 +41,13 @@ import errno
 import ipaddress
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 from halfclose.agent.core.model import FlowTuple
 from halfclose.agent.kernel.netlink import NETLINK_NETFILTER, iter_attrs, iter_messages
 
+NFNLGRP_CONNTRACK_NEW = 1
 NFNLGRP_CONNTRACK_UPDATE = 2
 NFNLGRP_CONNTRACK_DESTROY = 3
 NFNL_SUBSYS_CTNETLINK = 1
@@ -60,6 +69,12 @@ CTA_PROTOINFO_TCP = 1
 CTA_PROTOINFO_TCP_STATE = 1
 IPPROTO_TCP = 6
 SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+NETLINK_DROP_MEMBERSHIP = 2
+# A NEW event is an IPCTNL_MSG_CT_NEW with these flags; an UPDATE has none
+# (net/netfilter/nf_conntrack_netlink.c, ctnetlink_conntrack_event).
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
 
 # include/uapi/linux/netfilter/nf_conntrack_tcp.h, enum tcp_conntrack
 TCP_CONNTRACK_STATES = (
@@ -70,17 +85,18 @@ TCP_CONNTRACK_STATES = (
 
 @dataclass(frozen=True, slots=True)
 class ConntrackEvent:
-    """One TCP conntrack event: destroyed (or updated/new), reply tuple, TCP state.
+    """One TCP conntrack event: destroyed, created or updated; reply tuple, TCP state.
 
     ``tcp_state`` is None when the kernel sent no protoinfo with the event
     (an update that did not change the state); ``timeout`` is the seconds left,
-    sent with updates only.
+    sent with updates and new entries.  ``created`` marks a NEW event.
     """
 
     destroyed: bool
     reply: FlowTuple
     tcp_state: str | None
     timeout: int | None = None
+    created: bool = False
 
 
 def _tuple(view: memoryview) -> FlowTuple | None:
@@ -132,7 +148,8 @@ def parse_events(buf: memoryview) -> Iterator[ConntrackEvent]:
             elif kind == CTA_TIMEOUT and len(value) >= 4:
                 timeout = int.from_bytes(value[:4], "big")
         if reply is not None:
-            yield ConntrackEvent(msg.type == CT_DELETE, reply, state, timeout)
+            created = msg.type == CT_NEW and bool(msg.flags & NLM_F_CREATE)
+            yield ConntrackEvent(msg.type == CT_DELETE, reply, state, timeout, created)
 
 
 def _proxied(event: ConntrackEvent, capture_ports: frozenset[int] | None) -> bool:
@@ -155,19 +172,31 @@ def leak_forming(event: ConntrackEvent, capture_ports: frozenset[int] | None) ->
     )
 
 
+def collision_forming(event: ConntrackEvent, stale_replies: Collection[FlowTuple]) -> bool:
+    """Is this a new connection whose reply tuple is a known stale socket's?
+
+    ``stale_replies`` are the (normalized) NAT reply tuples of the proxy's
+    FIN_WAIT2 sockets the last scan found leaked or at risk.  A NEW entry under
+    one of them is the app reusing that socket's port: its SYN is answered by
+    the stale socket, not the listener (istio#43301).
+    """
+    return event.created and event.reply in stale_replies
+
+
 def leak_countdown(event: ConntrackEvent, capture_ports: frozenset[int] | None) -> int | None:
     """Seconds until a leak can form, when this update starts the countdown.
 
     A proxied entry entering CLOSE_WAIT: when its timeout runs out with the
     app not having closed, the proxy's FIN_WAIT2 socket is leaked.
     """
-    if event.destroyed or event.tcp_state != "CLOSE_WAIT" or event.timeout is None:
+    if event.destroyed or event.created or event.tcp_state != "CLOSE_WAIT" or event.timeout is None:
         return None
     return event.timeout if _proxied(event, capture_ports) else None
 
 
 class ConntrackEventSocket:
-    """A non-blocking ctnetlink socket subscribed to UPDATE and DESTROY events.
+    """A non-blocking ctnetlink socket subscribed to UPDATE and DESTROY events,
+    and to NEW events while ``watch_new(True)``.
 
     ``sock`` must be an AF_NETLINK/NETLINK_NETFILTER socket created inside the
     watched netns; this object owns it from then on.
@@ -184,6 +213,15 @@ class ConntrackEventSocket:
         sock.bind((0, groups))
         self._buf = bytearray(1 << 16)
         self.overflows = 0
+        self.new_events = False
+
+    def watch_new(self, on: bool) -> None:
+        """Join (or leave) the NEW group: only while there are stale tuples to match."""
+        if on == self.new_events:
+            return
+        opt = NETLINK_ADD_MEMBERSHIP if on else NETLINK_DROP_MEMBERSHIP
+        self.sock.setsockopt(SOL_NETLINK, opt, NFNLGRP_CONNTRACK_NEW)
+        self.new_events = on
 
     def fileno(self) -> int:
         return self.sock.fileno()

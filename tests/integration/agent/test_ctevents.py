@@ -14,6 +14,7 @@ import pytest
 from halfclose.agent.kernel.ctevents import (
     ConntrackEvent,
     ConntrackEventSocket,
+    collision_forming,
     leak_countdown,
     leak_forming,
 )
@@ -147,3 +148,35 @@ def test_entering_close_wait_starts_the_countdown(netns: str) -> None:
     assert countdown is not None and 40 <= countdown <= 42
     assert leak_countdown(event, frozenset({4143})) is None
     assert not leak_forming(event, frozenset({15001}))  # an update is not a destroy
+
+
+def test_new_events_come_only_while_watched_and_match_stale_tuples(netns: str) -> None:
+    """NEW events (a collision's SYN_SENT entry) arrive only between watch_new(True/False)."""
+
+    def created(sock: ConntrackEventSocket, timeout: float) -> list[ConntrackEvent]:
+        got: list[ConntrackEvent] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got += [e for e in sock.drain()[0] if e.created]
+            time.sleep(0.05)
+        return got
+
+    with NetnsHandle.from_name(netns) as handle, events_in(handle) as sock:
+        insert_entry(netns, 40006, "SYN_SENT", 120, proxy_port=15001)
+        assert created(sock, 0.3) == []  # not subscribed: a busy pod costs nothing
+        sock.watch_new(True)
+        sock.watch_new(True)  # idempotent
+        insert_entry(netns, 40007, "SYN_SENT", 120, proxy_port=15001)
+        seen = created(sock, 0.5)
+        sock.watch_new(False)
+        insert_entry(netns, 40008, "SYN_SENT", 120, proxy_port=15001)
+        after = created(sock, 0.3)
+    assert [e.reply.dport for e in seen] == [40007]
+    (event,) = seen
+    assert not event.destroyed and event.tcp_state == "SYN_SENT"
+    assert (str(event.reply.src), event.reply.sport) == ("127.0.0.1", 15001)
+    assert collision_forming(event, {event.reply})
+    assert not collision_forming(event, set())
+    assert not leak_forming(event, frozenset({15001}))
+    assert leak_countdown(event, frozenset({15001})) is None
+    assert after == []

@@ -45,8 +45,10 @@ def test_registry_matches_the_contract() -> None:
     metrics.kill_failures.labels("ns", "p", "EPERM").inc()
     metrics.extended.labels("ns", "p").inc()
     metrics.scan_errors.labels("netns_gone").inc()
+    metrics.collisions.labels("ns", "p").inc()
+    metrics.unproven.labels("ns", "p", "entry-removed-early").set(1)
     documented = documented_agent_metrics()
-    assert len(documented) == 12
+    assert len(documented) == 14
     assert live_metrics(registry) == documented
 
 
@@ -57,6 +59,9 @@ def test_forget_pod_removes_its_series_only() -> None:
         metrics.leaked.labels("ns", pod).set(3)
         metrics.killed.labels("ns", pod).inc()
         metrics.kill_failures.labels("ns", pod, "EPERM").inc()
+        metrics.collisions.labels("ns", pod).inc()
+        metrics.unproven.labels("ns", pod, "not-nat-captured").set(2)
+        metrics.unproven.labels("ns", pod, "idle-unknown").set(1)
     metrics.forget_pod("ns", "a")
     metrics.forget_pod("ns", "never-seen")  # harmless
     pods = {
