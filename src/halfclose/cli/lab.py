@@ -46,6 +46,22 @@ def register(subparsers: Any) -> None:
         help="nf_conntrack_tcp_timeout_close_wait in the pods (default 5 s)",
     )
     up.add_argument(
+        "--fin-wait-timeout",
+        type=_int_in(1, MAX_CLOSE_WAIT_TIMEOUT),
+        metavar="S",
+        help="also set nf_conntrack_tcp_timeout_fin_wait in the pods (default: kernel's)",
+    )
+    up.add_argument(
+        "--dual-stack",
+        action="store_true",
+        help="the proxy listens on [::] with IPV6_V6ONLY=0 (ambient's ztunnel always does)",
+    )
+    up.add_argument(
+        "--pod-drop-invalid",
+        action="store_true",
+        help="Istio's DROP_INVALID in the pods (mangle PREROUTING ctstate INVALID DROP)",
+    )
+    up.add_argument(
         "--proxy-idle-timeout",
         type=_seconds,
         metavar="S",
@@ -65,6 +81,11 @@ def register(subparsers: Any) -> None:
         "--live", type=_int_in(0, MAX_COUNT), default=0, help="live half-closes (at-risk)"
     )
     leak.add_argument("--pod", type=_int_in(0, MAX_PODS - 1), default=0, help="pod index")
+    leak.add_argument(
+        "--inbound",
+        action="store_true",
+        help="inbound connections: clients outside the pod to its app port 8080",
+    )
     _output(leak)
     leak.set_defaults(func=_leak)
 
@@ -89,6 +110,9 @@ def _up(args: argparse.Namespace) -> int:
         backend=args.backend,
         close_wait_timeout=args.close_wait_timeout,
         proxy_idle_timeout=args.proxy_idle_timeout,
+        fin_wait_timeout=args.fin_wait_timeout,
+        dual_stack=args.dual_stack,
+        pod_drop_invalid=args.pod_drop_invalid,
     )
     lab = Lab(settings)
     started = time.monotonic()
@@ -105,11 +129,20 @@ def _up(args: argparse.Namespace) -> int:
         f"  upstream  netns {lab.upstream_netns:<16} {lab.service}  pid {lab.upstream_pid}",
         file=out,
     )
-    for pod in range(settings.pods)[:SHOWN_PODS]:
+    ports = "/".join(f":{p}" for p in mesh.listen_ports)
+    stack = " dual-stack" if settings.listens_dual_stack else ""
+    if lab.node_netns is not None:
         print(
-            f"  pod {pod:<4}  netns {lab.pod_netns(pod):<16} {lab.pod_ip(pod):<17} proxy pid "
-            f"{lab.proxy_pid(pod)} (uid {mesh.proxy_uid}) on :{mesh.outbound_port}/"
-            f":{mesh.inbound_port}",
+            f"  ztunnel   netns {lab.node_netns:<16} pid {lab.proxy_pid(0)} (uid "
+            f"{mesh.proxy_uid}, SO_MARK {hex(mesh.mark or 0)}), listening{stack} on {ports} "
+            "inside every pod",
+            file=out,
+        )
+    for pod in range(settings.pods)[:SHOWN_PODS]:
+        who = "" if lab.node_netns else f" proxy pid {lab.proxy_pid(pod)} (uid {mesh.proxy_uid})"
+        print(
+            f"  pod {pod:<4}  netns {lab.pod_netns(pod):<16} {lab.pod_ip(pod):<17}{who} on "
+            f"{ports}{stack}",
             file=out,
         )
     if settings.pods > SHOWN_PODS:
@@ -129,10 +162,11 @@ def _leak(args: argparse.Namespace) -> int:
         raise UserError("halfclose lab leak: nothing to do (--count, --idle and --live are all 0)")
     lab = Lab.attach(args.prefix)
     started = time.monotonic()
-    leaked = lab.leak(args.count, pod=args.pod) if args.count else []
+    inbound = args.inbound
+    leaked = lab.leak(args.count, pod=args.pod, inbound=inbound) if args.count else []
     formed = time.monotonic() - started
-    idle = lab.idle(args.idle, pod=args.pod) if args.idle else []
-    live = lab.live_half_close(args.live, pod=args.pod) if args.live else []
+    idle = lab.idle(args.idle, pod=args.pod, inbound=inbound) if args.idle else []
+    live = lab.live_half_close(args.live, pod=args.pod, inbound=inbound) if args.live else []
     if args.output == "json":
         json.dump(
             {
