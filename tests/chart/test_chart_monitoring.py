@@ -74,7 +74,7 @@ def known_series() -> set[str]:
 def test_standalone_rule_file_passes_promtool_check() -> None:
     result = chart.run_promtool("check", "rules", str(ALERTS))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 5 rules found" in result.stdout
+    assert "SUCCESS: 6 rules found" in result.stdout
 
 
 @needs_promtool
@@ -138,6 +138,7 @@ def test_every_alert_has_a_unit_test_that_fires_it() -> None:
     assert alerts == fired
     assert alerts == {
         "HalfCloseLeakedSockets",
+        "HalfCloseCollision",
         "HalfCloseAgentDown",
         "HalfCloseAgentAbsent",
         "HalfCloseKillFailures",
@@ -195,7 +196,7 @@ def test_expressions_read_only_documented_metrics() -> None:
         "halfclose_leaked_sockets", "halfclose_at_risk_sockets",
         "halfclose_sockets_killed_total", "halfclose_kill_failures_total",
         "halfclose_leak_lifetime_seconds_bucket", "halfclose_scan_duration_seconds_bucket",
-        "halfclose_scan_errors_total", "halfclose_watched_netns",
+        "halfclose_scan_errors_total", "halfclose_watched_netns", "halfclose_collisions_total",
         "halfclose_operator_policies", "halfclose_operator_reconcile_total",
     ):  # fmt: skip
         assert name in used, name

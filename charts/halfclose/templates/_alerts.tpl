@@ -38,6 +38,29 @@ groups:
             ephemeral port of the app: a new connection that reuses one times
             out. No policy kills them, or kills are failing or rate-limited.
           runbook_url: {{ printf "%s#halfcloseleakedsockets" $a.runbookBaseUrl }}
+      - alert: HalfCloseCollision
+        # istio#43301: an app's new connection met a leaked proxy socket on its
+        # own port and hung. Each one is an outage for that request, so no
+        # "for": a single collision in the window is enough. Under KillSockets
+        # the agent unblocks it within a second (still worth knowing: the app
+        # closes connections late); otherwise it hangs until the proxy's idle
+        # timeout.
+        expr: sum by (namespace, pod) (increase(halfclose_collisions_total[15m])) > 0
+        labels:
+          severity: warning
+          {{- with $extra }}
+          {{- toYaml . | nindent 10 }}
+          {{- end }}
+        annotations:
+          summary: {{`New connections of pod {{ $labels.namespace }}/{{ $labels.pod }} met stale proxy sockets on their own port.`}}
+          description: >-
+            {{`In the last 15 minutes about {{ $value | humanize }} new connections of pod {{ $labels.namespace }}/{{ $labels.pod }}`}}
+            reused the port of a leaked FIN_WAIT2 proxy socket and were answered
+            by it, not by the listener (istio#43301): they hang until the stale
+            socket goes. A KillSockets policy kills it at once (the pod's
+            CollisionUnblocked Events name each connection); under any other
+            action they wait for the proxy's idle timeout.
+          runbook_url: {{ printf "%s#halfclosecollision" $a.runbookBaseUrl }}
       - alert: HalfCloseAgentDown
         expr: up{job="{{ $m.agentJob }}"} == 0
         for: 5m
