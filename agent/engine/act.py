@@ -68,17 +68,31 @@ class KillSummary:
     paired: int = 0  # killed with a known upstream leg
     paired_closed: int = 0  # ... whose leg closed
     unpaired_closed: int = 0  # the proxy's CLOSE_WAIT sockets that closed, for the others
+    # CLOSE_WAIT sockets that could be upstream legs of the unpaired kills
+    # (same holder uid, off the capture ports) before the kills: 0 means there
+    # is no proxy upstream to speak of (e.g. a server's own sockets).
+    unpaired_candidates: int = 0
 
     @property
     def upstream_closed(self) -> int:
         return self.paired_closed + self.unpaired_closed
 
+    @property
+    def upstream_watched(self) -> int:
+        """Upstream legs that could close: the known pairs, plus candidates for the rest."""
+        return self.paired + min(self.unpaired_candidates, self.killed - self.paired)
+
     def describe(self) -> str:
         if not self.killed:
             return "killed nothing"
+        what = f"killed {self.killed} leaked socket(s)"
+        if not self.upstream_watched:
+            # Nothing paired and no CLOSE_WAIT socket of the holder: claiming
+            # "the proxy closed N upstream sockets" would describe no proxy.
+            return f"{what}; no CLOSE-WAIT upstream socket of their holder was found to watch"
         return (
-            f"killed {self.killed} leaked socket(s); the proxy closed {self.upstream_closed} "
-            f"of its CLOSE-WAIT upstream socket(s) ({self.killed} expected)"
+            f"{what}; the proxy closed {self.upstream_closed} of its CLOSE-WAIT upstream "
+            f"socket(s) ({self.upstream_watched} watched)"
         )
 
     def to_json_dict(self) -> dict[str, int]:
@@ -86,6 +100,7 @@ class KillSummary:
             "killed": self.killed,
             "paired": self.paired,
             "upstream_closed": self.upstream_closed,
+            "upstream_watched": self.upstream_watched,
         }
 
 
@@ -216,6 +231,7 @@ class Executor:
             paired_closed=len(closed),
             # Closed legs beyond the unpaired kills belong to something else.
             unpaired_closed=min(unpaired_closed, expected_unpaired),
+            unpaired_candidates=len(baseline - paired_cookies) if baseline is not None else 0,
         )
         result = list(outcomes)
         for i in pending:

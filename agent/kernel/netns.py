@@ -40,6 +40,43 @@ def require_root() -> None:
         raise UserError("must run as root (entering network namespaces needs CAP_SYS_ADMIN)")
 
 
+PF_KTHREAD = 0x00200000  # include/linux/sched.h: the task is a kernel thread
+
+
+def is_kernel_thread(pid: int, proc_root: str = "/proc") -> bool:
+    """From /proc/<pid>/stat's flags (field 9); False when unreadable."""
+    try:
+        with open(f"{proc_root}/{pid}/stat", encoding="ascii", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return False
+    # The comm field is in parentheses and may itself hold spaces or ')'.
+    fields = text[text.rfind(")") + 2 :].split()
+    try:
+        return bool(int(fields[6]) & PF_KTHREAD)
+    except (IndexError, ValueError):
+        return False
+
+
+def host_netns_path(proc_root: str = "/proc") -> str:
+    """A path to the host's netns: pid 1's, else kthreadd's (kernel threads live in init_net).
+
+    pid 1's may be unreadable (a supervisor that forbids ptrace access), and
+    in a container's pid namespace pid 2 is no kernel thread: the first
+    readable reference wins.  OSError when there is none.
+    """
+    first = f"{proc_root}/1/ns/net"
+    try:
+        os.stat(first)
+        return first
+    except OSError as exc:
+        if is_kernel_thread(2, proc_root):
+            second = f"{proc_root}/2/ns/net"
+            os.stat(second)
+            return second
+        raise exc from None
+
+
 class NetnsHandle:
     """An open network namespace (an fd on its nsfs inode).
 
@@ -102,6 +139,17 @@ class NetnsHandle:
                 raise UserError(f"{path} is not a network namespace") from None
             raise UserError(f"cannot enter {what} ({path}): {exc.strerror}") from None
         return handle
+
+    def is_host(self, proc_root: str = "/proc") -> bool:
+        """Is this the host's network namespace (init_net)?
+
+        Kernel threads and every process of the init netns share it; a scan
+        or an action there touches the node itself, so callers refuse it
+        unless it was asked for by path.  Raises OSError when no reference
+        for the host netns can be read (then nobody can tell: callers refuse).
+        """
+        st = os.stat(host_netns_path(proc_root))
+        return (st.st_dev, st.st_ino) == (self.dev, self.inode)
 
     # -- use ------------------------------------------------------------------
 

@@ -34,7 +34,16 @@ FINDINGS_CAP = 20
 
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
-FindingKind = Literal["leaked", "at-risk"]
+FindingKind = Literal["leaked", "collision", "at-risk", "unproven"]
+# design.md §2: the part of the proof an ``unproven`` finding misses (the
+# agent's UnprovenReason; the API does not import the agent).
+UnprovenReason = Literal[
+    "not-nat-captured",
+    "entry-removed-early",
+    "idle-unknown",
+    "conntrack-inactive",
+    "timeouts-unknown",
+]
 FindingAction = Literal["none", "killed", "extended", "failed", "skipped"]
 
 
@@ -73,9 +82,15 @@ class FindingUpstream:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReportFinding:
     kind: FindingKind = prop(
-        "leaked: the NAT entry is gone, the FIN can never arrive. at-risk: FIN_WAIT2 whose"
-        " NAT entry is still counting down.",
+        "leaked: all four parts of the proof hold (owned FIN_WAIT2, NAT-captured port, NAT"
+        " entry gone, silent longer than the entry could live): the FIN can never arrive."
+        " collision: leaked, and the app's new connection from the same port is waiting on"
+        " it now (istio#43301). at-risk: FIN_WAIT2 whose NAT entry is still counting down."
+        " unproven: a part of the proof is missing (see reason); never acted on.",
         required=True,
+    )
+    reason: UnprovenReason | None = prop(
+        "For unproven findings: the missing part of the proof.", default=None
     )
     state: str = prop("TCP state, as ss prints it (FIN-WAIT-2).", required=True, max_length=16)
     local: str = prop("The proxy socket's local address (ip:port).", required=True, max_length=64)
@@ -102,7 +117,17 @@ class ReportFinding:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReportStatus:
     leaked: int = prop("Leaked sockets in the last scan.", default=0, minimum=0)
+    collision: int = prop(
+        "Leaked sockets an app's new connection was waiting on, in the last scan.",
+        default=0,
+        minimum=0,
+    )
     at_risk: int = prop("At-risk sockets in the last scan.", default=0, minimum=0)
+    unproven: int = prop(
+        "Candidates missing a part of the proof in the last scan (never acted on).",
+        default=0,
+        minimum=0,
+    )
     killed_total: int = prop(
         "Sockets destroyed since the report was created.", default=0, minimum=0
     )
@@ -164,6 +189,8 @@ class ScanSummary:
     scanned_at: dt.datetime
     leaked: int
     at_risk: int
+    collision: int = 0
+    unproven: int = 0
     killed: int = 0
     extended: int = 0
     conntrack_patched: bool = False
@@ -182,7 +209,7 @@ def build_report_status(
     Findings: this scan's, then the previous ones not seen again, newest
     first by ``observedTime``, one per connection, at most ``cap``.  Totals
     add this scan's actions to the previous totals.  Condition Leaking is
-    True when ``leaked >= leaked_alert_threshold``.
+    True when ``leaked + collision >= leaked_alert_threshold``.
     """
     prev = previous or ReportStatus()
     latest: dict[tuple[str, str], ReportFinding] = {}
@@ -192,18 +219,22 @@ def build_report_status(
             latest[finding.identity] = finding
     # sorted() is stable: within one observedTime, this scan's order is kept.
     findings = sorted(latest.values(), key=_observed, reverse=True)[:cap]
-    leaking = scan.leaked >= leaked_alert_threshold
+    # A collision is a leak too (one an app is waiting on).
+    leaked = scan.leaked + scan.collision
+    leaking = leaked >= leaked_alert_threshold
     conditions = set_condition(
         prev.conditions,
         type_=LEAKING,
         status="True" if leaking else "False",
         reason="ThresholdExceeded" if leaking else "BelowThreshold",
-        message=f"{scan.leaked} leaked sockets (alert threshold {leaked_alert_threshold})",
+        message=f"{leaked} leaked sockets (alert threshold {leaked_alert_threshold})",
         now=scan.scanned_at,
     )
     return ReportStatus(
         leaked=scan.leaked,
+        collision=scan.collision,
         at_risk=scan.at_risk,
+        unproven=scan.unproven,
         killed_total=prev.killed_total + scan.killed,
         extended_total=prev.extended_total + scan.extended,
         conntrack_patched=scan.conntrack_patched,

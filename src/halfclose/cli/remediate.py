@@ -169,6 +169,9 @@ def decorate_json(doc: dict[str, Any], result: ScanResult, outcomes: object) -> 
         return doc
     for finding, item in zip(result.findings, doc["findings"], strict=True):
         item.update(outcomes.details.get(finding.socket.cookie, {}))
+        if finding.reason is not None:
+            # An unproven finding's reason is the proof's missing part (§4).
+            item["reason"] = str(finding.reason)
     doc.update(outcomes.extra)
     return doc
 

@@ -22,7 +22,12 @@ from collections.abc import Callable
 
 from halfclose.agent.engine.report import Outcomes, render_table, to_json_dict
 from halfclose.agent.engine.scan import Scanner, ScanResult, ScanSettings
-from halfclose.agent.kernel.netns import NetnsHandle, require_root
+from halfclose.agent.kernel.netns import (
+    NetnsHandle,
+    host_netns_path,
+    is_kernel_thread,
+    require_root,
+)
 from halfclose.cli import remediate
 from halfclose.errors import UserError
 
@@ -94,9 +99,28 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def open_target(args: argparse.Namespace, proc_root: str) -> NetnsHandle:
     require_root()
-    if args.pid is not None:
-        return NetnsHandle.from_pid(args.pid, proc_root)
-    return NetnsHandle.from_spec(args.netns)
+    if args.pid is None:
+        return NetnsHandle.from_spec(args.netns)
+    handle = NetnsHandle.from_pid(args.pid, proc_root)
+    # A pid in the host netns (pid 1, a kernel thread, any host daemon) is
+    # almost always a mistake: the scan (and an action) would touch the
+    # node's own sockets.  The host is a target only when asked for by path.
+    try:
+        host = is_kernel_thread(args.pid, proc_root) or handle.is_host(proc_root)
+        reference = host_netns_path(proc_root) if host else ""
+    except OSError as exc:
+        handle.close()
+        raise UserError(
+            f"cannot tell whether pid {args.pid} is in the host network namespace "
+            f"({exc.strerror}); give the namespace by --netns PATH"
+        ) from None
+    if host:
+        handle.close()
+        raise UserError(
+            f"pid {args.pid} is in the host network namespace: refusing to scan the host by "
+            f"--pid (to scan it on purpose: --netns {reference})"
+        )
+    return handle
 
 
 def run(args: argparse.Namespace) -> int:
