@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import kubernetes
 
+USER_AGENT = "halfclose-operator"
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
 # Only metadata of pods and namespaces: labels are all the selectors need.
@@ -67,7 +68,7 @@ class KubeClient:
         self.writes = 0  # POST/PATCH/DELETE requests sent (the benchmark reads it)
 
     def _headers(self, accept: str, content_type: str | None) -> dict[str, str]:
-        headers = {"Accept": accept}
+        headers = {"Accept": accept, "User-Agent": USER_AGENT}
         if content_type:
             headers["Content-Type"] = content_type
         auth = self._config.get_api_key_with_prefix(
