@@ -40,6 +40,8 @@ class PolicyRecord:
     uid: str
     resource_version: str
     status: dict[str, Any]
+    finalizers: tuple[str, ...] = ()
+    annotations: tuple[str, ...] = ()  # keys only
 
     @property
     def reference(self) -> dict[str, str]:
@@ -171,6 +173,8 @@ class Inventory:
             uid=str(meta.get("uid", "")),
             resource_version=str(meta.get("resourceVersion", "")),
             status=dict(obj.get("status") or {}),
+            finalizers=tuple(meta.get("finalizers") or ()),
+            annotations=tuple(meta.get("annotations") or ()),
         )
         self.policies[name] = record
         self.deleted_policies.discard(name)  # re-created before the cleanup ran

@@ -52,6 +52,10 @@ log = logging.getLogger("halfclose.operator")
 # The status keys the operator owns: a key it no longer sets is removed.
 STATUS_KEYS = tuple(encode(PolicyStatus(observed_generation=0, conditions=())).keys())
 POLICIES_PATH = f"/apis/{GROUP}/{VERSION}/{POLICY_PLURAL}"
+# What kopf left on policies when the operator had a kopf timer (before issue 10): its
+# finalizer would block every deletion for ever now that nothing removes it.
+LEGACY_FINALIZER = "kopf.zalando.org/KopfFinalizerMarker"
+LEGACY_ANNOTATIONS = (f"{GROUP}/last-handled-configuration", f"{GROUP}/status")
 # How often leadership is re-read without any change (a dead leader expires by time).
 _IDLE_RECHECK_SECONDS = 1.0
 _API_ERRORS = (ApiError, OSError, TimeoutError)
@@ -144,6 +148,7 @@ class Reconciler:
     async def _reconcile_policy(
         self, name: str, record: PolicyRecord, assignment: Assignment, now: dt.datetime
     ) -> bool:
+        migrated = await self._drop_legacy_finalizer(name, record)
         previous = stored_status(record.status)
         try:
             status = compute_status(
@@ -189,6 +194,36 @@ class Reconciler:
         self.metrics.reconcile_total.labels(kind=POLICY_KIND, result="ok").inc()
         self.readiness[name] = is_true(status.conditions, READY)
         self.metrics.set_policy_totals(name, status.leaked_now, status.killed_total)
+        return migrated
+
+    async def _drop_legacy_finalizer(self, name: str, record: PolicyRecord) -> bool:
+        """Remove the finalizer (and annotations) an older, kopf-timer operator left.
+
+        Once per policy made before the upgrade; the watch event that follows
+        shows the policy without them.
+        """
+        stale = [a for a in LEGACY_ANNOTATIONS if a in record.annotations]
+        if LEGACY_FINALIZER not in record.finalizers and not stale:
+            return True
+        meta: dict[str, Any] = {
+            "resourceVersion": record.resource_version,  # a conflict: retried next pass
+            "finalizers": [f for f in record.finalizers if f != LEGACY_FINALIZER] or None,
+        }
+        if stale:
+            meta["annotations"] = dict.fromkeys(stale)
+        try:
+            await self.client.request(
+                "PATCH",
+                f"{POLICIES_PATH}/{name}",
+                body={"metadata": meta},
+                content_type=MERGE_PATCH,
+            )
+        except _API_ERRORS as exc:
+            if isinstance(exc, ApiError) and exc.status == 404:
+                return True
+            log.warning("policy %s: removing kopf's old finalizer failed: %s", name, exc)
+            return False
+        log.info("policy %s: removed the finalizer of an older operator version", name)
         return True
 
     async def _clean_up_deleted_policies(self) -> bool:

@@ -392,16 +392,29 @@ def test_no_finalizer_deleting_policy_and_crd_never_wait_for_the_operator(
     kube: ControlPlane,
 ) -> None:
     """Issue 10: kopf's timer put a finalizer on every policy; with the operator
-    stopped, ``kubectl delete hcp`` hung and the CRD stuck in Terminating."""
+    stopped, ``kubectl delete hcp`` hung and the CRD stuck in Terminating.  An
+    upgraded operator removes the finalizer an older one left."""
     seed_mesh(kube)
+    # A policy as the operator before issue 10 left it: kopf's finalizer and annotation.
+    legacy = policy_manifest("legacy", namespaces=["shop"])
+    legacy["metadata"]["finalizers"] = ["kopf.zalando.org/KopfFinalizerMarker"]
+    legacy["metadata"]["annotations"] = {"halfclose.io/last-handled-configuration": "{}"}
+    apply(kube, legacy)
     with running_operator(kube):
         apply(kube, policy_manifest("one", namespaces=["shop"]))
         apply(kube, policy_manifest("two", namespaces=["web"]))
         wait_condition(kube, "one", "Ready", "True", "Applied")
         wait_condition(kube, "two", "Ready", "True", "Applied")
+        wait_condition(kube, "legacy", "Ready", "True", "Applied")
+        kube.wait_for(
+            lambda: not policy(kube, "legacy")["metadata"].get("finalizers"),
+            what="the old operator's finalizer to be removed",
+        )
         time.sleep(4 * DEBOUNCE)  # every pass done; the operator would have added it by now
-    for name in ("one", "two"):
-        assert not policy(kube, name)["metadata"].get("finalizers"), policy(kube, name)
+    for name in ("one", "two", "legacy"):
+        meta = policy(kube, name)["metadata"]
+        assert not meta.get("finalizers"), meta
+        assert "halfclose.io/last-handled-configuration" not in meta.get("annotations", {}), meta
     # The operator is stopped: nothing could remove a finalizer now.
     started = time.monotonic()
     kube.kubectl("delete", "hcp", "one", "--timeout=20s", timeout=30)
