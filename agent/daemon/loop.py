@@ -168,7 +168,12 @@ class WatchedNetns:
     def remember_stale(self, findings: list[Finding]) -> None:
         """Keep the stale sockets' reply tuples; watch NEW events only while there are some."""
         self.stale_replies = frozenset(
-            f.socket.nat_reply_tuple for f in findings if f.kind in STALE_KINDS
+            f.socket.nat_reply_tuple
+            for f in findings
+            if f.kind in STALE_KINDS
+            # Unproven for want of evidence, not of NAT: a reuse of its port is
+            # judged afresh by the scan it triggers.
+            or (f.kind is Kind.UNPROVEN and f.reason is not UnprovenReason.NOT_NAT_CAPTURED)
         )
         if self.events is not None:
             try:
@@ -281,7 +286,8 @@ def report_finding(finding: Finding, outcome: FindingOutcome | None, at: str) ->
         error = outcome.error
     idle = finding.socket.idle_seconds
     return ReportFinding(
-        kind=finding.kind.value,  # type: ignore[arg-type]
+        kind=finding.kind.value,  # the same values: test_collision_glue
+        reason=finding.reason.value if finding.reason is not None else None,
         state=finding.socket.state.ss_name,
         local=str(finding.socket.local),
         peer=str(finding.socket.peer),
@@ -815,8 +821,15 @@ class Agent:
         watched.leaked_since = {
             c: t for c, t in watched.leaked_since.items() if c in seen_now and c not in gone
         }
-        leaked_now = len(leaked) - killed
-        self.metrics.leaked.labels(ns, pod).set(leaked_now)
+        gone_now = {c for c, o in outcomes.items() if o.outcome is Outcome.KILLED}
+
+        def left(kind: Kind) -> int:
+            return sum(
+                1 for f in result.findings if f.kind is kind and f.socket.cookie not in gone_now
+            )
+
+        leaked_now, collisions_now = left(Kind.LEAKED), left(Kind.COLLISION)
+        self.metrics.leaked.labels(ns, pod).set(leaked_now + collisions_now)
         self.metrics.at_risk.labels(ns, pod).set(len(at_risk))
         self._collision_events(state, unblocked, [f for f in fresh if f not in unblocked])
         plain = killed - len(unblocked)
@@ -846,8 +859,10 @@ class Agent:
             policy,
             ScanSummary(
                 scanned_at=scanned_at,
-                leaked=max(0, leaked_now),
+                leaked=leaked_now,
+                collision=collisions_now,
                 at_risk=len(at_risk),
+                unproven=left(Kind.UNPROVEN),
                 killed=killed,
                 extended=extended,
                 conntrack_patched=watched.sysctl_patched,
@@ -896,7 +911,13 @@ class Agent:
             state.status,
             leaked_alert_threshold=policy.spec.thresholds.leaked_per_pod_alert,
         )
-        clean = status.leaked == 0 and status.at_risk == 0
+        # Unproven findings keep a report too: users see them, nobody acts on them.
+        clean = (
+            status.leaked == 0
+            and status.collision == 0
+            and status.at_risk == 0
+            and status.unproven == 0
+        )
         if (
             clean
             and status.killed_total == 0
@@ -925,7 +946,9 @@ class Agent:
         state.status = status
         fingerprint: tuple[object, ...] = (
             status.leaked,
+            status.collision,
             status.at_risk,
+            status.unproven,
             status.killed_total,
             status.extended_total,
             status.conntrack_patched,

@@ -52,21 +52,26 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return value or 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Acted:
     started: float  # CLOCK_MONOTONIC before the plan's first action
-    kinds: tuple[tuple[Kind, Outcome], ...]
+    kills: tuple[Kind, ...]  # the kinds the plan kills, in order
+    outcomes: tuple[tuple[Kind, Outcome], ...] | None = None  # once execute() returned
 
 
 class TimedRemediator(EngineRemediator):
+    """Stamps each plan before it runs (execute() itself returns only after it
+    has watched the proxy's upstream sockets close, up to 2 s later)."""
+
     def __init__(self, state_dir: str) -> None:
         super().__init__(state_dir)
         self.acted: list[Acted] = []
 
     def execute(self, scanner: Scanner, plan: Plan) -> list[FindingOutcome]:
-        started = time.monotonic()
+        acted = Acted(time.monotonic(), tuple(d.finding.kind for d in plan.kills))
+        self.acted.append(acted)
         outcomes = super().execute(scanner, plan)
-        self.acted.append(Acted(started, tuple((o.finding.kind, o.outcome) for o in outcomes)))
+        acted.outcomes = tuple((o.finding.kind, o.outcome) for o in outcomes)
         return outcomes
 
 

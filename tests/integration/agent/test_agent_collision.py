@@ -55,13 +55,19 @@ def test_agent_kills_a_collision_on_the_new_event_and_the_connect_completes(
         assert run.sample("halfclose_sockets_killed_total", **labels) == 0
         c.drop_challenge_acks()
 
+        assert c.stale_present()
         connect = c.reconnect(timeout=20)
         what, connected = connect.result(timeout=10)
 
         assert what == "CONNECTED"
-        kills = [a for a in run.remediator.acted if (Kind.COLLISION, Outcome.KILLED) in a.kinds]
-        assert len(kills) == 1
-        acted = kills[0].started
+        plans = [a for a in run.remediator.acted if Kind.COLLISION in a.kills]
+        assert len(plans) == 1, run.remediator.acted
+        (plan,) = plans
+        acted = plan.started
+        assert plan.kills[0] is Kind.COLLISION  # first in its plan
+        wait_for("the plan carried out", lambda: plan.outcomes is not None, 5)
+        assert plan.outcomes is not None
+        assert (Kind.COLLISION, Outcome.KILLED) in plan.outcomes
         reaction, unblock = acted - connect.started, connected - acted
         print(
             f"\ncollision agent: acted {reaction:.3f}s after connect() (NEW event -> kill); "
