@@ -166,6 +166,7 @@ def test_kill_policy_on_the_app_pod_kills_the_ztunnel_leaks(
         world.put_pod(pod_object("shop", "web", node, cid))
         world.put_policy(_policy())
         wait_for(lambda: registry.get_sample_value("halfclose_watched_netns") == 1, timeout=10)
+        live = lab.live_half_close(1)  # at-risk the whole time: never to be killed
         late = lab.late_close(2, after_seconds=CW + 3)
         pairs = list(late.pairs)
 
@@ -177,7 +178,10 @@ def test_kill_policy_on_the_app_pod_kills_the_ztunnel_leaks(
 
         wait_for(lambda: killed() == 2, timeout=CW + 15, interval=0.1)
         wait_for(lambda: proxy_states(lab, pairs) == [("-", "-")] * 2, timeout=5)
+        time.sleep(2.5)  # two more scans
+        assert killed() == 2
         assert proxy_states(lab, list(healthy)) == [("ESTAB", "ESTAB")]
+        assert proxy_states(lab, list(live)) == [("FIN-WAIT-2", "CLOSE-WAIT")]
         assert reports.reports[("shop", "web")]["killedTotal"] == 2
     finally:
         agent.stop()
