@@ -433,6 +433,9 @@ def test_cli_round_trip() -> None:
         (["leak", "--count", "5001"], "out of range 0..5000"),
         (["leak", "--count", "0"], "nothing to do"),
         (["leak", "--prefix", "hct-none", "--count", "1"], "no lab 'hct-none'"),
+        (["up", "--style", "ambient", "--backend", "nft"], "is laid with iptables"),
+        (["up", "--style", "istio-tproxy", "--backend", "nft"], "is laid with iptables"),
+        (["up", "--fin-wait-timeout", "0"], "out of range 1..3600"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(argv: list[str], message: str) -> None:
@@ -473,3 +476,35 @@ def test_down_without_a_state_file_finds_the_lab_by_name(make_lab: LabFactory) -
     done = Lab(LabSettings(prefix=prefix)).down()
     assert set(pids) <= set(done.processes)  # found through the namespaces
     assert_gone(prefix, pids)
+
+
+def test_ambient_one_ztunnel_serves_every_pod_and_goes_with_the_lab(make_lab: LabFactory) -> None:
+    lab = make_lab(style="ambient", pods=2, fin_wait_timeout=3)
+    prefix = lab.settings.prefix
+    ztunnel = lab.proxy_pid(0)
+    assert lab.proxy_pid(1) == ztunnel and lab.node_netns == f"{prefix}-zt"
+    assert f"{prefix}-zt" in netns_list()
+    for pod in (0, 1):
+        ns = lab.pod_netns(pod)
+        assert in_netns(ns, "sysctl", "-n", "net.netfilter.nf_conntrack_tcp_timeout_fin_wait") == (
+            "3\n"
+        )
+        (pair,) = lab.leak(1, pod=pod)
+        assert str(pair.proxy_downstream) == "[::ffff:127.0.0.1]:15001"
+        assert {
+            s.state for s in sockets(ns) if s.peer == f"[::ffff:{pair.app.ip}]:{pair.app.port}"
+        } == {"FIN-WAIT-2"}
+    status = lab.pod_status(1)
+    assert status.proxy is not None and status.proxy.pid == ztunnel
+    lab.down()
+    assert_gone(prefix, [ztunnel])
+
+
+def test_inbound_traffic_through_a_redirect_capture(make_lab: LabFactory) -> None:
+    """Inbound clients (outside the pod) to :8080, REDIRECTed to the sidecar's 15006."""
+    lab = make_lab()
+    (pair,) = lab.leak(1, inbound=True)
+    assert str(pair.proxy_downstream) == f"{lab.pod_ip(0)}:15006"
+    assert str(pair.app).startswith("192.0.2.1:")
+    states = {s.state for s in sockets(lab.pod_netns(0)) if s.peer == str(pair.app)}
+    assert states == {"FIN-WAIT-2"}
