@@ -144,56 +144,67 @@ PortFilter = Callable[[int, int, int], bool]
 """(state, local port, peer port) -> keep?  Applied before any object is built."""
 
 
+_head = MSG_HEAD.unpack_from
+_sockid = SOCKID.unpack_from
+_sockid_tail = SOCKID_TAIL.unpack_from
+_tail = MSG_TAIL.unpack_from
+_nla = _NLA.unpack_from
+_four_u32 = _FOUR_U32.unpack_from
+_two_u64 = _TWO_U64.unpack_from
+_SOCKID_TAIL_AT = 4 + SOCKID.size
+_TYPE_MASK = nl.NLA_TYPE_MASK
+
+
 def decode_message(payload: memoryview) -> SocketRecord:
     """Decode one inet_diag_msg with its attributes (no filtering).
 
     Timewait minisockets (orphaned FIN_WAIT2/TIME_WAIT) carry no tcp_info:
     their ages and counters stay None and their inode is 0.
     """
-    family, state, _timer, _retrans = MSG_HEAD.unpack_from(payload, 0)
-    sport, dport, src, dst = SOCKID.unpack_from(payload, 4)
-    ifindex, cookie_lo, cookie_hi = SOCKID_TAIL.unpack_from(payload, 4 + SOCKID.size)
-    _expires, _rq, _wq, uid, inode = MSG_TAIL.unpack_from(payload, _TAIL_AT)
+    family, state, _timer, _retrans = _head(payload, 0)
+    sport, dport, src, dst = _sockid(payload, 4)
+    ifindex, cookie_lo, cookie_hi = _sockid_tail(payload, _SOCKID_TAIL_AT)
+    _expires, _rq, _wq, uid, inode = _tail(payload, _TAIL_AT)
     last_sent = last_data = last_ack = acked = received = None
     transparent = False
     # Walk the attributes by hand: the kernel adds several we ignore (shutdown,
     # mark, cgroup id ...).  Only the sockopt byte and tcp_info are read; the
-    # kernel puts sockopt first, so the walk normally ends at tcp_info.
+    # kernel puts sockopt first, so the walk normally ends at tcp_info.  This
+    # runs once per kept socket: module-level bound unpackers, no objects.
     offset, end = MSG_SIZE, len(payload)
     while offset + 4 <= end:
-        length, attr_type = _NLA.unpack_from(payload, offset)
+        length, attr_type = _nla(payload, offset)
         if length < 4:
             break
-        attr_type &= nl.NLA_TYPE_MASK
-        if attr_type == INET_DIAG_SOCKOPT:
-            if length > 4:
-                transparent = bool(payload[offset + 4] & SOCKOPT_TRANSPARENT)
-        elif attr_type == INET_DIAG_INFO:
-            info_len = min(length, end - offset) - 4
+        attr_type &= _TYPE_MASK
+        if attr_type == INET_DIAG_INFO:
+            info_len = (length if length < end - offset else end - offset) - 4
             at = offset + 4
             # tcp_info grew over kernel versions: read only what this one sent.
             if info_len >= TCPI_LAST_ACK_RECV + 4:
-                last_sent, _ack_sent, last_data, last_ack = _FOUR_U32.unpack_from(
+                last_sent, _ack_sent, last_data, last_ack = _four_u32(
                     payload, at + TCPI_LAST_DATA_SENT
                 )
-            if info_len >= TCPI_BYTES_RECEIVED + 8:
-                acked, received = _TWO_U64.unpack_from(payload, at + TCPI_BYTES_ACKED)
+                if info_len >= TCPI_BYTES_RECEIVED + 8:
+                    acked, received = _two_u64(payload, at + TCPI_BYTES_ACKED)
             break
+        if attr_type == INET_DIAG_SOCKOPT and length > 4:
+            transparent = payload[offset + 4] & SOCKOPT_TRANSPARENT != 0
         offset += (length + 3) & ~3
     return SocketRecord(
-        state=_STATES[state],
-        local=_endpoint(family, src, sport),
-        peer=_endpoint(family, dst, dport),
-        cookie=cookie_lo | (cookie_hi << 32),
-        inode=inode,
-        uid=uid,
-        last_data_recv_ms=last_data,
-        last_ack_recv_ms=last_ack,
-        ifindex=ifindex,
-        bytes_acked=acked,
-        bytes_received=received,
-        last_data_sent_ms=last_sent,
-        transparent=transparent,
+        _STATES[state],
+        _endpoint(family, src, sport),
+        _endpoint(family, dst, dport),
+        cookie_lo | (cookie_hi << 32),
+        inode,
+        uid,
+        last_data,
+        last_ack,
+        ifindex,
+        acked,
+        received,
+        last_sent,
+        transparent,
     )
 
 

@@ -224,3 +224,19 @@ def test_sockopt_then_tcp_info_in_kernel_order_unknown_attrs_skipped() -> None:
     # Every other bit set, transparent clear: not transparent.
     r = _with_attrs(nl.pack_attr(sockdiag.INET_DIAG_SOCKOPT, b"\xdf\xff"))
     assert not r.transparent and r.last_data_sent_ms is None
+
+
+def test_socket_record_field_order_matches_the_positional_decoder() -> None:
+    """decode_message builds SocketRecord positionally (the hot path): a reorder must fail here."""
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(SocketRecord)]
+    assert names[:13] == [
+        "state", "local", "peer", "cookie", "inode", "uid", "last_data_recv_ms",
+        "last_ack_recv_ms", "ifindex", "bytes_acked", "bytes_received", "last_data_sent_ms",
+        "transparent",
+    ]  # fmt: skip
+    required = [
+        f.name for f in dataclasses.fields(SocketRecord)[13:] if f.default is dataclasses.MISSING
+    ]
+    assert required == []
