@@ -153,10 +153,20 @@ class Executor:
             _, socks = self._diag.dump([TcpState.CLOSE_WAIT])
         except OSError:
             return None  # then the count is unknown, and reported as none closed
+        # The other end of a connection being killed, when it lives in this
+        # netns (a client of a plain server), is no upstream leg: its going
+        # away after the kill says nothing about a proxy.
+        ends = {
+            (d.finding.socket.peer.normalized(), d.finding.socket.local.normalized())
+            for d in plan.kills
+        }
         return frozenset(
             s.cookie
             for s in socks
-            if s.uid in uids and s.local.port not in plan.capture_ports and not s.orphan
+            if s.uid in uids
+            and s.local.port not in plan.capture_ports
+            and not s.orphan
+            and (s.local.normalized(), s.peer.normalized()) not in ends
         )
 
     # -- kill ----------------------------------------------------------------

@@ -19,7 +19,15 @@ from typing import Any
 
 import pytest
 
-from halfclose.agent.core.model import Endpoint, Finding, Kind, Outcome, SocketRecord, TcpState
+from halfclose.agent.core.model import (
+    Capture,
+    Endpoint,
+    Finding,
+    Kind,
+    Outcome,
+    SocketRecord,
+    TcpState,
+)
 from halfclose.agent.core.plan import (
     ActionKind,
     ActionSettings,
@@ -248,7 +256,7 @@ def _record(cookie: int) -> SocketRecord:
 
 def test_a_kill_never_happens_without_a_cookie() -> None:
     """Unit level: the plan refuses it, and so does the SOCK_DESTROY encoder."""
-    finding = Finding(Kind.LEAKED, _record(0), None)
+    finding = Finding(Kind.LEAKED, _record(0), None, capture=Capture.RULE, min_silence_seconds=2.0)
     plan = make_plan([finding], {15001}, ActionSettings(action=ActionKind.KILL))
     assert [(d.op, d.reason) for d in plan.decisions] == [(Op.NONE, SkipReason.NO_COOKIE)]
     with pytest.raises(ValueError, match="cookie"):
