@@ -15,6 +15,11 @@ everyone else.  The (often far larger) fd tables of unrelated processes are
 read only while an inode is still unowned.  The order only affects speed,
 never the answer.
 
+Leaked sockets stay for hours and are looked up at every scan, so owners found
+once are remembered (inode -> pid, fd) and re-checked with one readlink of
+that fd: a hit costs a syscall, not a walk.  A stale entry (the fd closed, the
+pid reused) fails the check and is looked up afresh.
+
 ``proc_root`` is /proc normally, or the host's /proc mounted elsewhere
 (``HOST_PROC``) when the agent runs in a container.
 """
@@ -60,6 +65,22 @@ def process_name(pid: int, proc_root: str = "/proc") -> str:
         return "?"
 
 
+_KNOWN: dict[tuple[str, int], tuple[int, int]] = {}  # (proc_root, inode) -> (pid, fd)
+_KNOWN_MAX = 65536
+
+
+def forget_owners() -> None:
+    """Drop the remembered owners (the next lookups search afresh)."""
+    _KNOWN.clear()
+
+
+def _still_held(proc_root: str, inode: int, pid: int, fd: int) -> bool:
+    try:
+        return os.readlink(f"{proc_root}/{pid}/fd/{fd}") == f"socket:[{inode}]"
+    except OSError:
+        return False
+
+
 def find_owners(
     inodes: Collection[int],
     netns_inode: int | None = None,
@@ -73,12 +94,21 @@ def find_owners(
     Inodes no process holds (or none we may read) are absent from the result.
     """
     wanted = {i for i in inodes if i}
+    owners: dict[int, Owner] = {}
+    for inode in list(wanted):
+        known = _KNOWN.get((proc_root, inode))
+        if known is None:
+            continue
+        if _still_held(proc_root, inode, *known):
+            owners[inode] = Owner(known[0], process_name(known[0], proc_root), known[1])
+            wanted.discard(inode)
+        else:
+            del _KNOWN[(proc_root, inode)]
     if not wanted:
-        return {}
+        return owners
     hint = set(uid_hint)
     procs = _processes(proc_root)
     procs.sort(key=lambda p: (p[2] != netns_inode, p[1] not in hint, p[0]))
-    owners: dict[int, Owner] = {}
     for pid, _uid, _ino in procs:
         fd_dir = f"{proc_root}/{pid}/fd"
         try:
@@ -101,8 +131,11 @@ def find_owners(
                     break
         if found_here:
             comm = process_name(pid, proc_root)
+            if len(_KNOWN) + len(found_here) > _KNOWN_MAX:
+                _KNOWN.clear()
             for inode, fd in found_here.items():
                 owners[inode] = Owner(pid, comm, fd)
+                _KNOWN[(proc_root, inode)] = (pid, fd)
         if not wanted:
             break
     return owners

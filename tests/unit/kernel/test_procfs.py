@@ -44,6 +44,7 @@ def test_processes_of_the_scanned_netns_are_read_first(tmp_path: Path) -> None:
     root, pod_ino = _tree(tmp_path)
     assert procfs.find_owners([500], pod_ino, proc_root=str(root)) == {500: Owner(10, "app", 3)}
     # Without a netns to prefer, the lowest pid holding it answers.
+    procfs.forget_owners()
     assert procfs.find_owners([500], proc_root=str(root)) == {500: Owner(5, "parent", 4)}
 
 
@@ -51,3 +52,16 @@ def test_unheld_inodes_are_absent(tmp_path: Path) -> None:
     root, pod_ino = _tree(tmp_path)
     assert procfs.find_owners([999], pod_ino, proc_root=str(root)) == {}
     assert procfs.pids_in_netns(pod_ino, str(root)) == [(10, os.getuid())]
+
+
+def test_a_found_owner_is_rechecked_not_searched_again(tmp_path: Path) -> None:
+    root, pod_ino = _tree(tmp_path)
+    assert procfs.find_owners([601], pod_ino, proc_root=str(root)) == {601: Owner(20, "ztunnel", 7)}
+    # Hide every other process: a remembered owner still answers (one readlink).
+    (root / "10" / "fd" / "3").unlink()
+    assert procfs.find_owners([601], pod_ino, proc_root=str(root)) == {601: Owner(20, "ztunnel", 7)}
+    # The fd now holds another socket: the memory is stale and a fresh search runs.
+    (root / "20" / "fd" / "7").unlink()
+    os.symlink("socket:[777]", root / "20" / "fd" / "7")
+    _proc(root, 30, tmp_path / "pod-netns", "moved", {5: 601})
+    assert procfs.find_owners([601], pod_ino, proc_root=str(root)) == {601: Owner(30, "moved", 5)}
