@@ -18,7 +18,7 @@ When a netns is scanned:
   of forming even when the kernel's conntrack GC reaps the entry (and sends
   the event) late;
 - at once on a conntrack NEW event whose reply tuple is a stale socket's the
-  last scan found (leaked or at risk): the app is reusing that socket's port
+  last scan found (leaked, or unproven): the app is reusing that socket's port
   and hangs until it goes (a collision, istio#43301).  The netns's event
   socket joins the NEW group only while such sockets exist, so a busy pod
   without leaks pays nothing, and one with leaks one set lookup per event.
@@ -99,8 +99,12 @@ REPORT_REFRESH_SECONDS = 300.0
 MAX_KILLS_PER_SCAN = DEFAULT_MAX_KILLS
 # Per-collision Events per scan; more are summed up in one.
 MAX_COLLISION_EVENTS = 5
-# The FIN_WAIT2 findings whose reply tuple a NEW entry may collide with.
-STALE_KINDS = frozenset({Kind.LEAKED, Kind.COLLISION, Kind.AT_RISK})
+# The FIN_WAIT2 findings whose reply tuple a NEW entry may collide with.  Not
+# at-risk ones: their entry still holds the tuple (no new entry can take it),
+# and when it expires the scan scheduled for that moment finds the leak (or the
+# collision) anyway.  Leaving them out keeps NEW events off in the common case
+# of a busy pod under KillSockets: at-risk sockets always, leaks seldom.
+STALE_KINDS = frozenset({Kind.LEAKED, Kind.COLLISION})
 # Remembered conntrack destroy/expiry times per netns, for leak lifetimes.
 # Bounded per netns; records older than a proxy's idle timeout are useless.
 MAX_EXPIRY_RECORDS = 2048
@@ -159,8 +163,8 @@ class WatchedNetns:
     leaked_since: dict[int, float] = field(default_factory=dict)
     # The scan warnings last seen, so each new one is logged and counted once.
     warnings: tuple[str, ...] = ()
-    # NAT reply tuples of the stale (leaked or at-risk) FIN_WAIT2 sockets of the
-    # last scan: a NEW entry under one of them is a collision (istio#43301).
+    # NAT reply tuples of the stale (leaked, collision, unproven) FIN_WAIT2 sockets
+    # of the last scan: a NEW entry under one of them is a collision (istio#43301).
     stale_replies: frozenset[FlowTuple] = frozenset()
     # Cookies of the sockets already counted (and announced) as collisions.
     collisions_seen: set[int] = field(default_factory=set)
