@@ -13,6 +13,7 @@ agent loop with in-memory Kubernetes adapters.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -26,6 +27,11 @@ from support import product
 from support.lab_fixtures import LabFactory
 from support.podcgroup import FakeContainers, can_fake_containers, pod_object
 from support.scratchnet import wait_for
+
+pytestmark = pytest.mark.skipif(
+    any(shutil.which(t) is None for t in ("iptables-save",)),
+    reason="needs iptables-save (see .ci/system-deps)",
+)
 
 CW = 2
 

@@ -10,14 +10,22 @@ The kernel (``ss``, ``conntrack -L``) is the oracle.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
+
+import pytest
 
 from halfclose.agent.core.model import Endpoint
 from halfclose.lab import Lab, ProxiedPair
 from support import product
 from support.lab_fixtures import LabFactory
 from support.scratchnet import wait_for
+
+pytestmark = pytest.mark.skipif(
+    any(shutil.which(t) is None for t in ("conntrack",)),
+    reason="needs conntrack (see .ci/system-deps)",
+)
 
 
 def mapped(ep: Endpoint) -> str:

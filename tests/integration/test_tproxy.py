@@ -17,8 +17,11 @@ The product is driven through its CLI (``support.product``); the kernel
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
+
+import pytest
 
 from halfclose.agent.core.model import TcpState
 from halfclose.agent.kernel.netns import NetnsHandle
@@ -27,6 +30,11 @@ from halfclose.lab import Lab, ProxiedPair
 from support import product
 from support.lab_fixtures import LabFactory
 from support.scratchnet import wait_for
+
+pytestmark = pytest.mark.skipif(
+    any(shutil.which(t) is None for t in ("conntrack", "iptables")),
+    reason="needs conntrack, iptables (see .ci/system-deps)",
+)
 
 CW = 2
 
