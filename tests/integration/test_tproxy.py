@@ -138,7 +138,7 @@ def test_without_drop_invalid_the_late_fin_is_delivered_and_nothing_leaks(
 ) -> None:
     """No NAT and no drop: a late FIN finds the transparent socket; never report a leak."""
     lab = make_lab(style="istio-tproxy", close_wait_timeout=CW)
-    late = lab.late_close(2, after_seconds=CW + 4, inbound=True)
+    late = lab.late_close(2, after_seconds=CW + 6, inbound=True)
     pairs = list(late.pairs)
     # The pod's entries expire while the proxy sockets wait half-closed ...
     wait_for(lambda: entries_left(lab, pairs) == 0, timeout=CW + 10, interval=0.2)
@@ -146,6 +146,7 @@ def test_without_drop_invalid_the_late_fin_is_delivered_and_nothing_leaks(
     time.sleep(1.0)
     # ... and that alone proves nothing: the capture is not one that loses FINs.
     before = product.scan(lab.pod_netns(0), "--min-idle", "0")
+    assert time.time() < late.closes_at, "the scan ran after the clients closed"
     assert all(k in (None, "unproven") for k in product.kinds(before, [str(p.app) for p in pairs]))
     lab.wait_late_closed(late)
     wait_for(
