@@ -134,3 +134,41 @@ def test_a_pod_in_the_host_netns_is_refused(
         containers.release(sleeper.pid)
         sleeper.kill()
         sleeper.wait()
+
+
+def test_under_report_a_collision_is_counted_and_announced_not_killed(
+    containers: FakeContainers, tmp_path: Path
+) -> None:
+    skip_unless_root("iptables", "conntrack", "ss", "sysctl")
+    with pod() as (ns, proxy, app), Running(tmp_path) as run:
+        cid = containers.adopt(proxy.pid)
+        run.world.put_namespace("shop")
+        run.world.put_pod(pod_object("shop", "web", NODE, cid))
+        run.world.put_policy(policy("observe", action="Report"))
+        labels = {"namespace": "shop", "pod": "web"}
+        wait_for("the netns watched", lambda: run.sample("halfclose_watched_netns") == 1, 10)
+        c = form_leak(ns, proxy, app)
+        wait_for("the leak seen", lambda: run.sample("halfclose_leaked_sockets", **labels) == 1, 10)
+        c.drop_challenge_acks()
+        connect = c.reconnect(timeout=20)
+        wait_for(
+            "the collision counted",
+            lambda: run.sample("halfclose_collisions_total", **labels) == 1,
+            1.0,  # the NEW event, not the 30 s interval
+        )
+        wait_for("the Event", lambda: bool(run.reports.events), 2)
+        assert [(e.reason, e.type, e.message) for e in run.reports.events] == [
+            (
+                "PortReuseCollision",
+                "Warning",
+                f"Stale socket 127.0.0.1:{PROXY_PORT}<-{APP_IP}:{c.app_port} blocking a new "
+                f"connection from {APP_IP}:{c.app_port} to {SERVICE[0]}:{SERVICE[1]} "
+                "(not killed)",
+            )
+        ]
+        assert c.stale_present()  # Report never acts
+        assert ("SYN-SENT", f"{APP_IP}:{c.app_port}", f"{SERVICE[0]}:{SERVICE[1]}") in c.ss()
+        report = run.reports.reports[("shop", "web")]
+        assert report["collision"] == 1
+        assert [f["kind"] for f in report["findings"]] == ["collision"]
+        del connect
