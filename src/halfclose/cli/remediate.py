@@ -57,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=_count,
         default=DEFAULT_MAX_KILLS,
         metavar="N",
-        help=f"kill at most N sockets per scan, longest idle first (default {DEFAULT_MAX_KILLS})",
+        help=f"kill at most N sockets per scan, collisions first, then longest idle "
+        f"(default {DEFAULT_MAX_KILLS})",
     )
     p.add_argument(
         "--close-wait-timeout",

@@ -1,4 +1,4 @@
-"""``halfclose scan``: find leaked and at-risk sidecar sockets in one network namespace.
+"""``halfclose scan``: find leaked, collision, at-risk and unproven sidecar sockets in one netns.
 
     halfclose scan (--netns NAME|PATH | --pid PID) [--capture-ports 15001,15006]
                    [--min-idle SECONDS] [--output table|json]
@@ -81,7 +81,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--capture-ports",
         type=parse_ports,
         metavar="P1,P2",
-        help="sidecar ports to judge (default: detect from the netns's NAT/TPROXY rules)",
+        help="judge only these ports (default: the netns's TCP NAT capture ports); "
+        "a port no NAT rule or DST_NAT entry captures yields 'unproven', never 'leaked'",
     )
     p.add_argument(
         "--min-idle",
@@ -89,7 +90,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         metavar="SECONDS",
         help="report only sockets idle at least this long (default 0); "
-        "--action kill kills only those (default 60, see docs/remediation.md)",
+        "--action kill kills only leaks idle that long (default 60) and collisions "
+        "regardless; nothing is killed without the four-part proof (docs/detection.md)",
     )
     p.add_argument("--action", choices=sorted(ACTIONS), default="report")
     remediate.add_arguments(p)
