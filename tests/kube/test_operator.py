@@ -396,7 +396,7 @@ def test_no_finalizer_deleting_policy_and_crd_never_wait_for_the_operator(
     upgraded operator removes the finalizer an older one left."""
     seed_mesh(kube)
     # A policy as the operator before issue 10 left it: kopf's finalizer and annotation.
-    legacy = policy_manifest("legacy", namespaces=["shop"])
+    legacy = policy_manifest("legacy", namespaces=["elsewhere"])
     legacy["metadata"]["finalizers"] = ["kopf.zalando.org/KopfFinalizerMarker"]
     legacy["metadata"]["annotations"] = {"halfclose.io/last-handled-configuration": "{}"}
     apply(kube, legacy)
@@ -405,7 +405,7 @@ def test_no_finalizer_deleting_policy_and_crd_never_wait_for_the_operator(
         apply(kube, policy_manifest("two", namespaces=["web"]))
         wait_condition(kube, "one", "Ready", "True", "Applied")
         wait_condition(kube, "two", "Ready", "True", "Applied")
-        wait_condition(kube, "legacy", "Ready", "True", "Applied")
+        wait_condition(kube, "legacy", "Ready", "False", "NoMatchingNamespaces")
         kube.wait_for(
             lambda: not policy(kube, "legacy")["metadata"].get("finalizers"),
             what="the old operator's finalizer to be removed",
