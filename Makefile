@@ -7,8 +7,8 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: help venv deps demo lab-up lab-down test test-unit test-kernel test-kube test-chart \
-        lint fmt typecheck crds chart bench bench-agent image clean
+.PHONY: help venv deps kube-assets demo lab-up lab-down test test-unit test-kernel test-kube test-chart \
+        lint fmt typecheck crds chart bench bench-agent bench-operator image clean mesh-tools
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -24,11 +24,17 @@ venv: $(STAMP) ## create .venv/ with halfclose and the dev tools
 deps: ## install the system tools the lab and tests use (Debian; root)
 	bash .ci/system-deps
 
+kube-assets: ## etcd, kube-apiserver, kube-controller-manager for the kube tests (built once, cached)
+	@bash hack/kube-assets.sh >/dev/null
+
 demo: deps $(STAMP) ## reproduce the leak in the built-in lab and fix it (root)
 	$(BIN)/halfclose demo
 
-test: deps $(STAMP) ## all tests: unit, real-kernel, API emulator, chart
+test: deps $(STAMP) kube-assets mesh-tools ## all tests: unit, real-kernel, real control plane, chart
 	$(BIN)/pytest
+
+mesh-tools: ## build the meshes' own rule generators (Go module proxy; cached, see the script)
+	bash hack/mesh-generators.sh
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -m "not kernel and not kube and not chart"
@@ -36,7 +42,7 @@ test-unit: $(STAMP)
 test-kernel: $(STAMP)
 	$(BIN)/pytest -m kernel
 
-test-kube: $(STAMP)
+test-kube: $(STAMP) kube-assets
 	$(BIN)/pytest -m kube
 
 test-chart: $(STAMP)
@@ -64,6 +70,9 @@ bench: $(STAMP) ## scan benchmark against ss + conntrack on the same netns (root
 
 bench-agent: $(STAMP) ## leak lifetime and agent footprint (root)
 	$(BIN)/python -m bench.agent
+
+bench-operator: $(STAMP) kube-assets ## operator start-up at 100/1,000/5,000 pods on the real control plane
+	$(BIN)/python -m bench.operator
 
 image: ## build the container image (needs a Docker engine)
 	docker build -t halfclose:dev .
