@@ -184,8 +184,8 @@ class Scanner:
             # A rule source that exists but cannot be read (iptables-legacy
             # without CAP_NET_RAW) hides its capture ports: say so, every scan.
             warnings[:0] = [
-                f"NAT rules from {src} could not be read ({why}): capture ports "
-                "may be incomplete (grant the access, or give the ports)"
+                f"NAT rules from {src} could not be read ({why}): captures are "
+                "also taken from conntrack's DST_NAT entries (grant the access to see all)"
                 for src, why in rules.found.unreadable.items()
             ]
         timeouts = self._timeouts if isinstance(self._timeouts, HalfClosedTimeouts) else None
