@@ -278,3 +278,39 @@ def test_a_direct_half_close_on_a_udp_only_capture_port_is_not_leaked() -> None:
             doc = scan(Pod(ns, ns))
     assert [f for f in doc["findings"] if f["kind"] == "leaked"] == []  # type: ignore[union-attr]
     assert doc["capture_ports"] == []
+
+
+# --- TPROXY (istio-iptables -m TPROXY): leaks only with DROP_INVALID ---------
+
+
+@pytest.mark.parametrize("drop_invalid", [True, False])
+@pytest.mark.parametrize("backend", ["iptables-nft", "nft"])
+def test_tproxy_inbound_leaks_at_the_original_port_only_with_drop_invalid(
+    backend: str, drop_invalid: bool
+) -> None:
+    """The leaked socket is the connection's original local port (8080), not 15006.
+
+    Without DROP_INVALID the client's late FIN is INVALID to conntrack but TPROXY
+    still delivers it to the proxy's socket, which closes: nothing leaks.
+    """
+    extra = ("--drop-invalid",) if drop_invalid else ()
+    with pod("gtp") as p:
+        istio_sidecar(p, backend, 4, "-m", "TPROXY", *extra)
+        with traffic(p, 4, (15001, 15006), uid=1337, transparent=True) as t:
+            client, server, dst = inbound_pair(t, 4)
+            leaking = t.connection(client, server, dst, inbound=True)
+            t.connection(client, server, dst, inbound=True)  # stays ESTABLISHED
+            conn = t.leak(leaking, client, server)
+            fin_wait2 = run("ss", "-Htan", "state", "fin-wait-2", netns=p.netns).stdout
+            doc = scan(p)
+    assert conn.local == "192.0.2.10:8080"
+    findings = doc["findings"]
+    assert isinstance(findings, list)
+    if drop_invalid:
+        assert "192.0.2.10:8080" in fin_wait2
+        assert [(f["kind"], f["local"], f["peer"]) for f in findings] == [
+            ("leaked", conn.local, conn.peer)
+        ], findings
+    else:
+        assert "192.0.2.10:8080" not in fin_wait2  # the FIN got through
+        assert findings == []

@@ -122,10 +122,12 @@ PROXY = (
     + r"""
 fam = socket.AF_INET6 if sys.argv[1] == "6" else socket.AF_INET
 ports, uid, mark = json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4], 0)
+transparent = sys.argv[5] == "1"    # a TPROXY listener: accepted sockets keep the original dst
 listeners = {}
 for port in ports:
     s = socket.socket(fam)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if transparent: s.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
     if fam == socket.AF_INET6: s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     s.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", port)); s.listen(64)
     listeners[s] = port
@@ -138,7 +140,9 @@ for line in sys.stdin:
     if cmd == "relay":              # one connection: upstream = original dst (or the app)
         ready, _, _ = select.select(list(listeners), [], [], 10)
         down, _ = ready[0].accept()
-        if fam == socket.AF_INET:
+        if transparent:
+            dst = down.getsockname()[:2]
+        elif fam == socket.AF_INET:
             port, ip = struct.unpack_from("!2xH4s", down.getsockopt(socket.SOL_IP, 80, 16))
             dst = (socket.inet_ntoa(ip), port)
         else:
@@ -269,11 +273,21 @@ class Traffic:
 
 @contextlib.contextmanager
 def traffic(
-    p: Pod, family: int, ports: Sequence[int], *, uid: int = 0, mark: int = 0
+    p: Pod,
+    family: int,
+    ports: Sequence[int],
+    *,
+    uid: int = 0,
+    mark: int = 0,
+    transparent: bool = False,
 ) -> Iterator[Traffic]:
-    """A proxy on ``ports`` in the pod; CLOSE_WAIT entries there expire after 1 s."""
+    """A proxy on ``ports`` in the pod; CLOSE_WAIT entries there expire after 1 s.
+
+    ``transparent``: the listeners take TPROXYed connections (IP_TRANSPARENT).
+    """
     p.run("sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_timeout_close_wait=1")
-    proxy = _holder(p.netns, PROXY, str(family), json.dumps(list(ports)), str(uid), hex(mark))
+    argv = (str(family), json.dumps(list(ports)), str(uid), hex(mark), str(int(transparent)))
+    proxy = _holder(p.netns, PROXY, *argv)
     t = Traffic(p, proxy)
     try:
         yield t
