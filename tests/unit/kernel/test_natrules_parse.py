@@ -9,6 +9,9 @@ inbound path is found.
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pytest
 
 from halfclose.agent.kernel import natrules
 from halfclose.agent.kernel.natrules import CapturePorts, combine
@@ -414,3 +417,43 @@ def test_a_missing_tool_is_normal_an_unreadable_source_is_not() -> None:
         sources_missing=("nft",),
     )
     assert dict(cp.unreadable) == {"iptables-legacy": denied}
+
+
+# --- on the rules the meshes' own generators wrote (tests/data/rules/README.md) ---
+
+RULES = Path(__file__).resolve().parents[2] / "data" / "rules"
+
+
+@pytest.mark.parametrize(
+    ("name", "ports", "tproxy", "drops_invalid"),
+    [
+        ("istio-sidecar-redirect.iptables-save.txt", {15001, 15006}, set(), False),
+        ("istio-sidecar-redirect.ip6tables-save.txt", {15001, 15006}, set(), False),
+        ("istio-sidecar-tproxy-drop-invalid.iptables-save.txt", {15001, 15006}, {15006}, True),
+        ("istio-sidecar-tproxy-drop-invalid.nft.json", {15001, 15006}, {15006}, True),
+        # istio-cni redirects DNS to 15053 for UDP and for TCP: the TCP rule counts.
+        ("istio-ambient-inpod.iptables-save.txt", {15001, 15006, 15053}, set(), False),
+        ("istio-ambient-inpod.nft.json", {15001, 15006, 15053}, set(), False),
+        ("linkerd-proxy-init.iptables-save.txt", {4140, 4143}, set(), False),
+    ],
+)
+def test_generator_output(
+    name: str, ports: set[int], tproxy: set[int], drops_invalid: bool
+) -> None:
+    text = (RULES / name).read_text()
+    scan = (
+        natrules.parse_nft_json(text) if name.endswith(".json")
+        else natrules.parse_iptables_save(text, name)
+    )  # fmt: skip
+    cp = combine([scan])
+    assert (cp.ports, cp.tproxy_ports, cp.drops_invalid) == (ports, tproxy, drops_invalid)
+
+
+def test_generator_udp_dns_rule_alone_is_not_a_capture() -> None:
+    """istio-cni's in-pod rules with the TCP DNS rule taken out: 15053 goes with it."""
+    lines = (RULES / "istio-ambient-inpod.iptables-save.txt").read_text().splitlines()
+    tcp_dns = [ln for ln in lines if "-p tcp" in ln and "--to-ports 15053" in ln]
+    assert len(tcp_dns) == 1
+    udp_only = "\n".join(ln for ln in lines if ln not in tcp_dns)
+    assert "-p udp" in udp_only and "--to-ports 15053" in udp_only
+    assert _ports(udp_only) == {15001, 15006}
