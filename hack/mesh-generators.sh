@@ -48,7 +48,7 @@ for name in "${GENERATORS[@]}"; do
 	start=$(date +%s)
 	mkdir -p "$(dirname "$out")"
 	# go.sum pins every module; -mod=readonly fails rather than change go.mod.
-	(cd "$name" && CGO_ENABLED=0 go build -mod=readonly -trimpath -o "$out.tmp" .)
+	(cd "$name" && CGO_ENABLED=0 go build -mod=readonly -buildvcs=false -trimpath -o "$out.tmp" .)
 	mv "$out.tmp" "$out"
 	echo "mesh-tools: $name $(version "$name") built in $(($(date +%s) - start))s ($out)"
 done
