@@ -1,9 +1,12 @@
-"""The node agent against the API emulator AND the real-kernel lab, together.
+"""The node agent against the real control plane AND the real-kernel lab, together.
 
 The world is Node-less: a Namespace, a Pod whose ``spec.nodeName`` is the
 agent's node and whose ``containerID`` is made to resolve to a lab pod's netns
 (the lab proxy is moved into a cgroup2 ``cri-containerd-<id>.scope``), so the
-agent runs unmodified: real watches over HTTP, real /proc, real netlink.
+agent runs unmodified: real watches of a real kube-apiserver, real /proc, real
+netlink.  It authenticates with the chart's agent ServiceAccount token, so its
+RBAC is the chart's, and talks through the fault proxy (tests/support/faultproxy.py),
+which the outage test uses to fail its writes and drop its watches.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import pytest
 from halfclose.agent.daemon.main import Daemon
 from halfclose.agent.daemon.settings import AgentSettings
 from halfclose.api.report import report_manifest
-from support.kubeapi.plugin import kube_api  # noqa: F401 - the fixture, until conftest lists it
+from support.controlplane import ControlPlane
+from support.faultproxy import FaultProxy
 from support.podcgroup import FakeContainers, can_fake_containers, pod_object
 
 pytestmark = [
@@ -62,11 +66,16 @@ def policy(name: str, **spec: Any) -> dict[str, Any]:
 
 
 class World:
-    """The emulator seeded with a namespace, our pod and a pod of another node."""
+    """The control plane seeded with a namespace, our pod and a pod of another node;
+    ``kubeconfig`` acts as the chart's agent, through the fault ``proxy``."""
 
-    def __init__(self, api: Any, lab: Any, containers: FakeContainers) -> None:
+    def __init__(
+        self, api: ControlPlane, lab: Any, containers: FakeContainers, proxy: FaultProxy
+    ) -> None:
         self.api = api
         self.lab = lab
+        self.proxy = proxy
+        self.kubeconfig = api.chart_kubeconfig("agent", server=proxy.url)
         cid = containers.adopt(lab.proxy_pid(0))
         api.put_object(
             "",
@@ -113,10 +122,10 @@ class World:
 
 
 class RunningAgent:
-    def __init__(self, api: Any, state_dir: Path) -> None:
+    def __init__(self, world: World, state_dir: Path) -> None:
         settings = AgentSettings(
             node_name=NODE,
-            kubeconfig=api.kubeconfig,
+            kubeconfig=world.kubeconfig,
             metrics_host="127.0.0.1",
             metrics_port=0,
             state_dir=str(state_dir),
@@ -149,8 +158,17 @@ class RunningAgent:
 
 
 @pytest.fixture
-def world(kube_api: Any, lab: Any, containers: FakeContainers) -> World:  # noqa: F811
-    return World(kube_api, lab, containers)
+def world(
+    kube: ControlPlane, lab: Any, containers: FakeContainers, fault_proxy: FaultProxy
+) -> World:
+    return World(kube, lab, containers, fault_proxy)
+
+
+AGENT_USER = "system:serviceaccount:halfclose-system:halfclose-agent"
+
+
+def agent_requests(api: ControlPlane) -> list[Any]:
+    return [r for r in api.requests if r.user == AGENT_USER]
 
 
 def sockets(lab: Any) -> set[tuple[str, str, str]]:
@@ -169,7 +187,7 @@ def sockets(lab: Any) -> set[tuple[str, str, str]]:
 
 def test_kill_policy_kills_reports_and_counts(world: World, tmp_path: Path) -> None:
     api = world.api
-    with RunningAgent(api, tmp_path) as agent:
+    with RunningAgent(world, tmp_path) as agent:
         assert agent.get("/healthz")[0] == 200
         api.kubectl("apply", "-f", "-", input=_yaml(policy("kill", action="KillSockets")))
         wait_for("readiness", lambda: agent.get("/readyz")[0] == 200, 10)
@@ -195,7 +213,7 @@ def test_kill_policy_kills_reports_and_counts(world: World, tmp_path: Path) -> N
         events = wait_for("the event", world.events, 10)
         _, metrics_text = agent.get("/metrics")
     # A restarted agent carries the pod's totals on from its report.
-    with RunningAgent(api, tmp_path) as agent:
+    with RunningAgent(world, tmp_path) as agent:
         wait_for(
             "the pod's netns watched", lambda: agent.metric("halfclose_watched_netns") == 1, 10
         )
@@ -234,10 +252,12 @@ def test_kill_policy_kills_reports_and_counts(world: World, tmp_path: Path) -> N
     # The healthy connections survived.
     assert established <= sockets(world.lab)
     # Pods of this node only, by server-side field selector: never a cluster-wide pod list.
-    pod_requests = [r for r in api.requests if r.path == "/api/v1/pods"]
+    calls = agent_requests(api)
+    pod_requests = [r for r in calls if r.path == "/api/v1/pods"]
     assert pod_requests, "the agent never listed pods"
     assert all(r.query.get("fieldSelector") == f"spec.nodeName={NODE}" for r in pod_requests)
-    assert not any(r.path.startswith("/api/v1/namespaces/shop/pods") for r in api.requests)
+    assert not any(r.path.startswith("/api/v1/namespaces/shop/pods") for r in calls)
+    assert [r for r in calls if r.code in {401, 403}] == []  # the chart's RBAC sufficed
 
 
 def test_report_policy_changes_nothing(world: World, tmp_path: Path) -> None:
@@ -245,7 +265,7 @@ def test_report_policy_changes_nothing(world: World, tmp_path: Path) -> None:
     leaks = world.lab.leak(2)
     world.lab.live_half_close(1)
     before = sockets(world.lab)
-    with RunningAgent(api, tmp_path) as agent:
+    with RunningAgent(world, tmp_path) as agent:
         api.put_object(G, V, "halfclosepolicies", policy("observe", action="Report"))
         report = wait_for(
             "the report",
@@ -283,7 +303,7 @@ def test_sysctl_strategy_patches_and_restores_on_policy_deletion(
 ) -> None:
     api = world.api
     assert world.close_wait_sysctl() == CLOSE_WAIT
-    with RunningAgent(api, tmp_path):
+    with RunningAgent(world, tmp_path):
         api.put_object(
             G,
             V,
@@ -307,7 +327,7 @@ def test_sysctl_restored_after_a_restart_when_the_policy_went_meanwhile(
     world: World, tmp_path: Path
 ) -> None:
     api = world.api
-    with RunningAgent(api, tmp_path):
+    with RunningAgent(world, tmp_path):
         api.put_object(
             G,
             V,
@@ -321,20 +341,20 @@ def test_sysctl_restored_after_a_restart_when_the_policy_went_meanwhile(
         wait_for("the sysctl patched", lambda: world.close_wait_sysctl() == 600, 10)
     assert world.close_wait_sysctl() == 600  # SIGTERM leaves the patch in place
     api.delete_object(G, V, "halfclosepolicies", "prevent")  # while the agent is down
-    with RunningAgent(api, tmp_path):
+    with RunningAgent(world, tmp_path):
         wait_for("the sysctl restored", lambda: world.close_wait_sysctl() == CLOSE_WAIT, 10)
 
 
 def test_api_outage_loses_no_report(world: World, tmp_path: Path) -> None:
     api = world.api
     api.put_object(G, V, "halfclosepolicies", policy("kill", action="KillSockets"))
-    with RunningAgent(api, tmp_path) as agent:
+    with RunningAgent(world, tmp_path) as agent:
         wait_for(
             "the pod's netns watched", lambda: agent.metric("halfclose_watched_netns") == 1, 10
         )
         # From now on every report and event write fails, and the watches drop.
-        api.fail_next(10_000, 503, path_regex="halfclosereports|events")
-        api.drop_watches()
+        world.proxy.fail(10_000, 503, path_regex="halfclosereports|events")
+        assert world.proxy.drop_watches() >= 3  # policies, pods, namespaces
         world.lab.late_close(count=2, after_seconds=CLOSE_WAIT + 4)
         wait_for(
             "2 kills during the outage",
@@ -347,7 +367,7 @@ def test_api_outage_loses_no_report(world: World, tmp_path: Path) -> None:
             "the buffered update", lambda: agent.metric("halfclose_pending_report_updates") >= 1, 5
         )
         assert world.report() is None
-        api._call(api.api.faults.clear)  # the API is back
+        world.proxy.clear()  # the API is back
         report = wait_for(
             "the report after the outage",
             lambda: (r := world.report()) and (r.get("status") or {}).get("killedTotal") == 2 and r,
@@ -365,7 +385,9 @@ def _yaml(obj: dict[str, Any]) -> str:
     return str(yaml.safe_dump(obj))
 
 
-def test_console_script_runs_and_stops_cleanly_on_sigterm(kube_api: Any, tmp_path: Path) -> None:  # noqa: F811
+def test_console_script_runs_and_stops_cleanly_on_sigterm(
+    kube: ControlPlane, tmp_path: Path
+) -> None:
     import os
     import signal
     import sys
@@ -374,7 +396,7 @@ def test_console_script_runs_and_stops_cleanly_on_sigterm(kube_api: Any, tmp_pat
     env = dict(
         os.environ,
         NODE_NAME=NODE,
-        KUBECONFIG=kube_api.kubeconfig,
+        KUBECONFIG=kube.chart_kubeconfig("agent"),
         METRICS_PORT="0",
         STATE_DIR=str(tmp_path),
         LOG_LEVEL="INFO",
@@ -390,7 +412,10 @@ def test_console_script_runs_and_stops_cleanly_on_sigterm(kube_api: Any, tmp_pat
         assert "metrics on" in line
         wait_for(
             "the policy watch",
-            lambda: any(r.path == f"/apis/{G}/{V}/halfclosepolicies" for r in kube_api.requests),
+            lambda: any(
+                r.path == f"/apis/{G}/{V}/halfclosepolicies" and r.verb == "watch"
+                for r in agent_requests(kube)
+            ),
             10,
         )
         proc.send_signal(signal.SIGTERM)
