@@ -182,14 +182,18 @@ LEAKS: list[Case] = [
     ("istio", "nft", 4, "inbound"),
     ("istio", "iptables-nft", 6, "outbound"),
     ("istio", "nft", 6, "outbound"),
+    ("istio", "iptables-legacy", 6, "outbound"),
+    ("istio", "iptables-nft", 6, "inbound"),
     ("linkerd", "iptables-nft", 4, "outbound"),
     ("linkerd", "iptables-nft", 4, "inbound"),
     ("linkerd", "iptables-legacy", 4, "outbound"),
     ("linkerd", "iptables-nft", 6, "outbound"),
+    ("linkerd", "iptables-legacy", 6, "inbound"),
     ("ambient", "iptables-nft", 4, "outbound"),
     ("ambient", "iptables-nft", 4, "inbound"),
     ("ambient", "nft", 4, "outbound"),
     ("ambient", "iptables-legacy", 6, "outbound"),
+    ("ambient", "nft", 6, "inbound"),
 ]
 
 CAPTURE = {"istio": (15001, 15006), "ambient": (15001, 15006), "linkerd": (4140, 4143)}
