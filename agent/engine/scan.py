@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from halfclose.agent.core.classify import Evidence, classify, is_candidate
@@ -103,6 +104,8 @@ class Scanner:
         self._rules_at = 0.0
         self._timeouts: HalfClosedTimeouts | UnprovenReason | None = None
         self._timeouts_at = 0.0
+        self._nat_eps: frozenset[Endpoint] | None = None
+        self._nat_eps_at = 0.0
 
     @property
     def sockdiag(self) -> SockDiag:
@@ -154,7 +157,7 @@ class Scanner:
             # Some rules are hidden from us (iptables-legacy without
             # CAP_NET_RAW, or no tool at all): the DST_NAT entries show the
             # captures those rules make, so their ports are judged too.
-            nat_eps = self._nat_endpoints()
+            nat_eps = self._nat_endpoints(settings.rules_max_age_seconds)
             if rules.found is None and not nat_eps:
                 raise UserError(rules.error or f"cannot read NAT rules in {self.handle.label}")
             ports = (rules.found.ports if rules.found else frozenset()) | {e.port for e in nat_eps}
@@ -200,10 +203,30 @@ class Scanner:
             timeouts=timeouts,
         )
 
-    def _nat_endpoints(self) -> frozenset[Endpoint]:
-        return frozenset(
+    def _nat_endpoints(
+        self, max_age: float, wanted: Collection[SocketRecord] = ()
+    ) -> frozenset[Endpoint]:
+        """Local endpoints DST_NAT TCP entries show captured (part 2's rule-free evidence).
+
+        A dump walks the kernel's whole conntrack hash (global, every netns:
+        ~18 ms here for 262,144 buckets, filtered or not), so the answer is kept
+        like the rules are (``max_age``): a capture does not stop being one.
+        Kept answers are used only if they show every ``wanted`` socket's
+        capture; otherwise the table is read again (new evidence may be there).
+        """
+        now = time.monotonic()
+        kept = self._nat_eps
+        if (
+            kept is not None
+            and now - self._nat_eps_at < max_age
+            and all(s.local_normalized in kept for s in wanted)
+        ):
+            return kept
+        self._nat_eps = frozenset(
             Endpoint(e.reply.src, e.reply.sport).normalized() for e in self._ct.dst_nat_entries()
         )
+        self._nat_eps_at = now
+        return self._nat_eps
 
     def _judge(
         self,
@@ -216,10 +239,12 @@ class Scanner:
         candidates = [s for s in sockets if is_candidate(s, ports, capture)]
         if not candidates:
             return [], ()
-        if nat_eps is None and any(capture.proves(s) is None for s in candidates):
+        unshown = [s for s in candidates if capture.proves(s) is None]
+        if nat_eps is None and unshown:
             # The rules do not show every candidate's capture: conntrack's
             # DST_NAT entries may (one filtered dump, only when needed).
-            capture = dataclasses.replace(capture, nat_endpoints=self._nat_endpoints())
+            found = self._nat_endpoints(settings.rules_max_age_seconds, unshown)
+            capture = dataclasses.replace(capture, nat_endpoints=found)
         proven = [s for s in candidates if capture.proves(s) is not None]
         lookups = self._ct.lookup_replies([s.nat_reply_tuple for s in proven])
         warnings: tuple[str, ...] = ()
