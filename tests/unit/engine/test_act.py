@@ -155,3 +155,45 @@ def test_extend_failure_is_reported_with_its_errno() -> None:
     assert [d.op for d in plan.decisions] == [Op.EXTEND]
     (o,) = Executor(FakeDiag({1: rec}), ct).execute(plan)  # type: ignore[arg-type]
     assert (o.outcome, o.error, o.timeout_before) == (Outcome.FAILED, "EPERM", 30)
+
+
+def test_kill_summary_claims_no_proxy_where_no_upstream_was_watched() -> None:
+    from halfclose.agent.engine.act import KillSummary
+
+    assert KillSummary().describe() == "killed nothing"
+    # A plain server's sockets: nothing paired, no CLOSE_WAIT leg of the holder.
+    alone = KillSummary(killed=3)
+    assert "proxy" not in alone.describe() and alone.upstream_watched == 0
+    assert "no CLOSE-WAIT upstream socket" in alone.describe()
+    proxied = KillSummary(
+        killed=3, paired=1, paired_closed=1, unpaired_closed=2, unpaired_candidates=5
+    )
+    assert proxied.upstream_watched == 3
+    assert proxied.describe() == (
+        "killed 3 leaked socket(s); the proxy closed 3 of its CLOSE-WAIT upstream "
+        "socket(s) (3 watched)"
+    )
+
+
+def test_the_killed_connections_own_peers_are_no_upstream_legs() -> None:
+    # A plain server in the pod with its client in the same netns: the client's
+    # CLOSE_WAIT socket (same uid, off the capture ports) is the killed socket's
+    # other end, not a proxy's upstream leg.
+    server = record(40001, 1)
+    client = SocketRecord(
+        TcpState.CLOSE_WAIT, server.peer, server.local, cookie=2, inode=2, uid=1337
+    )
+    other = SocketRecord(
+        TcpState.CLOSE_WAIT,
+        Endpoint(ipaddress.ip_address("192.0.2.10"), 50000),
+        Endpoint(ipaddress.ip_address("203.0.113.10"), 80),
+        cookie=3,
+        inode=3,
+        uid=1337,
+    )
+    diag = FakeDiag({1: server, 2: client, 3: other})
+    findings = [Finding(Kind.LEAKED, server, None, capture=Capture.RULE, min_silence_seconds=1.0)]
+    plan = make_plan(findings, PORTS, ActionSettings(action=ActionKind.KILL, min_idle_seconds=0))
+    ex = Executor(diag, FakeConntrack(), ExecSettings(upstream_wait_seconds=0.0))  # type: ignore[arg-type]
+    ex.execute(plan)
+    assert ex.summary.killed == 1 and ex.summary.unpaired_candidates == 1  # `other` only
