@@ -324,7 +324,7 @@ def run_operator(  # noqa: PLR0917 -- one call site, read top to bottom
         KUBECONFIG=kubeconfig,
         HALFCLOSE_OPERATOR_METRICS_PORT=str(free_port()),
         HALFCLOSE_OPERATOR_LIVENESS_PORT="0",
-        HALFCLOSE_OPERATOR_LOG_LEVEL="WARNING",
+        HALFCLOSE_OPERATOR_LOG_LEVEL=os.environ.get("HALFCLOSE_BENCH_LOG_LEVEL", "WARNING"),
         # A fresh peering object per run: a killed run's entry cannot pause the next.
         HALFCLOSE_OPERATOR_PEERING=f"bench-{run_id}",
         **extra,

@@ -116,11 +116,15 @@ class Reconciler:
                         timeout=max(self.settings.debounce_seconds, _IDLE_RECHECK_SECONDS),
                     )
             self.changed.clear()
-            last = time.monotonic()
-            await self.reconcile()
+            started = time.monotonic()
+            if await self.reconcile():
+                last = started  # only a pass that computed statuses uses up the interval
 
-    async def reconcile(self) -> None:
-        """One pass: clean up after deleted policies, then every policy's status."""
+    async def reconcile(self) -> bool:
+        """One pass: clean up after deleted policies, then every policy's status.
+
+        Returns whether statuses were computed (leading, and something moved).
+        """
         now = dt.datetime.now(dt.UTC)
         leading = self.is_leader(now)
         if leading != self.leading:
@@ -129,10 +133,11 @@ class Reconciler:
             self._done_revision = -1
         if not leading:
             self._retry = False
-            return
+            return False
         ok = await self._clean_up_deleted_policies()
         revision = self.inventory.revision
-        if revision != self._done_revision:
+        computed = revision != self._done_revision
+        if computed:
             self.passes += 1
             assignment = self.inventory.assignment()
             for name, record in list(self.inventory.policies.items()):
@@ -144,6 +149,7 @@ class Reconciler:
             if ok:
                 self._done_revision = revision
         self._retry = not ok  # a failed write is retried next interval, change or not
+        return computed or not ok
 
     async def _reconcile_policy(
         self, name: str, record: PolicyRecord, assignment: Assignment, now: dt.datetime
