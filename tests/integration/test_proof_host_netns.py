@@ -67,3 +67,10 @@ def test_a_host_process_is_refused() -> None:
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def test_conntrack_status_refuses_the_host_by_pid_too() -> None:
+    skip_unless_root()
+    if not is_kernel_thread(2):
+        pytest.skip("pid 2 is not kthreadd here (a pid namespace)")
+    assert_refused(halfclose("conntrack", "status", "--pid", "2"), 2)

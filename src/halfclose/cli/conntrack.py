@@ -16,7 +16,7 @@ import os
 import sys
 
 from halfclose.agent.engine.ctpatch import DEFAULT_STATE_DIR, CloseWaitPatcher, PatchReport
-from halfclose.agent.kernel.netns import NetnsHandle, require_root
+from halfclose.cli.scan import open_target
 
 
 def _pid(text: str) -> int:
@@ -66,12 +66,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    require_root()
-    handle = (
-        NetnsHandle.from_pid(args.pid, os.environ.get("HOST_PROC", "/proc"))
-        if args.pid is not None
-        else NetnsHandle.from_spec(args.netns)
-    )
+    # The same target rules as scan: a --pid in the host netns is refused.
+    handle = open_target(args, os.environ.get("HOST_PROC", "/proc"))
     with handle:
         patcher = CloseWaitPatcher(state_dir(args))
         report: PatchReport

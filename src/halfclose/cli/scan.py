@@ -119,8 +119,8 @@ def open_target(args: argparse.Namespace, proc_root: str) -> NetnsHandle:
     if host:
         handle.close()
         raise UserError(
-            f"pid {args.pid} is in the host network namespace: refusing to scan the host by "
-            f"--pid (to scan it on purpose: --netns {reference})"
+            f"pid {args.pid} is in the host network namespace: refusing the host as a target "
+            f"by --pid (to target it on purpose: --netns {reference})"
         )
     return handle
 
