@@ -347,9 +347,10 @@ class Outcome(enum.StrEnum):
 class Finding:
     """A socket the classifier flagged, with what it was correlated to.
 
-    ``entry`` is the live conntrack entry (None for a leak: its absence is
-    the proof).  ``upstream`` is the proxy's paired CLOSE_WAIT socket when it
-    could be determined.
+    ``entry`` is the conntrack entry under the socket's NAT reply tuple: the
+    live one (at-risk), the app's new connection's opening one (collision), or
+    None (leaked: its absence is part of the proof).  ``upstream`` is the
+    proxy's paired CLOSE_WAIT socket when it could be determined.
     """
 
     kind: Kind
