@@ -12,7 +12,7 @@ import pytest
 from halfclose.agent.core.model import ConntrackEntry, FlowTuple
 from halfclose.agent.kernel import conntrack as ct
 from halfclose.agent.kernel import netlink as nl
-from support.nldump import expected, load_datagrams
+from support.nldump import DATA, expected, load_datagrams
 
 IPS_SEEN_REPLY = 1 << 1
 IPS_ASSURED = 1 << 2
@@ -113,3 +113,29 @@ def test_fast_get_encoder_matches_the_generic_one(src: str, dst: str) -> None:
         ct.NFGEN.pack(ct._family(reply), 0, 0) + ct.encode_tuple(ct.CTA_TUPLE_REPLY, reply),
     )
     assert ct.encode_get_by_reply(reply, seq=7) == generic
+
+
+def test_dst_nat_dump_request_is_the_one_the_kernel_accepted() -> None:
+    # capture_proof.py sent these bytes (plain struct code) to a 6.18 kernel and
+    # got back only the TCP DST_NAT entries (proof_dst_nat_v4.dump).
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("capture_proof", DATA / "capture_proof.py")
+    assert spec is not None and spec.loader is not None
+    capture_proof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(capture_proof)
+    sent: list[bytes] = []
+
+    class Recorder:
+        def send(self, data: bytes) -> None:
+            sent.append(data)
+
+        def close(self) -> None:
+            pass
+
+    capture_proof.ct_socket = Recorder
+    capture_proof.recv_all = lambda *_a, **_k: []
+    capture_proof.ct_dump(True, 21)
+    assert ct.encode_dump_dst_nat(socket.AF_INET, 21) == sent[0]
+    msg = next(nl.iter_messages(memoryview(sent[0])))
+    assert msg.flags & nl.NLM_F_DUMP == nl.NLM_F_DUMP
