@@ -2,7 +2,6 @@
 
 pytest_plugins: list[str] = [
     "support.lab_fixtures",  # make_lab, lab, module_lab: the leak lab
-    "support.kubeapi.plugin",  # kube_api: the old API emulator (goes with its last user)
     "support.controlplane",  # control_plane, kube: real etcd + kube-apiserver + controller manager
     "support.podcgroup",  # containers: lab processes as fake containerd containers
 ]

@@ -14,6 +14,7 @@ import yaml
 from halfclose.api import GROUP, POLICY_PLURAL, VERSION, parse_policy
 from halfclose.api.crds import all_crds
 from halfclose.api.generate import expected_files, stale_files
+from support import chart
 from support.controlplane import ControlPlane
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,6 +93,29 @@ def test_short_names_category_and_explain(kube: ControlPlane) -> None:
     # The published OpenAPI carries the schema (kubectl explain reads it from there).
     explained = kube.kubectl("explain", "hcp.spec.action").stdout
     assert "KillSockets" in explained or "FIELD: action" in explained
+
+
+def _documented_policies() -> list[tuple[str, dict[str, Any]]]:
+    out = [
+        (p.name, yaml.safe_load(p.read_text()))
+        for p in sorted((ROOT / "e2e" / "manifests").glob("policy-*.yaml"))
+    ]
+    # The first policy NOTES.txt tells users to apply.
+    block = chart.notes().split("<<'EOF'\n", 1)[1].split("  EOF", 1)[0]
+    out.append(("NOTES.txt", yaml.safe_load(block)))
+    return out
+
+
+@pytest.mark.kube
+def test_documented_policies_are_accepted_by_the_server(kube: ControlPlane) -> None:
+    """What the docs tell users to apply: no unknown field, schema and CEL rules pass."""
+    policies = _documented_policies()
+    assert len(policies) >= 2
+    for where, policy in policies:
+        proc = kube.kubectl(
+            "apply", "--dry-run=server", "-f", "-", input=json.dumps(policy), check=False
+        )
+        assert proc.returncode == 0 and proc.stderr == "", f"{where}: {proc.stderr}"
 
 
 def _policy(name: str, **spec: Any) -> str:

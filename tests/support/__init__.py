@@ -1,1 +1,1 @@
-"""First-class test support: the Kubernetes API emulator, lab fixtures."""
+"""First-class test support: the real Kubernetes control plane, lab fixtures."""
