@@ -248,12 +248,24 @@ class FaultProxy:
             )
 
     async def _handle(self, request: Any) -> Any:
+        try:
+            return await self._forward(request)
+        except ConnectionError:
+            # The client went away (gave up during a delay, or mid-stream): nobody to answer.
+            from aiohttp import web
+
+            return web.Response(status=499)
+
+    async def _forward(self, request: Any) -> Any:
         from aiohttp import web
 
         path_qs = request.path_qs
         status, delay = self._match(request.method, path_qs)
         if delay:
             await asyncio.sleep(delay)
+            if request.transport is None or request.transport.is_closing():
+                self._record(request, 0, True)
+                raise ConnectionResetError("the client gave up during the delay")
         if status is not None:
             self._record(request, status, True)
             headers = {"Content-Type": "application/json"}
