@@ -14,8 +14,15 @@ the code that makes it.  Three checks keep it honest:
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -143,6 +150,97 @@ def test_the_agents_api_layer_makes_only_declared_calls(kube: ControlPlane) -> N
     calls = [r for r in kube.requests if r.user == f"{CHART_SA_PREFIX}{RELEASE}-agent"]
     assert [r for r in calls if r.code >= 400 and r.code != 404] == []
     assert used(calls) == set(USES["agent"])
+
+
+def test_the_operator_as_the_chart_runs_it_makes_only_declared_calls(kube: ControlPlane) -> None:
+    """``halfclose-operator`` as the chart's operator ServiceAccount through a policy's
+    life: matched pods, a report, status, Events, the policy deleted (its reports go)."""
+    pod = kube.put_object(
+        "",
+        "v1",
+        "pods",
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"namespace": "shop", "name": "cart", "labels": {"app": "cart"}},
+            "spec": {"nodeName": "node-a", "containers": [{"name": "app", "image": "app:1"}]},
+            "status": {"phase": "Running"},
+        },
+    )
+    kube.put_object(
+        HC,
+        "v1alpha1",
+        "halfclosereports",
+        report_manifest(
+            namespace="shop",
+            pod_name="cart",
+            pod_uid=pod["metadata"]["uid"],
+            node_name="node-a",
+            policy="p",
+        ),
+    )
+    env = dict(
+        os.environ,
+        KUBECONFIG=kube.chart_kubeconfig("operator"),
+        HALFCLOSE_OPERATOR_METRICS_PORT=str(free_port()),
+        HALFCLOSE_OPERATOR_LIVENESS_PORT=str(free_port()),
+        HALFCLOSE_OPERATOR_DEBOUNCE_SECONDS="0.2",
+        HALFCLOSE_OPERATOR_LOG_LEVEL="WARNING",
+    )
+    script = Path(sys.executable).with_name("halfclose-operator")
+    proc = subprocess.Popen(
+        [str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        kube.kubectl(
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps(
+                {
+                    "apiVersion": f"{HC}/v1alpha1",
+                    "kind": "HalfClosePolicy",
+                    "metadata": {"name": "p"},
+                    "spec": {"namespaces": ["shop"]},
+                }
+            ),
+        )
+
+        def status() -> dict[str, Any]:
+            assert proc.poll() is None, proc.communicate()[0]
+            obj = kube.get_object(HC, "v1alpha1", "halfclosepolicies", "p") or {}
+            return dict(obj.get("status") or {})
+
+        kube.wait_for(lambda: status().get("matchedPods") == 1, 30, "the policy's status")
+        kube.wait_for(
+            lambda: kube.objects("", "v1", "events", "default"),
+            10,
+            "the operator's Events",
+        )
+        kube.kubectl("delete", "hcp", "p", "--wait=false")
+        kube.wait_for(
+            lambda: kube.get_object(HC, "v1alpha1", "halfclosereports", "cart", "shop") is None,
+            20,
+            "the operator to delete the deleted policy's report",
+        )
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    calls = [r for r in kube.requests if r.user == f"{CHART_SA_PREFIX}{RELEASE}-operator"]
+    assert [r for r in calls if r.code in {401, 403}] == []
+    legacy = {(HC, "halfclosepolicies", "patch")}  # only for an older version's finalizer
+    assert used(calls) <= set(USES["operator"])
+    assert set(USES["operator"]) - legacy - used(calls) == set(), "declared but not exercised"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def test_every_call_of_the_session_was_declared_and_allowed() -> None:
