@@ -243,7 +243,8 @@ class Process:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            self.proc.terminate()
+            if timeout > 0:
+                self.proc.terminate()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -414,15 +415,16 @@ class ControlPlane:
         )
 
     def restart_apiserver(self, down_seconds: float = 0.0) -> None:
-        """Stop the API server (clients see connection refused), then start it again."""
-        self.processes["kube-apiserver"].stop()
-        time.sleep(down_seconds)
-        self.processes["kube-apiserver"].start()
-        self.wait_ready()
+        """Kill the API server (clients see connection refused), then start it again on the
+        same port and etcd."""
+        with self.apiserver_down():
+            time.sleep(down_seconds)
 
     @contextlib.contextmanager
     def apiserver_down(self) -> Iterator[None]:
-        self.processes["kube-apiserver"].stop()
+        """The API server is gone inside (killed: a graceful stop would wait for its
+        watches to drain), back and ready after."""
+        self.processes["kube-apiserver"].stop(timeout=0)
         try:
             yield
         finally:
