@@ -230,6 +230,11 @@ def new_warnings(previous: tuple[str, ...], current: tuple[str, ...]) -> list[st
 def error_reason(exc: BaseException) -> str:
     """The ``reason`` label of ``halfclose_scan_errors_total`` for a failure."""
     if isinstance(exc, UserError):
+        # netns.py raises "from None", but the OSError stays the context: a
+        # netns that cannot be *entered* (no CAP_SYS_ADMIN) is not gone.
+        cause = exc.__context__
+        if isinstance(cause, OSError) and cause.errno in (errno.EPERM, errno.EACCES):
+            return "permission"
         return "netns_gone"
     if isinstance(exc, OSError):
         if exc.errno in (errno.ENOENT, errno.ESRCH, errno.EBADF, errno.EINVAL):
@@ -490,6 +495,9 @@ class Agent:
                 self.pods[key].target = target
             else:
                 self.pods[key] = PodState(target, status=self._previous_status(target))
+                # At 0 from the start: the collision alert takes increase() of it,
+                # and a series born at 1 shows no increase for the first collision.
+                self.metrics.collisions.labels(*key)
         for key in sorted(refused - self._refused):
             self._refuse_host_netns(self.pods[key])
         self._refused = refused
