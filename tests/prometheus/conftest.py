@@ -74,12 +74,14 @@ def _skip_reason() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def monitored(control_plane: Any) -> Iterator[scenario.Stack]:
+def monitored(request: pytest.FixtureRequest) -> Iterator[scenario.Stack]:
     """The monitored stack after every phase ran (``.record``), Prometheus still up."""
     if reason := _skip_reason():
         pytest.skip(reason)
     skip_unless_lab_possible("iptables-nft")
     skip_unless_lab_possible("iptables-legacy")
+    # Only now the session's control plane (it skips without its binaries).
+    control_plane = request.getfixturevalue("control_plane")
     binary = prometheus_binary()
     mount = cgroup2_mount()
     assert binary is not None and mount is not None

@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from prometheus.promserver import free_port
+from prometheus.promserver import die_with_parent, free_port
 
 BIN = Path(sys.executable).parent
 FAULTSHIM = Path(__file__).resolve().parent / "faultshim"
@@ -49,6 +49,7 @@ class Program:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=die_with_parent,  # noqa: PLW1509 - only sets PDEATHSIG
             )
         return self
 

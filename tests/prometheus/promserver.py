@@ -9,6 +9,7 @@ through ``/-/reload`` (the lifecycle API), as a Prometheus operator would.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as dt
 import json
 import math
@@ -30,8 +31,15 @@ from typing import Any
 import yaml
 
 INTERVAL = "1s"
+_PR_SET_PDEATHSIG = 1
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
+
+
+def die_with_parent() -> None:
+    """preexec_fn: if pytest is SIGKILLed (no teardown), the kernel kills the child."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def prometheus_binary() -> str | None:
@@ -119,6 +127,7 @@ class PrometheusServer:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=die_with_parent,  # noqa: PLW1509 - only sets PDEATHSIG
             )
         deadline = time.monotonic() + START_TIMEOUT
         while not self._ready():

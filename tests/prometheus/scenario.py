@@ -45,6 +45,7 @@ from prometheus.promserver import (
     PrometheusError,
     PrometheusServer,
     Target,
+    die_with_parent,
     rfc3339,
     scrape_config,
 )
@@ -189,6 +190,7 @@ class Stack:
                 ["nsenter", f"--net={self.mesh.pod_netns_path(i)}", "--", "sleep", "1800"],
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=die_with_parent,  # noqa: PLW1509 - only sets PDEATHSIG
             )
             self.sleepers.append(sleeper)
             cid = containers.adopt(sleeper.pid)
