@@ -59,6 +59,13 @@ flock 9   # two builds at once (make -j, two shells) would only fight over memor
 if complete; then printf '%s\n' "$bin"; exit 0; fi
 
 export GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0
+# Kubernetes 1.37 is released with Go 1.26, where encoding/json/v2 is off. A newer Go
+# turns it on, and Kubernetes <= 1.36 then served a broken OpenAPI (every `kubectl
+# apply` failed validation): build as the release does.
+go_minor="$(go env GOVERSION | sed -n 's/^go1\.\([0-9]*\).*/\1/p')"
+if [[ -n "$go_minor" ]] && ((go_minor >= 27)); then
+    export GOEXPERIMENT="${GOEXPERIMENT:+$GOEXPERIMENT,}nojsonv2"
+fi
 # Two compile jobs: the kube-apiserver link alone takes ~2 GB; more jobs only add memory.
 jobs="${KUBE_ASSETS_JOBS:-2}"
 build=(go build -p "$jobs" -trimpath)

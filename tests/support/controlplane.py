@@ -959,6 +959,22 @@ def fault_proxy(kube: ControlPlane) -> Iterator[FaultProxy]:
         yield proxy
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed kube test shows the servers' last log lines (the full logs are in the
+    work folder; HALFCLOSE_KEEP_KUBE=1 keeps it)."""
+    outcome: Any = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    if "kube" not in getattr(item, "fixturenames", ()):
+        return
+    for cp in _STARTED:
+        for name in ("kube-apiserver", "kube-controller-manager"):
+            if name in cp.processes:
+                report.sections.append((f"{name} log, last lines", cp.processes[name].tail(15)))
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     for cp in _STARTED:
         terminalreporter.write_line(
