@@ -126,6 +126,7 @@ class Record:
     clean_seconds: float = 0.0
     alerts: dict[str, AlertResult] = field(default_factory=dict)
     facts: dict[str, float] = field(default_factory=dict)  # metric checks of the phases
+    incomplete_alerts: list[dict[str, str]] = field(default_factory=list)
     started: float = 0.0
     ended: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
@@ -472,8 +473,16 @@ class Stack:
             "collisions in gate": 'halfclose_collisions_total{pod="gate"}',
             "unproven in flush": 'sum(halfclose_unproven_sockets{pod="flush"})',
             "killed in flush": 'sum(halfclose_sockets_killed_total{pod="flush"}) or vector(0)',
+            "leaked in old": 'sum(halfclose_leaked_sockets{pod="old"})',
+            "unproven in old": 'sum(halfclose_unproven_sockets{pod="old"})',
         }.items():
             rec.facts[name] = self.value(expr) or 0.0
+        # The unreadable rule source has been there for longer than any ``for:``.
+        rec.incomplete_alerts = [
+            a["labels"]
+            for a in self.prom.alerts()
+            if a["labels"].get("reason") == "incomplete" or a["labels"].get("pod") == OLD[1]
+        ]
 
     def _expect(
         self,

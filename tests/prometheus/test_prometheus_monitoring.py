@@ -63,6 +63,8 @@ def test_the_phases_did_what_they_say(monitored: Stack) -> None:
     """The situations are real: kills, refused kills, extensions, unreadable rules."""
     _ok(monitored)
     facts = monitored.record.facts
+    fired = {k: r.seconds and round(r.seconds, 1) for k, r in monitored.record.alerts.items()}
+    print(f"\nphases: {monitored.record.timings}\nfacts: {facts}\nsituation->firing s: {fired}")
     assert facts["killed in cart"] >= 3, facts
     assert facts["kill failures in pay"] >= 2, facts
     assert facts["extended in books"] >= 1, facts
@@ -72,6 +74,18 @@ def test_the_phases_did_what_they_say(monitored: Stack) -> None:
     assert facts["leak lifetimes observed"] >= 3, facts
     assert facts["collisions in gate"] >= 1, facts
     assert facts["unproven in flush"] == 2 and facts["killed in flush"] == 0, facts
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="scan_errors_total{reason='incomplete'} counts once per netns, and "
+    "HalfCloseScanErrors needs a 10-minute rate above 0.05/s: a pod whose NAT rules the "
+    "agent cannot read raises no alert (reported to the lead)",
+)
+def test_an_unreadable_rule_source_raises_an_alert(monitored: Stack) -> None:
+    _ok(monitored)
+    assert monitored.record.facts["incomplete scans (agent A)"] >= 1
+    assert monitored.record.incomplete_alerts, "no alert for legacy/old's unreadable rules"
 
 
 # --- the dashboard ---------------------------------------------------------------------
