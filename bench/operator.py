@@ -7,7 +7,7 @@ ServiceAccount:
 
 - a cluster of N pods over 100 nodes in 20 namespaces (created through the
   API; no kubelet, so they stay Pending with a nodeName), 4 reports per pod
-  (20,000 at 5,000 pods) with counters, 3 policies (two that split the
+  (20,000 at 5,000 pods; ``--reports-per-pod``) with counters, 3 policies (two that split the
   namespaces, one newer that overlaps both);
 - start-up: seconds from starting the operator process until every policy's
   status shows the expected observedGeneration, matched pods and report sums
@@ -54,7 +54,6 @@ from support.controlplane import (  # noqa: E402
 
 NAMESPACES = 20
 NODES = 100
-REPORTS_PER_POD = 4
 GROUP_PATH = "/apis/halfclose.io/v1alpha1"
 POLICIES = ("istio", "linkerd", "shop")
 JSON_TYPE = "application/json"
@@ -123,6 +122,7 @@ def istio_namespace(ns: str) -> bool:
 
 @dataclass
 class Cluster:
+    reports_per_pod: int = 4
     pods: int = 0
     reports: int = 0
     # Expected status per policy: matchedPods and report sums.
@@ -130,6 +130,7 @@ class Cluster:
     leaked: Counter[str] = field(default_factory=Counter)
     killed: Counter[str] = field(default_factory=Counter)
     report_names: list[tuple[str, str]] = field(default_factory=list)
+    churned: int = 0  # report updates so far: each run's churn continues, never repeats values
 
 
 def create_base(cp: ControlPlane, pool: Pool) -> None:
@@ -193,7 +194,7 @@ def grow(cp: ControlPlane, pool: Pool, cluster: Cluster, pods: int, threads: int
         ns = namespace_of(i)
         owner = "istio" if istio_namespace(ns) else "linkerd"
         cluster.matched[owner] += 1
-        for k in range(REPORTS_PER_POD):
+        for k in range(cluster.reports_per_pod):
             leaked, killed = (i + k) % 3, k
             cluster.leaked[owner] += leaked
             cluster.killed[owner] += killed
@@ -364,20 +365,22 @@ def run_operator(  # noqa: PLR0917 -- one call site, read top to bottom
 
 
 def churn(cp: ControlPlane, pool: Pool, cluster: Cluster, seconds: float) -> float:
-    """20 report updates per second (leaked unchanged: counters only move on scan time)."""
+    """About 20 report updates per second (atRisk moves); status writes per policy per minute."""
     cp.mark()
     deadline = time.monotonic() + seconds
-    n = 0
+    n = cluster.churned
     while time.monotonic() < deadline:
         ns, name = cluster.report_names[(n * 7919) % len(cluster.report_names)]
         pool.call(
             "PATCH",
             f"{GROUP_PATH}/namespaces/{ns}/halfclosereports/{name}/status",
-            {"status": {"atRisk": n % 5, "lastScanTime": time.strftime("%Y-%m-%dT%H:%M:%SZ")}},
+            # atRisk differs from the report's previous value (the same update twice is no news).
+            {"status": {"atRisk": n % 7, "lastScanTime": time.strftime("%Y-%m-%dT%H:%M:%SZ")}},
             "application/merge-patch+json",
         )
         n += 1
         time.sleep(max(0.0, 0.05 - 0.001))
+    cluster.churned = n
     writes = sum(
         1
         for r in cp.requests
@@ -407,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap", type=float, default=120.0, help="baseline start-up cap (s)")
     parser.add_argument("--churn-seconds", type=float, default=20.0)
     parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--reports-per-pod", type=int, default=4, help="4: 20,000 at 5,000 pods")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
 
@@ -421,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         pool = Pool(cp)
         kubeconfig = cp.chart_kubeconfig("operator")
         create_base(cp, pool)
-        cluster = Cluster()
+        cluster = Cluster(reports_per_pod=args.reports_per_pod)
         run_id = 0
         for size in sizes:
             took = grow(cp, pool, cluster, size, args.threads)

@@ -73,6 +73,11 @@ class Informer:
                 failures += 1
                 log.warning("%s: %s; listing again in %.1fs", self.kind.name, exc, delay)
                 await asyncio.sleep(delay)
+            except Exception:
+                # A bug (in a sink): say so loudly, but keep the inventory alive.
+                delay = self.backoff[-1]
+                log.exception("%s: unexpected error; listing again in %.1fs", self.kind.name, delay)
+                await asyncio.sleep(delay)
 
     async def _list(self) -> str:
         seen: dict[Key, str] = {}

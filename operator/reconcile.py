@@ -148,6 +148,7 @@ class Reconciler:
             self.metrics.set_policy_readiness(self.readiness)
             if ok:
                 self._done_revision = revision
+            log.debug("pass %d at revision %d: ok=%s", self.passes, revision, ok)
         self._retry = not ok  # a failed write is retried next interval, change or not
         return computed or not ok
 
