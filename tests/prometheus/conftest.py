@@ -34,6 +34,9 @@ class ControlPlaneCluster:
 
     def __init__(self, cp: Any) -> None:
         self.cp = cp
+        if not cp.processes["kube-apiserver"].alive():  # a test before stopped it
+            cp.processes["kube-apiserver"].start()
+            cp.wait_ready()
         cp.apply_crds()
         self._agent = cp.chart_kubeconfig("agent")
         self._operator = cp.chart_kubeconfig("operator")
@@ -55,11 +58,12 @@ class ControlPlaneCluster:
         self.cp.put_object("", "v1", "pods", pod)
 
     def cleanup(self) -> None:
-        # Policies first (nothing else refers to them), then namespaces (their pods
-        # and reports go with them), then nodes.
-        order = {"halfclosepolicies": 0, "namespaces": 1, "nodes": 2}
-        for group, version, plural, name, ns in sorted(self.made, key=lambda m: order[m[2]]):
-            self.cp.delete_object(group, version, plural, name, ns)
+        """What the ``kube`` fixture does after a test (every namespace and policy
+        deleted, waited for), and the nodes made here."""
+        self.cp.cleanup()
+        for group, version, plural, name, ns in self.made:
+            if plural == "nodes":
+                self.cp.delete_object(group, version, plural, name, ns)
         self.made.clear()
 
 
