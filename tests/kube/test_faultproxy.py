@@ -45,17 +45,17 @@ def test_requests_pass_through_as_the_token_and_fail_when_told(
 
 
 def test_a_delay_makes_the_client_time_out(kube: ControlPlane, fault_proxy: FaultProxy) -> None:
-    client = _client(kube, fault_proxy, timeout=1.0)
+    client = _client(kube, fault_proxy, timeout=0.5)
     # The kubernetes client retries a timed-out GET by itself (urllib3, 3 retries).
-    fault_proxy.delay(3, 1, path_regex=NAMESPACES)
+    fault_proxy.delay(1.5, 1, path_regex=NAMESPACES)
     assert client.get(NAMESPACES)["items"]
-    fault_proxy.delay(3, 4, path_regex=NAMESPACES)
+    fault_proxy.delay(1.5, 4, path_regex=NAMESPACES)
     started = time.monotonic()
     with pytest.raises(ApiError) as err:
         client.get(NAMESPACES)
     assert err.value.status == 0 and "ReadTimeoutError" in str(err.value)
-    assert 3.5 < time.monotonic() - started < 6
-    time.sleep(2.5)  # the last delayed request finds its client gone
+    assert 1.8 < time.monotonic() - started < 4
+    time.sleep(1.2)  # the last delayed request finds its client gone
     assert client.get(NAMESPACES)["items"]
 
 
