@@ -57,6 +57,10 @@ def test_alert_fires_in_its_situation(monitored: Stack, alert: str) -> None:
         pytest.fail(f"{alert} has no scenario in tests/prometheus/scenario.py (nor NO_SCENARIO)")
     assert result.error is None, f"{alert} ({result.situation}): {result.error}"
     assert result.firing, alert
+    # Its annotations, rendered by Prometheus with the real labels, name what they say.
+    for firing in result.firing:
+        for key, text in firing["annotations"].items():
+            assert text and "<no value>" not in text, f"{alert} {key}: {text!r}"
 
 
 def test_the_phases_did_what_they_say(monitored: Stack) -> None:
@@ -147,18 +151,22 @@ def variable_values(dashboard: dict[str, Any], range_seconds: int, **chosen: str
 
 
 def test_template_variables_list_values(monitored: Stack) -> None:
-    """The namespace and pod pickers have something to offer (label_values())."""
+    """The namespace and pod pickers offer the lab's pods (label_values())."""
     _ok(monitored)
-    prom = monitored.prom
+    prom, rec = monitored.prom, monitored.record
+    offered: dict[str, list[str]] = {}
     for var in _dashboard()["templating"]["list"]:
         if var["type"] != "query":
             continue
         m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", var["query"])
         assert m, var["query"]
-        selector = substitute(m.group(1), {"namespace": ".*"})
-        values = prom.api(f"label/{m.group(2)}/values", **{"match[]": selector,
-                          "start": str(monitored.record.started)})  # fmt: skip
-        assert values, f"variable {var['name']}: {var['query']} lists nothing"
+        selector = substitute(m.group(1), {"namespace": "archive"})
+        offered[var["name"]] = prom.api(
+            f"label/{m.group(2)}/values",
+            **{"match[]": selector, "start": f"{rec.started:.3f}", "end": f"{rec.ended:.3f}"},
+        )
+    assert {"shop", "archive", "ledger", "legacy", "batch", "depot"} <= set(offered["namespace"])
+    assert set(offered["pod"]) == {"vault", "flush"}  # the pods of namespace archive
 
 
 def test_every_dashboard_query_returns_data(monitored: Stack) -> None:
