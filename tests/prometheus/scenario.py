@@ -1,10 +1,12 @@
 """The monitored lab: real Prometheus, agents, operator and Kubernetes API, in phases.
 
-Two labs (``halfclose.lab``) give the kernel side: an Istio-style lab (iptables-nft)
-with six pod netns and a Linkerd-style lab on iptables-legacy, whose rules the
-agent cannot read with the chart's capabilities (no NET_RAW).  Lab proxies are
-made to look like containerd containers (tests/support/podcgroup.py), so the
-agents resolve Pods to netns through the real /proc, as on a node.
+The kernel side: three labs (``halfclose.lab``) -- an Istio-style one
+(iptables-nft) with six pod netns, a Linkerd-style one on iptables-legacy whose
+rules the agent cannot read with the chart's capabilities (no NET_RAW), and one
+with a long close_wait whose entries get flushed -- plus the collision pod of
+tests/support/collision.py.  Their proxies are made to look like containerd
+containers (tests/support/podcgroup.py), so the agents resolve Pods to netns
+through the real /proc, as on a node.
 
 Kubernetes objects (cluster ``Cluster``):
 
@@ -23,14 +25,15 @@ Kubernetes objects (cluster ``Cluster``):
 
 Phases (``run``): clean (no alert may fire or even be pending), faults (agent B
 restarted without CAP_SYS_ADMIN; leaks, kills, refused kills, extensions, the
-legacy policy), agent B stopped (agent down), no agent job scraped (agent
-absent).  Each alert's wait is recorded, not raised, so every test reports its
-own result.
+legacy policy, a conntrack flush, a port-reuse collision), agent B stopped
+(agent down), the agent job without targets (agent absent).  Each alert's
+wait is recorded, not raised, so every test reports its own result.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import subprocess
 import time
@@ -70,8 +73,8 @@ FLUSH_CLOSE_WAIT = 60
 MESH_PODS = 6
 VAULT_LEAKS = 12  # the alert's default threshold is 10
 # Agent B without CAP_SYS_ADMIN cannot enter a netns: each of its six pods'
-# netns fails once per reconcile (5 s), 1.2 errors/s; the alert needs a
-# 10-minute rate above 0.05/s, i.e. more than 30 errors.
+# netns fails at every reconcile (at least every 5 s); the alert needs a
+# 10-minute rate above 0.05/s, i.e. more than 30 errors (about 10 s here).
 SCAN_ERRORS_TIMEOUT = 90.0
 ALERT_TIMEOUT = 45.0
 
@@ -122,7 +125,7 @@ class AlertResult:
 
 @dataclass
 class Record:
-    clean_alerts: list[dict[str, Any]] | None = None  # ALERTS series during the clean phase
+    clean_alerts: list[dict[str, Any]] | None = None  # pending/firing in the clean phase
     clean_seconds: float = 0.0
     alerts: dict[str, AlertResult] = field(default_factory=dict)
     facts: dict[str, float] = field(default_factory=dict)  # metric checks of the phases
@@ -250,8 +253,6 @@ class Stack:
 
     @staticmethod
     def _inode(path: str) -> int:
-        import os
-
         return os.stat(path).st_ino
 
     # -- Prometheus ----------------------------------------------------------------------
