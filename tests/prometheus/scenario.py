@@ -476,6 +476,7 @@ class Stack:
             "killed in flush": 'sum(halfclose_sockets_killed_total{pod="flush"}) or vector(0)',
             "leaked in old": 'sum(halfclose_leaked_sockets{pod="old"})',
             "unproven in old": 'sum(halfclose_unproven_sockets{pod="old"})',
+            "slowest scrape s": "max(max_over_time(scrape_duration_seconds[5m]))",
         }.items():
             rec.facts[name] = self.value(expr) or 0.0
         # The unreadable rule source has been there for longer than any ``for:``.
