@@ -204,7 +204,13 @@ def test_full_render_has_every_optional_part(full_manifests: list[chart.Manifest
 
 
 def test_everything_is_named_and_namespaced_consistently(manifests: list[chart.Manifest]) -> None:
-    cluster_scoped = {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
+    cluster_scoped = {
+        "CustomResourceDefinition",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    }
     names = [(m.kind, m.name) for m in manifests]
     assert len(names) == len(set(names)), "two objects share a kind and a name"
     for m in manifests:

@@ -27,7 +27,7 @@ RELEASE = "halfclose"
 NAMESPACE = "halfclose-system"
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the
 # newest whose schemas kubernetes-validate ships.
-KUBE_VERSIONS = ("1.28.0", "1.37.0")
+KUBE_VERSIONS = ("1.30.0", "1.37.0")
 
 
 @dataclass(frozen=True)
