@@ -24,7 +24,9 @@ from prometheus.promserver import die_with_parent, free_port
 
 BIN = Path(sys.executable).parent
 FAULTSHIM = Path(__file__).resolve().parent / "faultshim"
-# The capabilities the chart's DaemonSet gives the agent (templates/agent/daemonset.yaml).
+# The capabilities the chart's DaemonSet gives the agent with agent.hostPID
+# (templates/agent/daemonset.yaml): pods are found through HOST_PROC=/proc, the
+# path the fake containers of tests/support/podcgroup.py give.
 CHART_CAPS = ("net_admin", "sys_admin", "sys_ptrace")
 STOP_TIMEOUT = 15.0
 

@@ -130,6 +130,8 @@ class Record:
     alerts: dict[str, AlertResult] = field(default_factory=dict)
     facts: dict[str, float] = field(default_factory=dict)  # metric checks of the phases
     incomplete_alerts: list[dict[str, str]] = field(default_factory=list)
+    # (alertname, namespace, pod) firing at the end of the fault phase
+    faults_firing: list[tuple[str, str, str]] = field(default_factory=list)
     started: float = 0.0
     ended: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
@@ -479,6 +481,11 @@ class Stack:
             "slowest scrape s": "max(max_over_time(scrape_duration_seconds[5m]))",
         }.items():
             rec.facts[name] = self.value(expr) or 0.0
+        rec.faults_firing = sorted(
+            (a["labels"]["alertname"], a["labels"].get("namespace", ""), a["labels"].get("pod", ""))
+            for a in self.prom.alerts()
+            if a["state"] == "firing"
+        )
         # The unreadable rule source has been there for longer than any ``for:``.
         rec.incomplete_alerts = [
             a["labels"]

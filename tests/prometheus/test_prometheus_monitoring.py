@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from prometheus import rules
+from prometheus import rules, scenario
 from prometheus.promserver import has_number
 from prometheus.scenario import Stack
 
@@ -61,6 +61,22 @@ def test_alert_fires_in_its_situation(monitored: Stack, alert: str) -> None:
     for firing in result.firing:
         for key, text in firing["annotations"].items():
             assert text and "<no value>" not in text, f"{alert} {key}: {text!r}"
+
+
+def test_alerts_fire_only_where_their_situation_is(monitored: Stack) -> None:
+    """At the end of the fault phase exactly the expected alerts fire: none for the
+    pod whose leaks were killed, the two leaks in shop/pay (under the threshold),
+    the extended or flushed pods, or agent A."""
+    _ok(monitored)
+    agent_b = f"halfclose-agent-{scenario.NODE_B}"
+    assert monitored.record.faults_firing == sorted(
+        [
+            ("HalfCloseCollision", scenario.GATE[0], scenario.GATE[1]),
+            ("HalfCloseKillFailures", scenario.PAY[0], scenario.PAY[1]),
+            ("HalfCloseLeakedSockets", scenario.VAULT[0], scenario.VAULT[1]),
+            ("HalfCloseScanErrors", scenario.RELEASE_NS, agent_b),
+        ]
+    )
 
 
 def test_the_phases_did_what_they_say(monitored: Stack) -> None:
