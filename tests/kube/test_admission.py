@@ -33,6 +33,7 @@ NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
 REPORTS = f"/apis/{GROUP}/{VERSION}/namespaces/shop/{REPORT_PLURAL}"
 EVENTS = "/api/v1/namespaces/shop/events"
 MERGE = "application/merge-patch+json"
+JSON = "application/json"
 
 
 def _policy_objects(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -139,20 +140,34 @@ def _event(about: Node, writer: str) -> dict[str, Any]:
     return dict(event_object(event, writer))
 
 
-def _status(kube: ControlPlane, token: str, method: str, path: str, body: object = None,
-            content_type: str = "application/json") -> int:  # fmt: skip
+def _status(
+    kube: ControlPlane,
+    token: str,
+    method: str,
+    path: str,
+    body: object = None,
+    *,
+    patch: bool = False,
+) -> int:
     """HTTP status of one call as the bearer of ``token`` (2xx -> 200)."""
     try:
-        kube.request(method, path, body, token=token, content_type=content_type)
+        kube.request(method, path, body, token=token, content_type=MERGE if patch else JSON)
     except APIError as exc:
         return exc.code
     return 200
 
 
-def _denied_by_policy(kube: ControlPlane, token: str, method: str, path: str,
-                      body: object = None, content_type: str = "application/json") -> str:  # fmt: skip
+def _denied_by_policy(
+    kube: ControlPlane,
+    token: str,
+    method: str,
+    path: str,
+    body: object = None,
+    *,
+    patch: bool = False,
+) -> str:
     try:
-        kube.request(method, path, body, token=token, content_type=content_type)
+        kube.request(method, path, body, token=token, content_type=MERGE if patch else JSON)
     except APIError as exc:
         assert exc.code == 403, exc
         text = str(exc)
@@ -192,13 +207,13 @@ def test_an_agent_writes_only_its_own_nodes_reports_and_events(
     # Its own: create, patch the status, delete; events created and patched.
     assert _status(kube, a.token, "POST", REPORTS, _report(a, a.name)) == 200
     name_a = a.pod["metadata"]["name"]
-    patch = {"status": {"leaked": 2}}
-    assert _status(kube, a.token, "PATCH", f"{REPORTS}/{name_a}/status", patch, MERGE) == 200
+    leaked = {"status": {"leaked": 2}}
+    assert _status(kube, a.token, "PATCH", f"{REPORTS}/{name_a}/status", leaked, patch=True) == 200
     event = _event(a, a.name)
     assert _status(kube, a.token, "POST", EVENTS, event) == 200
     bump = {"count": 2}
     path = f"{EVENTS}/{event['metadata']['name']}"
-    assert _status(kube, a.token, "PATCH", path, bump, MERGE) == 200
+    assert _status(kube, a.token, "PATCH", path, bump, patch=True) == 200
     assert _status(kube, a.token, "DELETE", f"{REPORTS}/{name_a}") == 200
 
     # Node B's: its agent writes them; node A's agent can neither write as B...
@@ -207,7 +222,9 @@ def test_an_agent_writes_only_its_own_nodes_reports_and_events(
     assert f"agent of node {NODE_A} may only write reports" in text
     assert _status(kube, b.token, "POST", REPORTS, _report(b, b.name)) == 200
     # ... nor change or delete what B wrote, ...
-    text = _denied_by_policy(kube, a.token, "PATCH", f"{REPORTS}/{name_b}/status", patch, MERGE)
+    text = _denied_by_policy(
+        kube, a.token, "PATCH", f"{REPORTS}/{name_b}/status", leaked, patch=True
+    )
     assert f"may not change or delete the report of node {NODE_B}" in text
     _denied_by_policy(kube, a.token, "DELETE", f"{REPORTS}/{name_b}")
     # ... nor label its own report as node B's.
@@ -222,14 +239,14 @@ def test_an_agent_writes_only_its_own_nodes_reports_and_events(
     event_b = _event(b, b.name)
     assert _status(kube, b.token, "POST", EVENTS, event_b) == 200
     path_b = f"{EVENTS}/{event_b['metadata']['name']}"
-    _denied_by_policy(kube, a.token, "PATCH", path_b, {"message": "all fine"}, MERGE)
+    _denied_by_policy(kube, a.token, "PATCH", path_b, {"message": "all fine"}, patch=True)
     assert _status(kube, a.token, "DELETE", path_b) == 403  # RBAC grants no delete anyway
     # B's report and event are untouched.
     kept = kube.get_object(GROUP, VERSION, REPORT_PLURAL, name_b, "shop")
     assert kept is not None and kept["spec"]["nodeName"] == NODE_B
     assert kube.request("GET", path_b)["message"] == event_b["message"]
     # The admin (not the agent) is not judged by the policy.
-    kube.request("PATCH", f"{REPORTS}/{name_b}/status", patch, content_type=MERGE)
+    kube.request("PATCH", f"{REPORTS}/{name_b}/status", leaked, content_type=MERGE)
 
 
 def test_a_token_without_a_node_writes_nothing(
@@ -251,7 +268,7 @@ def test_without_the_policy_rbac_lets_one_node_write_anothers(
     assert _policy_objects({"admission": {"nodeBoundWrites": {"enabled": False}}}) == []
     name_b = b.pod["metadata"]["name"]
     assert _status(kube, b.token, "POST", REPORTS, _report(b, b.name)) == 200
-    patch = {"status": {"leaked": 99}}
-    assert _status(kube, a.token, "PATCH", f"{REPORTS}/{name_b}/status", patch, MERGE) == 200
+    leaked = {"status": {"leaked": 99}}
+    assert _status(kube, a.token, "PATCH", f"{REPORTS}/{name_b}/status", leaked, patch=True) == 200
     assert _status(kube, a.token, "POST", EVENTS, _event(b, b.name)) == 200
     assert _status(kube, a.token, "DELETE", f"{REPORTS}/{name_b}") == 200
