@@ -479,6 +479,10 @@ class Stack:
             "leaked in old": 'sum(halfclose_leaked_sockets{pod="old"})',
             "unproven in old": 'sum(halfclose_unproven_sockets{pod="old"})',
             "slowest scrape s": "max(max_over_time(scrape_duration_seconds[5m]))",
+            "operator: leaked under report": (
+                'halfclose_operator_policy_leaked_sockets{policy="report"}'
+            ),
+            "operator: killed under kill": 'halfclose_operator_policy_killed_total{policy="kill"}',
         }.items():
             rec.facts[name] = self.value(expr) or 0.0
         rec.faults_firing = sorted(
