@@ -1,0 +1,3 @@
+module halfclose.local/pause
+
+go 1.26
