@@ -22,13 +22,20 @@ from halfclose.agent.kube.reports import PodEvent, PodRef, creatable, event_obje
 from halfclose.api import GROUP, REPORT_PLURAL, VERSION
 from halfclose.api.names import NODE_LABEL
 from halfclose.api.report import report_manifest
-from support.chart import NAMESPACE, RELEASE, render
+from support.chart import CHART
 from support.controlplane import APIError, ControlPlane
 
 pytestmark = pytest.mark.kube
 
 NODE_A, NODE_B = "hsc-node-a", "hsc-node-b"
-AGENT_SA = f"{RELEASE}-agent"
+# The chart installed as its own release in its own namespace: the refusals this
+# test provokes are not the session's chart ServiceAccounts' (test_rbac.py asserts
+# those were never refused), and no cluster-scoped name collides with theirs.
+RELEASE = "hsc"
+NAMESPACE = "hsc-admission"
+AGENT_SA = f"{RELEASE}-halfclose-agent"
+APPLIED = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+POLICY_KINDS = {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
 REPORTS = f"/apis/{GROUP}/{VERSION}/namespaces/shop/{REPORT_PLURAL}"
 EVENTS = "/api/v1/namespaces/shop/events"
@@ -36,13 +43,22 @@ MERGE = "application/merge-patch+json"
 JSON = "application/json"
 
 
+def _render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    import helm_python
+
+    with helm_python.Chart.load(str(CHART)) as chart:
+        texts = chart.render(dict(values or {}), name=RELEASE, namespace=NAMESPACE,
+                             is_install=True)  # fmt: skip
+    return [doc for t, text in sorted(texts.items()) if not t.endswith("NOTES.txt")
+            for doc in yaml.safe_load_all(text) if doc]  # fmt: skip
+
+
 def _policy_objects(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    kinds = {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
-    return [m.obj for m in render(values) if m.kind in kinds]
+    return [o for o in _render(values) if o["kind"] in POLICY_KINDS]
 
 
 def _apply(kube: ControlPlane, objs: list[dict[str, Any]]) -> None:
-    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "-n", NAMESPACE, "-f", "-",
                  input=yaml.safe_dump_all(objs))  # fmt: skip
 
 
@@ -94,7 +110,9 @@ def _bound_token(kube: ControlPlane, agent_pod: dict[str, Any]) -> str:
 
 @pytest.fixture
 def nodes(kube: ControlPlane) -> Iterator[tuple[Node, Node]]:
-    kube.install_chart_rbac()
+    rbac = [o for o in _render() if o["kind"] in APPLIED]
+    kube.ensure_namespace(NAMESPACE)
+    _apply(kube, rbac)
     made: list[Node] = []
     try:
         for name in (NODE_A, NODE_B):
@@ -107,6 +125,7 @@ def nodes(kube: ControlPlane) -> Iterator[tuple[Node, Node]]:
     finally:
         for name in (NODE_A, NODE_B):
             kube.kubectl("delete", "node", name, "--ignore-not-found", check=False)
+        _delete(kube, [o for o in rbac if o["kind"] != "ServiceAccount"])
 
 
 @pytest.fixture
