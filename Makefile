@@ -79,3 +79,8 @@ image: ## build the container image (needs a Docker engine)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
+
+.PHONY: e2e-node
+e2e-node: deps $(STAMP) kube-assets mesh-tools ## the chart on a one-node cluster built here: containerd, kubelet, a leaking meshed pod (root; opt-in, docs/e2e-node.md)
+	bash hack/node/deps.sh
+	$(BIN)/python e2e/node/run.py

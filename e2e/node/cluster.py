@@ -139,6 +139,17 @@ class Node:
     def get(self, *args: str) -> Any:
         return json.loads(self.kubectl("get", "-o", "json", *args))
 
+    def pod_netns(self, pod_ip: str) -> str:
+        """The runtime's bind mount of the network namespace that holds POD_IP."""
+        script = (
+            'for f in /run/netns/*; do nsenter --net="$f" ip -4 -o addr show | '
+            f'grep -q " {pod_ip}/" && echo "$f"; done; true'
+        )
+        found = self.run("sh", "-c", script).split()
+        if len(found) != 1:
+            raise RuntimeError(f"no single netns holds {pod_ip}: {found}")
+        return found[0]
+
     def spawn(self, name: str, cmd: Sequence[str]) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         out = (self.logs / f"{name}.log").open("ab")
@@ -418,6 +429,7 @@ class Node:
                 "--allow-privileged=true",
                 f"--kubelet-client-certificate={c / 'admin.crt'}",
                 f"--kubelet-client-key={c / 'admin.key'}",
+                "--kubelet-preferred-address-types=InternalIP",
                 "--profiling=false",
                 "--v=1",
             ],
@@ -470,6 +482,9 @@ class Node:
                     "ipMasq": False,
                     "hairpinMode": True,
                     "ipam": {
+                        # The default route via the node: in-cluster clients
+                        # reach the `kubernetes` Service address through it.
+                        "routes": [{"dst": "0.0.0.0/0"}],
                         "type": "host-local",
                         "dataDir": str(self.work / "cni" / "ipam"),
                         "ranges": [

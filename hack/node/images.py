@@ -150,6 +150,11 @@ def write_oci(root: Path, ref: str, config: dict[str, object], out: Path) -> Non
             put(f"blobs/sha256/{_digest(manifest)[7:]}", manifest)
             tar.add(layer, arcname=f"blobs/sha256/{layer_digest[7:]}")
         part.rename(out)
+    # Older archives of the same image are superseded.
+    kind = out.name.rsplit("-", 1)[0]
+    for old in out.parent.glob(f"{kind}-*.tar"):
+        if old != out and old.name.rsplit("-", 1)[0] == kind:
+            old.unlink()
 
 
 # --------------------------------------------------------------------------- chroot
@@ -356,6 +361,22 @@ def _tree_key(root: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _file_key(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "-"
+
+
+def _copy_sources(dockerfile: Path) -> list[str]:
+    """The build-context paths the Dockerfile's COPY instructions read."""
+    out = []
+    for word, rest in _instructions(dockerfile.read_text(encoding="utf-8")):
+        if word == "COPY":
+            toks = [t for t in shlex.split(rest)]
+            if any(t.startswith("--from=") for t in toks):
+                continue
+            out += [t.rstrip("/") for t in toks if not t.startswith("--")][:-1]
+    return sorted(set(out))
+
+
 def _stage_config(stage: Stage) -> dict[str, object]:
     cfg: dict[str, object] = {
         "Env": [f"{k}={v}" for k, v in stage.env.items()],
@@ -377,7 +398,12 @@ def _stage_config(stage: Stage) -> dict[str, object]:
 def halfclose_image(base: Path, base_key: str, target: str | None) -> Path:
     ctx = _context_files(REPO)
     try:
-        key = hashlib.sha256(f"{base_key}{target}{_tree_key(ctx)}".encode()).hexdigest()[:16]
+        # Keyed by what the build reads: the Dockerfile and its COPY sources.
+        h = hashlib.sha256(f"{base_key}{target}".encode())
+        for src in ["Dockerfile", *_copy_sources(ctx / "Dockerfile")]:
+            path = ctx / src
+            h.update(src.encode() + (_tree_key(path) if path.is_dir() else _file_key(path)).encode())
+        key = h.hexdigest()[:16]
         out = CACHE / "images" / f"halfclose-{target or 'default'}-{key}.tar"
         if out.exists():
             return out

@@ -1,0 +1,417 @@
+"""make e2e-node: the chart on a real one-node cluster, a meshed pod leaking,
+the agent finding and killing the leaks end to end.
+
+Builds (cached) the control plane, kubelet and scheduler, the images, starts
+the node (cluster.py), installs charts/halfclose, runs the scenario and prints
+a transcript of the key kubectl outputs. Exit status 0 only if every check
+passed; the node is torn down either way. Root only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cluster import Node, log, sh, wait_for  # noqa: E402 - the sibling module
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "halfclose"
+CACHE = Path(os.environ.get("HALFCLOSE_CACHE") or Path.home() / ".cache" / "halfclose") / "node"
+RELEASE = "halfclose"
+SYSTEM_NS = "halfclose-system"
+NS = "shop"
+LEAKS = 5
+CLOSE_WAIT = 5  # the app pod netns's nf_conntrack_tcp_timeout_close_wait (pod sysctl)
+PATCHED = 600  # what the PatchConntrack policy sets it to
+
+TRANSCRIPT: list[str] = []
+TIMES: dict[str, float] = {}
+
+
+def say(title: str, text: str = "") -> None:
+    block = f"\n$ {title}\n{text.rstrip()}" if text else f"\n# {title}"
+    TRANSCRIPT.append(block)
+    print(block, flush=True)
+
+
+@contextmanager
+def phase(name: str) -> Iterator[None]:
+    t0 = time.monotonic()
+    log(f"--- {name}")
+    try:
+        yield
+    finally:
+        TIMES[name] = time.monotonic() - t0
+
+
+def check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise AssertionError(msg)
+    say(f"ok: {msg}")
+
+
+# --------------------------------------------------------------------------- builds
+
+
+def build() -> tuple[Path, Path, dict[str, Path]]:
+    kube_bin = Path(sh(["bash", str(REPO / "hack/kube-assets.sh")], timeout=3600).strip())
+    node_bin = Path(sh(["bash", str(REPO / "hack/node/build-kube.sh")], timeout=3600).strip())
+    sh(["bash", str(REPO / "hack/mesh-generators.sh")], timeout=3600)
+    out = sh([sys.executable, str(REPO / "hack/node/images.py")], timeout=3600)
+    images = {}
+    for line in out.splitlines():
+        ref, _, path = line.partition("=")
+        images[ref] = Path(path)
+    return kube_bin, node_bin, images
+
+
+# --------------------------------------------------------------------------- chart
+
+
+def chart_values(work: Path, **agent: Any) -> dict[str, Any]:
+    return {
+        "image": {"repository": "hcn.local/halfclose", "tag": "e2e"},
+        # The agent's state hostPath: a private folder, not the host's /run/halfclose.
+        "agent": {"stateHostPath": str(work / "agent-state"), **agent},
+    }
+
+
+def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    """`helm template` through Helm's own SDK (helm-python-sdk): the SDK has
+    no offline install, so the install is this render + kubectl apply."""
+    import helm_python
+
+    with helm_python.Chart.load(str(CHART)) as chart:
+        files = chart.render(values, name=RELEASE, namespace=SYSTEM_NS, is_install=True)
+    docs = []
+    for template, text in sorted(files.items()):
+        if template.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc and "test" not in doc["metadata"].get("annotations", {}).get("helm.sh/hook", ""):
+                docs.append(doc)
+    return docs
+
+
+def install(n: Node, values: dict[str, Any], what: str) -> dict[str, str]:
+    docs = render(values)
+    crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
+    rest = [d for d in docs if d["kind"] != "CustomResourceDefinition"]
+    n.kubectl("create", "namespace", SYSTEM_NS, check=False)
+    if crds:
+        n.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
+                  input=yaml.safe_dump_all(crds))  # fmt: skip
+        n.kubectl(
+            "wait", "--for=condition=Established", "crd", "--all", "--timeout=60s", timeout=70
+        )
+    out = n.kubectl(
+        "apply", "--server-side", "--force-conflicts", "-n", SYSTEM_NS, "-f", "-",
+        input=yaml.safe_dump_all(rest),
+    )  # fmt: skip
+    say(f"{what}: kubectl apply --server-side (the chart rendered by the Helm SDK)", out)
+    names = {
+        d["kind"]: d["metadata"]["name"] for d in rest if d["kind"] in ("Deployment", "DaemonSet")
+    }
+    for kind, name in names.items():
+        n.kubectl("rollout", "status", f"{kind.lower()}/{name}", "-n", SYSTEM_NS, "--timeout=180s",
+                  timeout=200)  # fmt: skip
+    return names
+
+
+# --------------------------------------------------------------------------- workload
+
+
+def workload(upstream_ip: str | None) -> list[dict[str, Any]]:
+    image = "hcn.local/mesh:e2e"
+    if upstream_ip is None:
+        return [
+            {"apiVersion": "v1", "kind": "Namespace",
+             "metadata": {"name": NS, "labels": {"istio-injection": "enabled"}}},
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "upstream", "namespace": NS},
+             "spec": {"containers": [{"name": "upstream", "image": image,
+                                      "command": ["python3", "/workload/upstream.py"],
+                                      "ports": [{"containerPort": 8080}]}]}},
+        ]  # fmt: skip
+    env = [{"name": "UPSTREAM", "value": f"{upstream_ip}:8080"}]
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "app", "namespace": NS,
+                         "labels": {"app": "shop", "security.istio.io/tlsMode": "istio"}},
+            "spec": {
+                "securityContext": {"sysctls": [
+                    {"name": "net.netfilter.nf_conntrack_tcp_timeout_close_wait",
+                     "value": str(CLOSE_WAIT)}]},
+                # Istio's own rule generator, as istio-init runs it: outbound TCP
+                # REDIRECTed to the sidecar's 15001, the proxy's uid 1337 exempt.
+                "initContainers": [{
+                    "name": "istio-init", "image": image,
+                    "command": ["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337",
+                                "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "",
+                                "-d", "15090,15021,15020"],
+                    "securityContext": {"runAsUser": 0, "runAsNonRoot": False,
+                                        "capabilities": {"drop": ["ALL"],
+                                                         "add": ["NET_ADMIN", "NET_RAW"]}},
+                }],
+                "containers": [
+                    {"name": "istio-proxy", "image": image, "env": env,
+                     "command": ["haproxy", "-db", "-f", "/workload/haproxy.cfg"],
+                     "securityContext": {"runAsUser": 1337, "runAsGroup": 1337}},
+                    {"name": "app", "image": image,
+                     "env": [*env, {"name": "HOLD", "value": str(CLOSE_WAIT + 7)}],
+                     "command": ["python3", "/workload/app.py"]},
+                ],
+            },
+        },
+    ]  # fmt: skip
+
+
+def policy(name: str, action: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "halfclose.io/v1alpha1",
+        "kind": "HalfClosePolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "namespaceSelector": {"matchLabels": {"istio-injection": "enabled"}},
+            "podSelector": {
+                "matchExpressions": [{"key": "security.istio.io/tlsMode", "operator": "Exists"}]
+            },
+            "capturePorts": [15001],
+            "action": action,
+            "scanIntervalSeconds": 5,
+            **spec,
+        },
+    }
+
+
+def apply(n: Node, objs: list[dict[str, Any]]) -> str:
+    return n.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objs))
+
+
+# --------------------------------------------------------------------------- observations
+
+
+def report_of(n: Node, pod: str) -> dict[str, Any] | None:
+    for r in n.get("hcr", "-n", NS)["items"]:
+        if r["spec"].get("podName") == pod:
+            return r  # type: ignore[no-any-return]
+    return None
+
+
+def status(n: Node, pod: str, field: str) -> int:
+    r = report_of(n, pod)
+    return int((r or {}).get("status", {}).get(field) or 0)
+
+
+def ss(n: Node, state: str) -> list[str]:
+    """Sockets in STATE on the sidecar's port, from `ss` run inside the app pod's netns."""
+    out = n.kubectl("exec", "-n", NS, "app", "-c", "app", "--",
+                    "ss", "-tanH", "state", state, "( sport = :15001 )")  # fmt: skip
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def sysctl(n: Node) -> int:
+    out = n.kubectl("exec", "-n", NS, "app", "-c", "app", "--",
+                    "cat", "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close_wait")  # fmt: skip
+    return int(out.strip())
+
+
+def metrics(n: Node, component: str) -> str:
+    pods = n.get("pods", "-n", SYSTEM_NS, "-l", f"app.kubernetes.io/component={component}")["items"]
+    ip = pods[0]["status"]["podIP"]
+    port = 9479
+    for c in pods[0]["spec"]["containers"]:
+        for p in c.get("ports", []):
+            if p.get("name") == "metrics":
+                port = p["containerPort"]
+    code = "import sys,urllib.request;print(urllib.request.urlopen(sys.argv[1],timeout=10).read().decode())"
+    return n.run("python3", "-c", code, f"http://{ip}:{port}/metrics")
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# --------------------------------------------------------------------------- scenario
+
+
+def scenario(n: Node, work: Path) -> None:
+    with phase("install"):
+        names = install(n, chart_values(work), "helm install halfclose (default values + image)")
+        say("kubectl get pods -n halfclose-system -o wide",
+            n.kubectl("get", "pods", "-n", SYSTEM_NS, "-o", "wide"))  # fmt: skip
+        ds = n.get("daemonset", names["DaemonSet"], "-n", SYSTEM_NS)
+        pod_spec = ds["spec"]["template"]["spec"]
+        say("the agent's securityContext as the chart renders it and the API stored it",
+            json.dumps({"hostPID": pod_spec.get("hostPID", False),
+                        "pod": pod_spec.get("securityContext"),
+                        "agent": pod_spec["containers"][0].get("securityContext"),
+                        "volumes": [v["name"] for v in pod_spec["volumes"]]}, indent=1))  # fmt: skip
+
+    with phase("workload"):
+        apply(n, workload(None))
+        n.kubectl(
+            "wait", "-n", NS, "--for=condition=Ready", "pod/upstream", "--timeout=90s", timeout=100
+        )
+        upstream_ip = n.get("pod", "-n", NS, "upstream")["status"]["podIP"]
+        apply(n, [policy("e2e-report", "Report", thresholds={"minIdleSeconds": CLOSE_WAIT})])
+        apply(n, workload(upstream_ip))
+        n.kubectl(
+            "wait", "-n", NS, "--for=condition=Ready", "pod/app", "--timeout=90s", timeout=100
+        )
+        say("kubectl get pods -n shop -o wide", n.kubectl("get", "pods", "-n", NS, "-o", "wide"))
+        say(
+            "istio-init's rules (iptables-save -t nat in the app pod's netns)",
+            n.kubectl("exec", "-n", NS, "app", "-c", "app", "--", "iptables-save", "-t", "nat"),
+        )
+
+    with phase("report"):
+        wait_for(
+            lambda: status(n, "app", "leaked") >= LEAKS, 90, f"{LEAKS} leaks in the app's report"
+        )
+        say("kubectl get hcr -A", n.kubectl("get", "hcr", "-A"))
+        fw2 = ss(n, "fin-wait-2")
+        say("kubectl exec app -- ss -tan state fin-wait-2 '( sport = :15001 )'", "\n".join(fw2))
+        check(len(fw2) == LEAKS, f"{LEAKS} leaked FIN_WAIT2 sidecar sockets in the pod's netns")
+        time.sleep(12)  # two more scans of the Report policy
+        check(
+            len(ss(n, "fin-wait-2")) == LEAKS,
+            "Report policy: after two more scans every leak is still there",
+        )
+        check(status(n, "app", "killedTotal") == 0, "Report policy: killedTotal 0")
+
+    with phase("kill"):
+        n.kubectl("delete", "halfclosepolicy", "e2e-report")
+        apply(n, [policy("e2e-kill", "KillSockets", thresholds={"minIdleSeconds": CLOSE_WAIT})])
+        say("kubectl get halfclosepolicy", n.kubectl("get", "halfclosepolicy"))
+        wait_for(
+            lambda: status(n, "app", "killedTotal") >= LEAKS, 90, "the kills in the app's report"
+        )
+        say("kubectl get hcr -A", n.kubectl("get", "hcr", "-A"))
+        fw2 = ss(n, "fin-wait-2")
+        say(
+            "kubectl exec app -- ss -tan state fin-wait-2 '( sport = :15001 )'",
+            "\n".join(fw2) or "(none)",
+        )
+        check(not fw2, "KillSockets: no FIN_WAIT2 sidecar socket left in the pod's netns")
+        cw = n.kubectl(
+            "exec", "-n", NS, "app", "-c", "app", "--", "ss", "-tanH", "state", "close-wait"
+        )
+        say("kubectl exec app -- ss -tan state close-wait", cw or "(none)")
+        desc = n.kubectl("describe", "pod", "-n", NS, "app")
+        events = desc[desc.find("Events:") :]
+        say("kubectl describe pod -n shop app (Events)", events)
+        check("LeakedSocketsKilled" in events, "the pod's Events show LeakedSocketsKilled")
+        text = metrics(n, "agent")
+        lines = [ln for ln in text.splitlines() if ln.startswith(("halfclose_sockets_killed_total",
+                                                                  "halfclose_leaked_sockets"))]  # fmt: skip
+        say("curl http://<agent pod>:9479/metrics | grep killed/leaked", "\n".join(lines))
+        killed = metric(text, "halfclose_sockets_killed_total", namespace=NS, pod="app")
+        check(
+            killed >= LEAKS,
+            f"agent /metrics: halfclose_sockets_killed_total{{pod=app}} = {killed:g}",
+        )
+
+    with phase("patch-conntrack"):
+        install(n, chart_values(work, sysctlPatching={"enabled": True}),
+                "helm upgrade --set agent.sysctlPatching.enabled=true")  # fmt: skip
+        n.kubectl("delete", "halfclosepolicy", "e2e-kill")
+        before = sysctl(n)
+        check(
+            before == CLOSE_WAIT,
+            f"the app pod's close_wait sysctl is {before} (its own securityContext)",
+        )
+        apply(n, [policy("e2e-patch", "PatchConntrack",
+                         conntrack={"strategy": "Sysctl", "closeWaitTimeoutSeconds": PATCHED})])  # fmt: skip
+        wait_for(lambda: sysctl(n) == PATCHED, 60, f"close_wait patched to {PATCHED}")
+        say(
+            "kubectl exec app -- cat /proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close_wait",
+            str(PATCHED),
+        )
+        n.kubectl("delete", "halfclosepolicy", "e2e-patch")
+        wait_for(lambda: sysctl(n) == CLOSE_WAIT, 60, f"close_wait restored to {CLOSE_WAIT}")
+        check(
+            True,
+            f"PatchConntrack: sysctl {CLOSE_WAIT} -> {PATCHED} -> {CLOSE_WAIT} after the policy's deletion",
+        )
+
+    with phase("gc"):
+        check(report_of(n, "app") is not None, "the app's report exists before its pod is deleted")
+        n.kubectl("delete", "pod", "-n", NS, "app", "--wait=true", "--timeout=60s", timeout=70)
+        wait_for(lambda: report_of(n, "app") is None, 60, "the app's report garbage-collected")
+        say("kubectl get hcr -A", n.kubectl("get", "hcr", "-A") or "No resources found")
+        check(True, "deleting the pod garbage-collected its report")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep-logs", action="store_true", help="keep the work directory (logs)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print(
+            "e2e-node: needs root (network and mount namespaces, containerd, kubelet)",
+            file=sys.stderr,
+        )
+        return 2
+    # SIGTERM (a CI timeout) tears the node down like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    t0 = time.monotonic()
+    with phase("build"):
+        kube_bin, node_bin, images = build()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="hcn-", dir="/tmp"))
+    node = Node(work, kube_bin, node_bin)
+    ok = False
+    try:
+        with phase("node up"):
+            node.start(images)
+        say("kubectl get nodes -o wide", node.kubectl("get", "nodes", "-o", "wide"))
+        scenario(node, work)
+        ok = True
+    except Exception:
+        traceback.print_exc()
+        for name in ("kubelet", "containerd"):
+            print(f"--- {name} (last lines)\n{node.tail(name, 30)}")
+        if node.holder is not None:
+            for ns in (SYSTEM_NS, NS):
+                print(
+                    node.kubectl(
+                        "get", "pods,events", "-n", ns, "-o", "wide", check=False, timeout=20
+                    )
+                )
+            agent_logs = node.kubectl("logs", "-n", SYSTEM_NS, "-l", "app.kubernetes.io/component=agent",
+                                      "--tail=40", check=False, timeout=20)  # fmt: skip
+            print(f"--- agent logs\n{agent_logs}")
+    finally:
+        with phase("teardown"):
+            node.teardown()
+        if not args.keep_logs:
+            sh(["rm", "-rf", str(work)], check=False)
+    TIMES["total"] = time.monotonic() - t0
+    summary = ", ".join(f"{k} {v:.0f}s" for k, v in TIMES.items())
+    say(f"{'PASSED' if ok else 'FAILED'}: {summary}")
+    (CACHE / "last-transcript.txt").write_text("\n".join(TRANSCRIPT) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
