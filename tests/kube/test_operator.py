@@ -22,6 +22,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 DEBOUNCE = 0.3
 ISTIO_POD = {"security.istio.io/tlsMode": "istio"}
 POLICIES_CRD = f"{POLICY_PLURAL}.{GROUP}"
+CHART_OPERATOR = "system:serviceaccount:halfclose-system:halfclose-operator"
+ADMIN = "halfclose-test-admin"
 
 
 # ----------------------------------------------------------------------------- cluster
@@ -646,9 +649,20 @@ def test_api_errors_and_watch_drops_are_survived(kube: ControlPlane, custom: Any
             assert len(report_lists()) - lists_before >= 3  # 2 failed, then the one that worked
 
 
+def status_writers(kube: ControlPlane) -> Counter[str]:
+    """Who patched policy statuses since the test began (the audit log's user)."""
+    return Counter(
+        r.user
+        for r in kube.requests
+        if r.method == "PATCH" and r.resource == f"{POLICY_PLURAL}/status"
+    )
+
+
 def test_two_replicas_one_leader(kube: ControlPlane, custom: Any) -> None:
+    """Only the leader writes; the standby (here as the admin, to tell the two apart
+    in the audit log) keeps its inventory warm and takes over when the leader leaves."""
     pods = seed_mesh(kube)
-    with running_operator(kube, priority=10) as standby:
+    with running_operator(kube, priority=10, kubeconfig=kube.kubeconfig) as standby:
         with running_operator(kube, priority=20) as leader:
             apply(kube, EXAMPLES / "istio-report-only.yaml")
             write_report(custom, pods["cart"], "istio-report-only", leaked=1)
@@ -662,13 +676,14 @@ def test_two_replicas_one_leader(kube: ControlPlane, custom: Any) -> None:
             assert standby.reconciler and not standby.reconciler.leading
             # The standby keeps its inventory warm: it knows what the leader knows.
             assert len(standby.inventory.reports) == 2
-            writers = {r.user for r in kube.requests if r.path.endswith("/status")
-                       and r.method == "PATCH" and POLICY_PLURAL in r.path}  # fmt: skip
-            assert len(writers) == 1, writers
+            writers = status_writers(kube)
+            assert set(writers) == {CHART_OPERATOR}, writers
         # The leader left (and said so in the peering object): the standby takes over.
         write_report(custom, pods["ship"], "istio-report-only", leaked=2)
         wait_status(kube, "istio-report-only", leakedNow=4, timeout=15)
         assert (sample(standby, "halfclose_operator_status_writes_total") or 0) >= 1
+        assert standby.reconciler.leading
+        assert status_writers(kube)[ADMIN] >= 1
 
 
 def test_the_console_script(kube: ControlPlane) -> None:
