@@ -30,17 +30,17 @@ RUN python -m venv /opt/build \
  && /opt/halfclose/bin/pip install --no-cache-dir --require-hashes --only-binary=:all: \
       -r requirements/runtime.txt
 
-COPY pyproject.toml setup.py README.md ./
-COPY src/ src/
+COPY core/ core/
 COPY agent/ agent/
 COPY operator/ operator/
-# The project wheel is built with the pinned build backend (no isolated build
+COPY cli/ cli/
+# The project wheels are built with the pinned build backend (no isolated build
 # environment fetched from the index), then installed without dependencies:
 # they are all in place already: `pip check` proves the set is complete and the
 # import proves both entry points load.
 RUN /opt/build/bin/pip wheel --no-cache-dir --no-build-isolation --no-deps \
-      --wheel-dir /wheels . \
- && /opt/halfclose/bin/pip install --no-cache-dir --no-index --no-deps /wheels/halfclose-*.whl \
+      --wheel-dir /wheels ./core ./agent ./operator ./cli \
+ && /opt/halfclose/bin/pip install --no-cache-dir --no-index --no-deps /wheels/halfclose*.whl \
  && /opt/halfclose/bin/pip check \
  && /opt/halfclose/bin/python -c "import halfclose.agent.daemon.main, halfclose.operator.main"
 

@@ -13,13 +13,16 @@ STAMP   := $(VENV)/.installed
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
 
-$(STAMP): pyproject.toml setup.py
+# The four distributions of the namespace package halfclose (docs/architecture.md).
+DISTS   := core agent operator cli
+
+$(STAMP): $(foreach d,$(DISTS),$(d)/pyproject.toml) requirements/dev.in
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q $(foreach d,$(DISTS),-e ./$(d)) -r requirements/dev.in
 	@touch $@
 
-venv: $(STAMP) ## create .venv/ with halfclose and the dev tools
+venv: $(STAMP) ## create .venv/ with the four halfclose distributions (editable) and the dev tools
 
 deps: ## install the system tools the lab and tests use (Debian; root)
 	bash .ci/system-deps
@@ -52,7 +55,7 @@ lint: $(STAMP) ## ruff, mypy and the layer contract (import-linter)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	PYTHONPATH=src $(BIN)/lint-imports  # see the symlinks under src/halfclose
+	$(BIN)/lint-imports
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .
@@ -79,6 +82,7 @@ image: ## build the container image (needs a Docker engine)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(foreach d,$(DISTS),$(d)/build $(d)/*.egg-info)
 
 .PHONY: e2e-node
 e2e-node: deps $(STAMP) kube-assets mesh-tools ## the chart on a one-node cluster built here: containerd, kubelet, a leaking meshed pod (root; opt-in, docs/e2e-node.md)

@@ -298,11 +298,19 @@ class Result:
     note: str = ""
 
 
+def _source_path(tree: Path) -> str:
+    """PYTHONPATH for an exported tree: the old single root (src/, before the
+    namespace-package split) or the four distribution folders."""
+    if (tree / "src").is_dir():
+        return str(tree / "src")
+    return os.pathsep.join(str(tree / d) for d in ("core", "agent", "operator", "cli"))
+
+
 def operator_command(variant: str, baseline_src: Path | None) -> tuple[list[str], dict[str, str]]:
     if variant == "baseline":
         assert baseline_src is not None
         code = "import sys; from halfclose.operator.main import main; sys.exit(main())"
-        return [sys.executable, "-c", code], {"PYTHONPATH": str(baseline_src / "src")}
+        return [sys.executable, "-c", code], {"PYTHONPATH": _source_path(baseline_src)}
     return [str(Path(sys.executable).with_name("halfclose-operator"))], {}
 
 
@@ -395,7 +403,7 @@ def churn(cp: ControlPlane, pool: Pool, cluster: Cluster, seconds: float) -> flo
 def export_baseline(commit: str) -> Path:
     folder = Path(tempfile.mkdtemp(prefix="hct-bench-baseline-"))
     archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", commit, "src", "operator", "agent"],
+        ["git", "-C", str(ROOT), "archive", commit],  # whichever layout it has
         capture_output=True,
         check=True,
     ).stdout

@@ -237,8 +237,9 @@ def test_image_reference_tag_defaults_to_app_version_and_digest_wins() -> None:
 
 def test_app_version_is_the_python_package_version() -> None:
     chart_yaml = yaml.safe_load((chart.CHART / "Chart.yaml").read_text())
-    pyproject = tomllib.loads((chart.REPO / "pyproject.toml").read_text())
-    assert chart_yaml["appVersion"] == pyproject["project"]["version"]
+    for dist in ("core", "agent", "operator", "cli"):  # one version for all four
+        pyproject = tomllib.loads((chart.REPO / dist / "pyproject.toml").read_text())
+        assert chart_yaml["appVersion"] == pyproject["project"]["version"], dist
 
 
 # --- values.schema.json -------------------------------------------------------
