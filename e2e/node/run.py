@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster import Node, log, sh, wait_for  # noqa: E402 - the sibling module
+from cluster import Node, log, sh, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "halfclose"
@@ -81,18 +81,29 @@ def build() -> tuple[Path, Path, dict[str, Path]]:
 # --------------------------------------------------------------------------- chart
 
 
+EXTRA_VALUES: dict[str, Any] = {}
+
+
+def merged(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def chart_values(work: Path, **agent: Any) -> dict[str, Any]:
-    return {
+    values = {
         "image": {"repository": "hcn.local/halfclose", "tag": "e2e"},
         # The agent's state hostPath: a private folder, not the host's /run/halfclose.
         "agent": {"stateHostPath": str(work / "agent-state"), **agent},
     }
+    return merged(values, EXTRA_VALUES)
 
 
 def render(values: dict[str, Any]) -> list[dict[str, Any]]:
     """`helm template` through Helm's own SDK (helm-python-sdk): the SDK has
     no offline install, so the install is this render + kubectl apply."""
-    import helm_python
+    import helm_python  # noqa: PLC0415 - the dev extras' SDK, imported when rendering
 
     with helm_python.Chart.load(str(CHART)) as chart:
         files = chart.render(values, name=RELEASE, namespace=SYSTEM_NS, is_install=True)
@@ -112,22 +123,36 @@ def install(n: Node, values: dict[str, Any], what: str) -> dict[str, str]:
     rest = [d for d in docs if d["kind"] != "CustomResourceDefinition"]
     n.kubectl("create", "namespace", SYSTEM_NS, check=False)
     if crds:
-        n.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
-                  input=yaml.safe_dump_all(crds))  # fmt: skip
+        n.kubectl(
+            "apply", "--server-side", "--force-conflicts", "-f", "-", input=yaml.safe_dump_all(crds)
+        )
         n.kubectl(
             "wait", "--for=condition=Established", "crd", "--all", "--timeout=60s", timeout=70
         )
     out = n.kubectl(
-        "apply", "--server-side", "--force-conflicts", "-n", SYSTEM_NS, "-f", "-",
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-n",
+        SYSTEM_NS,
+        "-f",
+        "-",
         input=yaml.safe_dump_all(rest),
-    )  # fmt: skip
+    )
     say(f"{what}: kubectl apply --server-side (the chart rendered by the Helm SDK)", out)
     names = {
         d["kind"]: d["metadata"]["name"] for d in rest if d["kind"] in ("Deployment", "DaemonSet")
     }
     for kind, name in names.items():
-        n.kubectl("rollout", "status", f"{kind.lower()}/{name}", "-n", SYSTEM_NS, "--timeout=180s",
-                  timeout=200)  # fmt: skip
+        n.kubectl(
+            "rollout",
+            "status",
+            f"{kind.lower()}/{name}",
+            "-n",
+            SYSTEM_NS,
+            "--timeout=180s",
+            timeout=200,
+        )
     return names
 
 
@@ -138,46 +163,96 @@ def workload(upstream_ip: str | None) -> list[dict[str, Any]]:
     image = "hcn.local/mesh:e2e"
     if upstream_ip is None:
         return [
-            {"apiVersion": "v1", "kind": "Namespace",
-             "metadata": {"name": NS, "labels": {"istio-injection": "enabled"}}},
-            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "upstream", "namespace": NS},
-             "spec": {"containers": [{"name": "upstream", "image": image,
-                                      "command": ["python3", "/workload/upstream.py"],
-                                      "ports": [{"containerPort": 8080}]}]}},
-        ]  # fmt: skip
+            {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": NS, "labels": {"istio-injection": "enabled"}},
+            },
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "upstream", "namespace": NS},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "upstream",
+                            "image": image,
+                            "command": ["python3", "/workload/upstream.py"],
+                            "ports": [{"containerPort": 8080}],
+                        }
+                    ]
+                },
+            },
+        ]
     env = [{"name": "UPSTREAM", "value": f"{upstream_ip}:8080"}]
     return [
         {
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"name": "app", "namespace": NS,
-                         "labels": {"app": "shop", "security.istio.io/tlsMode": "istio"}},
+            "metadata": {
+                "name": "app",
+                "namespace": NS,
+                "labels": {"app": "shop", "security.istio.io/tlsMode": "istio"},
+            },
             "spec": {
-                "securityContext": {"sysctls": [
-                    {"name": "net.netfilter.nf_conntrack_tcp_timeout_close_wait",
-                     "value": str(CLOSE_WAIT)}]},
+                "securityContext": {
+                    "sysctls": [
+                        {
+                            "name": "net.netfilter.nf_conntrack_tcp_timeout_close_wait",
+                            "value": str(CLOSE_WAIT),
+                        }
+                    ]
+                },
                 # Istio's own rule generator, as istio-init runs it: outbound TCP
                 # REDIRECTed to the sidecar's 15001, the proxy's uid 1337 exempt.
-                "initContainers": [{
-                    "name": "istio-init", "image": image,
-                    "command": ["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337",
-                                "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "",
-                                "-d", "15090,15021,15020"],
-                    "securityContext": {"runAsUser": 0, "runAsNonRoot": False,
-                                        "capabilities": {"drop": ["ALL"],
-                                                         "add": ["NET_ADMIN", "NET_RAW"]}},
-                }],
+                "initContainers": [
+                    {
+                        "name": "istio-init",
+                        "image": image,
+                        "command": [
+                            "istio-iptables",
+                            "-p",
+                            "15001",
+                            "-z",
+                            "15006",
+                            "-u",
+                            "1337",
+                            "-m",
+                            "REDIRECT",
+                            "-i",
+                            "*",
+                            "-x",
+                            "",
+                            "-b",
+                            "",
+                            "-d",
+                            "15090,15021,15020",
+                        ],
+                        "securityContext": {
+                            "runAsUser": 0,
+                            "runAsNonRoot": False,
+                            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]},
+                        },
+                    }
+                ],
                 "containers": [
-                    {"name": "istio-proxy", "image": image, "env": env,
-                     "command": ["haproxy", "-db", "-f", "/workload/haproxy.cfg"],
-                     "securityContext": {"runAsUser": 1337, "runAsGroup": 1337}},
-                    {"name": "app", "image": image,
-                     "env": [*env, {"name": "HOLD", "value": str(CLOSE_WAIT + 7)}],
-                     "command": ["python3", "/workload/app.py"]},
+                    {
+                        "name": "istio-proxy",
+                        "image": image,
+                        "env": env,
+                        "command": ["haproxy", "-db", "-f", "/workload/haproxy.cfg"],
+                        "securityContext": {"runAsUser": 1337, "runAsGroup": 1337},
+                    },
+                    {
+                        "name": "app",
+                        "image": image,
+                        "env": [*env, {"name": "HOLD", "value": str(CLOSE_WAIT + 7)}],
+                        "command": ["python3", "/workload/app.py"],
+                    },
                 ],
             },
         },
-    ]  # fmt: skip
+    ]
 
 
 def policy(name: str, action: str, **spec: Any) -> dict[str, Any]:
@@ -219,14 +294,35 @@ def status(n: Node, pod: str, field: str) -> int:
 
 def ss(n: Node, state: str) -> list[str]:
     """Sockets in STATE on the sidecar's port, from `ss` run inside the app pod's netns."""
-    out = n.kubectl("exec", "-n", NS, "app", "-c", "app", "--",
-                    "ss", "-tanH", "state", state, "( sport = :15001 )")  # fmt: skip
+    out = n.kubectl(
+        "exec",
+        "-n",
+        NS,
+        "app",
+        "-c",
+        "app",
+        "--",
+        "ss",
+        "-tanH",
+        "state",
+        state,
+        "( sport = :15001 )",
+    )
     return [line for line in out.splitlines() if line.strip()]
 
 
 def sysctl(n: Node) -> int:
-    out = n.kubectl("exec", "-n", NS, "app", "-c", "app", "--",
-                    "cat", "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close_wait")  # fmt: skip
+    out = n.kubectl(
+        "exec",
+        "-n",
+        NS,
+        "app",
+        "-c",
+        "app",
+        "--",
+        "cat",
+        "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close_wait",
+    )
     return int(out.strip())
 
 
@@ -238,16 +334,19 @@ def metrics(n: Node, component: str) -> str:
         for p in c.get("ports", []):
             if p.get("name") == "metrics":
                 port = p["containerPort"]
-    code = "import sys,urllib.request;print(urllib.request.urlopen(sys.argv[1],timeout=10).read().decode())"
+    code = (
+        "import sys, urllib.request as u;print(u.urlopen(sys.argv[1], timeout=10).read().decode())"
+    )
     return n.run("python3", "-c", code, f"http://{ip}:{port}/metrics")
 
 
 def metric(text: str, name: str, **labels: str) -> float:
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
+        if line.startswith((name + "{", name + " ")) and all(
+            f'{k}="{v}"' in line for k, v in labels.items()
+        ):
+            total += float(line.rsplit(" ", 1)[1])
     return total
 
 
@@ -256,16 +355,29 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 def scenario(n: Node, work: Path) -> None:
     with phase("install"):
-        names = install(n, chart_values(work), "helm install halfclose (default values + image)")
-        say("kubectl get pods -n halfclose-system -o wide",
-            n.kubectl("get", "pods", "-n", SYSTEM_NS, "-o", "wide"))  # fmt: skip
+        names = install(
+            n,
+            chart_values(work),
+            f"helm install halfclose (image; values {EXTRA_VALUES or 'default'})",
+        )
+        say(
+            "kubectl get pods -n halfclose-system -o wide",
+            n.kubectl("get", "pods", "-n", SYSTEM_NS, "-o", "wide"),
+        )
         ds = n.get("daemonset", names["DaemonSet"], "-n", SYSTEM_NS)
         pod_spec = ds["spec"]["template"]["spec"]
-        say("the agent's securityContext as the chart renders it and the API stored it",
-            json.dumps({"hostPID": pod_spec.get("hostPID", False),
-                        "pod": pod_spec.get("securityContext"),
-                        "agent": pod_spec["containers"][0].get("securityContext"),
-                        "volumes": [v["name"] for v in pod_spec["volumes"]]}, indent=1))  # fmt: skip
+        say(
+            "the agent's securityContext as the chart renders it and the API stored it",
+            json.dumps(
+                {
+                    "hostPID": pod_spec.get("hostPID", False),
+                    "pod": pod_spec.get("securityContext"),
+                    "agent": pod_spec["containers"][0].get("securityContext"),
+                    "volumes": [v["name"] for v in pod_spec["volumes"]],
+                },
+                indent=1,
+            ),
+        )
 
     with phase("workload"):
         apply(n, workload(None))
@@ -279,10 +391,10 @@ def scenario(n: Node, work: Path) -> None:
             "wait", "-n", NS, "--for=condition=Ready", "pod/app", "--timeout=90s", timeout=100
         )
         say("kubectl get pods -n shop -o wide", n.kubectl("get", "pods", "-n", NS, "-o", "wide"))
-        say(
-            "istio-init's rules (iptables-save -t nat in the app pod's netns)",
-            n.kubectl("exec", "-n", NS, "app", "-c", "app", "--", "iptables-save", "-t", "nat"),
-        )
+        app_ip = n.get("pod", "-n", NS, "app")["status"]["podIP"]
+        netns = n.pod_netns(app_ip)
+        rules = n.run("nsenter", f"--net={netns}", "iptables-save", "-t", "nat")
+        say(f"nsenter --net={netns} iptables-save -t nat   # istio-init's rules", rules)
 
     with phase("report"):
         wait_for(
@@ -322,8 +434,11 @@ def scenario(n: Node, work: Path) -> None:
         say("kubectl describe pod -n shop app (Events)", events)
         check("LeakedSocketsKilled" in events, "the pod's Events show LeakedSocketsKilled")
         text = metrics(n, "agent")
-        lines = [ln for ln in text.splitlines() if ln.startswith(("halfclose_sockets_killed_total",
-                                                                  "halfclose_leaked_sockets"))]  # fmt: skip
+        lines = [
+            ln
+            for ln in text.splitlines()
+            if ln.startswith(("halfclose_sockets_killed_total", "halfclose_leaked_sockets"))
+        ]
         say("curl http://<agent pod>:9479/metrics | grep killed/leaked", "\n".join(lines))
         killed = metric(text, "halfclose_sockets_killed_total", namespace=NS, pod="app")
         check(
@@ -332,16 +447,27 @@ def scenario(n: Node, work: Path) -> None:
         )
 
     with phase("patch-conntrack"):
-        install(n, chart_values(work, sysctlPatching={"enabled": True}),
-                "helm upgrade --set agent.sysctlPatching.enabled=true")  # fmt: skip
+        install(
+            n,
+            chart_values(work, sysctlPatching={"enabled": True}),
+            "helm upgrade --set agent.sysctlPatching.enabled=true",
+        )
         n.kubectl("delete", "halfclosepolicy", "e2e-kill")
         before = sysctl(n)
         check(
             before == CLOSE_WAIT,
             f"the app pod's close_wait sysctl is {before} (its own securityContext)",
         )
-        apply(n, [policy("e2e-patch", "PatchConntrack",
-                         conntrack={"strategy": "Sysctl", "closeWaitTimeoutSeconds": PATCHED})])  # fmt: skip
+        apply(
+            n,
+            [
+                policy(
+                    "e2e-patch",
+                    "PatchConntrack",
+                    conntrack={"strategy": "Sysctl", "closeWaitTimeoutSeconds": PATCHED},
+                )
+            ],
+        )
         wait_for(lambda: sysctl(n) == PATCHED, 60, f"close_wait patched to {PATCHED}")
         say(
             "kubectl exec app -- cat /proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close_wait",
@@ -351,21 +477,51 @@ def scenario(n: Node, work: Path) -> None:
         wait_for(lambda: sysctl(n) == CLOSE_WAIT, 60, f"close_wait restored to {CLOSE_WAIT}")
         check(
             True,
-            f"PatchConntrack: sysctl {CLOSE_WAIT} -> {PATCHED} -> {CLOSE_WAIT} after the policy's deletion",
+            f"PatchConntrack: sysctl {CLOSE_WAIT} -> {PATCHED}, {CLOSE_WAIT} again once deleted",
         )
 
     with phase("gc"):
-        check(report_of(n, "app") is not None, "the app's report exists before its pod is deleted")
+        # A report exists while a policy has something to say about the pod:
+        # new leaks under a Report policy, formed on demand in the app container.
+        apply(n, [policy("e2e-report", "Report", thresholds={"minIdleSeconds": CLOSE_WAIT})])
+        n.kubectl(
+            "exec",
+            "-n",
+            NS,
+            "app",
+            "-c",
+            "app",
+            "--",
+            "python3",
+            "/workload/app.py",
+            "leak",
+            "2",
+            str(CLOSE_WAIT + 7),
+            timeout=60,
+        )
+        wait_for(lambda: status(n, "app", "leaked") >= 2, 90, "2 new leaks in the app's report")
+        say("kubectl get hcr -A", n.kubectl("get", "hcr", "-A"))
         n.kubectl("delete", "pod", "-n", NS, "app", "--wait=true", "--timeout=60s", timeout=70)
         wait_for(lambda: report_of(n, "app") is None, 60, "the app's report garbage-collected")
-        say("kubectl get hcr -A", n.kubectl("get", "hcr", "-A") or "No resources found")
+        say(
+            "kubectl get hcr -A (after kubectl delete pod app)",
+            n.kubectl("get", "hcr", "-A") or "No resources found",
+        )
         check(True, "deleting the pod garbage-collected its report")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep-logs", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument(
+        "--set-json",
+        metavar="JSON",
+        default=os.environ.get("E2E_NODE_VALUES", ""),
+        help='extra chart values (JSON), e.g. \'{"agent": {"hostPID": true}}\'',
+    )
     args = parser.parse_args()
+    if args.set_json:
+        EXTRA_VALUES.update(json.loads(args.set_json))
     if os.geteuid() != 0:
         print(
             "e2e-node: needs root (network and mount namespaces, containerd, kubelet)",
@@ -398,8 +554,16 @@ def main() -> int:
                         "get", "pods,events", "-n", ns, "-o", "wide", check=False, timeout=20
                     )
                 )
-            agent_logs = node.kubectl("logs", "-n", SYSTEM_NS, "-l", "app.kubernetes.io/component=agent",
-                                      "--tail=40", check=False, timeout=20)  # fmt: skip
+            agent_logs = node.kubectl(
+                "logs",
+                "-n",
+                SYSTEM_NS,
+                "-l",
+                "app.kubernetes.io/component=agent",
+                "--tail=40",
+                check=False,
+                timeout=20,
+            )
             print(f"--- agent logs\n{agent_logs}")
     finally:
         with phase("teardown"):

@@ -340,16 +340,17 @@ def build_dockerfile(
 
 
 def _context_files(context: Path) -> Path:
-    """The build context: the files git tracks (as `docker build` of a clean clone sees them)."""
+    """The build context: the committed tree (HEAD), as `docker build` of a
+    fresh clone sees it; edits in progress in the work tree do not leak in."""
     ctx = Path(tempfile.mkdtemp(prefix="hcn-ctx-", dir=CACHE))
-    files = run(["git", "-C", str(context), "ls-files", "-z"], capture_output=True).stdout.split(
-        "\0"
-    )
-    for f in filter(None, files):
-        src = context / f
-        if src.is_file():
-            (ctx / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, ctx / f)
+    archive = subprocess.run(
+        ["git", "-C", str(context), "archive", "--format=tar", "HEAD"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(ctx, filter="tar")
     return ctx
 
 
@@ -402,7 +403,9 @@ def halfclose_image(base: Path, base_key: str, target: str | None) -> Path:
         h = hashlib.sha256(f"{base_key}{target}".encode())
         for src in ["Dockerfile", *_copy_sources(ctx / "Dockerfile")]:
             path = ctx / src
-            h.update(src.encode() + (_tree_key(path) if path.is_dir() else _file_key(path)).encode())
+            h.update(
+                src.encode() + (_tree_key(path) if path.is_dir() else _file_key(path)).encode()
+            )
         key = h.hexdigest()[:16]
         out = CACHE / "images" / f"halfclose-{target or 'default'}-{key}.tar"
         if out.exists():
@@ -465,7 +468,8 @@ def mesh_image(base: Path, base_key: str) -> Path:
         # Istio's proxy user: the sidecar runs as 1337, which the rules exempt.
         chroot_run(
             root,
-            "groupadd -g 1337 istio-proxy && useradd -u 1337 -g 1337 -M -s /usr/sbin/nologin istio-proxy",
+            "groupadd -g 1337 istio-proxy"
+            " && useradd -u 1337 -g 1337 -M -s /usr/sbin/nologin istio-proxy",
             {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
             "/",
         )
