@@ -397,9 +397,21 @@ def scenario(n: Node, work: Path) -> None:
         say(f"nsenter --net={netns} iptables-save -t nat   # istio-init's rules", rules)
 
     with phase("report"):
-        wait_for(
-            lambda: status(n, "app", "leaked") >= LEAKS, 90, f"{LEAKS} leaks in the app's report"
-        )
+        try:
+            wait_for(lambda: status(n, "app", "leaked") >= LEAKS, 90, f"{LEAKS} leaks reported")
+        except TimeoutError:
+            say("kubectl get hcr -A", n.kubectl("get", "hcr", "-A", check=False))
+            say(
+                "kubectl exec app -- ss -tan",
+                n.kubectl("exec", "-n", NS, "app", "-c", "app", "--", "ss", "-tan", check=False),
+            )
+            seen = [
+                ln
+                for ln in metrics(n, "agent").splitlines()
+                if ln.startswith(("halfclose_watched_netns", "halfclose_scan_errors_total"))
+            ]
+            say("the agent's /metrics (watched netns, scan errors)", "\n".join(seen))
+            raise
         say("kubectl get hcr -A", n.kubectl("get", "hcr", "-A"))
         fw2 = ss(n, "fin-wait-2")
         say("kubectl exec app -- ss -tan state fin-wait-2 '( sport = :15001 )'", "\n".join(fw2))
@@ -429,6 +441,7 @@ def scenario(n: Node, work: Path) -> None:
             "exec", "-n", NS, "app", "-c", "app", "--", "ss", "-tanH", "state", "close-wait"
         )
         say("kubectl exec app -- ss -tan state close-wait", cw or "(none)")
+        check(not cw.strip(), "the sidecar closed the paired upstream sockets (no CLOSE_WAIT left)")
         desc = n.kubectl("describe", "pod", "-n", NS, "app")
         events = desc[desc.find("Events:") :]
         say("kubectl describe pod -n shop app (Events)", events)
