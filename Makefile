@@ -77,8 +77,9 @@ bench-agent: $(STAMP) ## leak lifetime and agent footprint (root)
 bench-operator: $(STAMP) kube-assets ## operator start-up at 100/1,000/5,000 pods on the real control plane
 	$(BIN)/python -m bench.operator
 
-image: ## build the container image (needs a Docker engine)
-	docker build -t halfclose:dev .
+image: ## build the two container images, agent and operator (needs a Docker engine)
+	docker build --target agent -t halfclose-agent:dev .
+	docker build --target operator -t halfclose-operator:dev .
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

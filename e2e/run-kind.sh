@@ -68,22 +68,28 @@ else
   created_cluster=1
 fi
 
-log "building $IMAGE"
-docker build -t "$IMAGE" "$REPO"
-kind load docker-image "$IMAGE" --name "$CLUSTER"
+# One image per program (the Dockerfile's targets): <repo>-agent:<tag>, <repo>-operator:<tag>.
+AGENT_IMAGE="${IMAGE%:*}-agent:${IMAGE##*:}"
+OPERATOR_IMAGE="${IMAGE%:*}-operator:${IMAGE##*:}"
+log "building $AGENT_IMAGE and $OPERATOR_IMAGE"
+docker build --target agent -t "$AGENT_IMAGE" "$REPO"
+docker build --target operator -t "$OPERATOR_IMAGE" "$REPO"
+kind load docker-image "$AGENT_IMAGE" "$OPERATOR_IMAGE" --name "$CLUSTER"
 
 log "installing the chart"
 kc create namespace "$NAMESPACE" --dry-run=client -o yaml | kc apply -f -
 kc label namespace "$NAMESPACE" pod-security.kubernetes.io/enforce=privileged --overwrite
 helm --kube-context "$CONTEXT" upgrade --install halfclose "$REPO/charts/halfclose" \
   --namespace "$NAMESPACE" --wait --timeout "${TIMEOUT}s" \
-  --set image.repository="${IMAGE%:*}" --set image.tag="${IMAGE##*:}" \
+  --set agent.image.repository="${AGENT_IMAGE%:*}" --set agent.image.tag="${IMAGE##*:}" \
+  --set operator.image.repository="${OPERATOR_IMAGE%:*}" --set operator.image.tag="${IMAGE##*:}" \
   --set image.pullPolicy=Never
 kc -n "$NAMESPACE" rollout status daemonset/halfclose-agent --timeout "${TIMEOUT}s"
 kc -n "$NAMESPACE" rollout status deployment/halfclose-operator --timeout "${TIMEOUT}s"
 
 log "deploying the leaking workload"
-sed "s|IMAGE|$IMAGE|g" "$REPO/e2e/manifests/workload.yaml" | kc apply -f -
+# The workload's lab programs (halfclose.lab) ship in the agent image, with the CLI.
+sed "s|IMAGE|$AGENT_IMAGE|g" "$REPO/e2e/manifests/workload.yaml" | kc apply -f -
 kc -n "$APP_NAMESPACE" rollout status deployment/upstream --timeout "${TIMEOUT}s"
 kc -n "$APP_NAMESPACE" wait pod/client --for=condition=Ready --timeout "${TIMEOUT}s"
 

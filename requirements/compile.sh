@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Re-pin requirements/runtime.txt and build.txt, with hashes of every wheel and
-# sdist (so the image builds the same on amd64 and arm64), from runtime.in and
-# build.in, holding every transitive dependency at the version installed in
-# .venv: the image runs exactly what the tests ran against.
+# Re-pin requirements/agent.txt, operator.txt and build.txt (one set per image
+# target, plus the wheel build), with hashes of every wheel and sdist (so the
+# image builds the same on amd64 and arm64), from the matching .in files, holding
+# every transitive dependency at the version installed in .venv: the image runs
+# exactly what the tests ran against.
 # Needs the package index; pip-tools goes into a throwaway venv.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -17,7 +18,7 @@ trap 'rm -rf "$work"' EXIT
 # editable project itself are not constraints on what the index serves.
 "$venv_python" -m pip freeze --all --exclude-editable | grep -v ' @ file:' >"$work/venv.txt"
 
-for name in runtime build; do
+for name in agent operator build; do
   CUSTOM_COMPILE_COMMAND="requirements/compile.sh" \
     "$work/tools/bin/pip-compile" --quiet --generate-hashes --strip-extras --allow-unsafe \
     --no-emit-index-url --no-emit-find-links --no-emit-trusted-host \
@@ -25,4 +26,4 @@ for name in runtime build; do
   # The constraint file is a temporary path: drop it from the "via" annotations.
   sed -i '/^    #   -c /d' "$name.txt"
 done
-echo "compile.sh: wrote requirements/runtime.txt and requirements/build.txt"
+echo "compile.sh: wrote requirements/agent.txt, operator.txt and build.txt"

@@ -224,15 +224,18 @@ def test_everything_is_named_and_namespaced_consistently(manifests: list[chart.M
 
 def test_image_reference_tag_defaults_to_app_version_and_digest_wins() -> None:
     app_version = yaml.safe_load((chart.CHART / "Chart.yaml").read_text())["appVersion"]
-    ds = chart.one(chart.render(), "DaemonSet")
-    assert ds["spec"]["template"]["spec"]["containers"][0]["image"] == (
-        f"ghcr.io/halfclose/halfclose:{app_version}"
-    )
-    digest = "sha256:" + "ab" * 32
-    rendered = chart.render({"image": {"tag": "v9", "digest": digest}})
-    for kind in ("DaemonSet", "Deployment"):
+    programs = (("DaemonSet", "agent"), ("Deployment", "operator"))  # one image each
+    rendered = chart.render()
+    for kind, program in programs:
         pod = chart.one(rendered, kind)["spec"]["template"]["spec"]
-        assert pod["containers"][0]["image"] == f"ghcr.io/halfclose/halfclose@{digest}"
+        image = pod["containers"][0]["image"]
+        assert image == f"ghcr.io/halfclose/halfclose-{program}:{app_version}"
+    digest = "sha256:" + "ab" * 32
+    image = {"tag": "v9", "digest": digest}
+    rendered = chart.render({"agent": {"image": image}, "operator": {"image": image}})
+    for kind, program in programs:
+        pod = chart.one(rendered, kind)["spec"]["template"]["spec"]
+        assert pod["containers"][0]["image"] == f"ghcr.io/halfclose/halfclose-{program}@{digest}"
 
 
 def test_app_version_is_the_python_package_version() -> None:
@@ -253,7 +256,8 @@ BAD_VALUES = [
     ({"agent": {"maxUnavailable": 0}}, "/agent/maxUnavailable"),
     ({"alerts": {"leakedSocketsThreshold": 0}}, "/alerts/leakedSocketsThreshold"),
     ({"alerts": {"leakedSocketsFor": "ten minutes"}}, "/alerts/leakedSocketsFor"),
-    ({"image": {"digest": "latest"}}, "/image/digest"),
+    ({"agent": {"image": {"digest": "latest"}}}, "/agent/image/digest"),
+    ({"image": {"repository": "one/image/for/both"}}, "repository"),
     ({"crds": {"enabled": "yes"}}, "/crds/enabled"),
 ]
 

@@ -1,4 +1,4 @@
-"""The container image's recipe, its pinned dependencies and the e2e kit.
+"""The container images' recipe, their pinned dependencies and the e2e kit.
 
 No Docker engine runs here, so the Dockerfile is linted (hadolint) and read:
 the rules that matter for this image are asserted on its parsed instructions.
@@ -7,6 +7,7 @@ the rules that matter for this image are asserted on its parsed instructions.
 from __future__ import annotations
 
 import fnmatch
+import importlib.metadata
 import re
 import shutil
 import subprocess
@@ -42,9 +43,17 @@ def _tool(name: str) -> str | None:
     return str(local) if local.exists() else shutil.which(name)
 
 
+# Each image target: the distributions it installs, the console script it runs, and
+# what must stay out of it (the other program's stack).
+PROGRAMS: dict[str, tuple[tuple[str, ...], str, set[str]]] = {
+    "agent": (("core", "agent", "cli"), "halfclose-agent", {"kopf"}),
+    "operator": (("core", "operator"), "halfclose-operator", {"pyroute2"}),
+}
+
+
 @dataclass(frozen=True)
 class Instruction:
-    stage: int
+    stage: str  # FROM ... AS <stage>
     keyword: str
     args: str
 
@@ -52,7 +61,7 @@ class Instruction:
 def dockerfile() -> list[Instruction]:
     """The Dockerfile's instructions, continuation lines joined, comments dropped."""
     out: list[Instruction] = []
-    stage = -1
+    stage = ""
     pending = ""
     for raw in (REPO / "Dockerfile").read_text(encoding="utf-8").splitlines():
         line = raw.strip()
@@ -65,16 +74,30 @@ def dockerfile() -> list[Instruction]:
             continue
         text = pending + line
         pending = ""
-        keyword, _, args = text.partition(" ")
+        keyword, _, rest = text.partition(" ")
+        args = " ".join(rest.split())
         if keyword.upper() == "FROM":
-            stage += 1
-        out.append(Instruction(stage, keyword.upper(), " ".join(args.split())))
+            parts = args.split()
+            assert len(parts) == 3 and parts[1].upper() == "AS", f"unnamed stage: FROM {args}"
+            stage = parts[2]
+        out.append(Instruction(stage, keyword.upper(), args))
     return out
 
 
-def _final(instructions: list[Instruction]) -> list[Instruction]:
-    last = max(i.stage for i in instructions)
-    return [i for i in instructions if i.stage == last]
+def _parents() -> dict[str, str]:
+    """stage -> what it starts FROM (an earlier stage or the base image), in file order."""
+    return {i.stage: i.args.split()[0] for i in dockerfile() if i.keyword == "FROM"}
+
+
+def image(target: str) -> list[Instruction]:
+    """The instructions that make TARGET's image: its stage and the stages it is FROM."""
+    parents = _parents()
+    chain: list[str] = []
+    stage = target
+    while stage in parents:
+        chain.append(stage)
+        stage = parents[stage]
+    return [i for i in dockerfile() if i.stage in chain]
 
 
 # --- the Dockerfile ---------------------------------------------------------------
@@ -91,40 +114,61 @@ def test_hadolint_passes() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_base_image_is_pinned_and_shared_by_both_stages() -> None:
+def test_base_image_is_pinned_and_shared_by_every_stage() -> None:
     instructions = dockerfile()
     args = {i.args.split("=", 1)[0]: i.args.split("=", 1)[1] for i in instructions
             if i.keyword == "ARG" and "=" in i.args}  # fmt: skip
-    froms = [i.args for i in instructions if i.keyword == "FROM"]
-    assert len(froms) == 2, "a builder stage and a final stage"
-    assert froms[0].startswith("${PYTHON_IMAGE}") and froms[1] == "${PYTHON_IMAGE}"
+    parents = _parents()
+    stages = list(parents)
+    for stage, parent in parents.items():
+        # The one pinned base, or an earlier stage: the virtualenvs built in one
+        # stage link to the interpreter of the stage they are copied into.
+        assert parent == "${PYTHON_IMAGE}" or parent in stages[: stages.index(stage)], stage
+    assert PROGRAMS.keys() <= parents.keys(), "a target per program"
+    assert stages[-1] == "operator", "a plain `docker build .` gives the operator"
     image = args["PYTHON_IMAGE"]
     # python:3.11.<patch>-slim-<debian release>: a Python 3.11 slim image, fully versioned.
     assert re.fullmatch(r"python:3\.11\.\d+-slim-[a-z]+(@sha256:[0-9a-f]{64})?", image), image
 
 
-def test_final_stage_has_no_build_tools_and_runs_unprivileged() -> None:
-    final = _final(dockerfile())
+@pytest.mark.parametrize("target", PROGRAMS)
+def test_image_has_no_build_tools_and_runs_unprivileged(target: str) -> None:
+    final = image(target)
     runs = " ".join(i.args for i in final if i.keyword == "RUN")
     for tool in ("gcc", "g++", "make", "build-essential", "python3-dev", "libc6-dev",
                  "pip install", "pip wheel", "git"):  # fmt: skip
         assert not re.search(rf"(^|\s){re.escape(tool)}(\s|$)", runs), tool
-    assert "--no-install-recommends" in runs and "rm -rf /var/lib/apt/lists/*" in runs
-    # The agent reads each pod's NAT rules with iptables-save, iptables-legacy-save
-    # and nft, through nsenter (util-linux: essential, in every Debian base).
     install = re.search(r"apt-get install\s+(?:-\S+\s+)*(?P<pkgs>[a-z0-9 .+-]+)", runs)
-    assert install is not None
-    assert set(install["pkgs"].split()) == {"iptables", "nftables"}
-    kernel_dir = REPO / "agent" / "halfclose" / "agent" / "kernel"
-    kernel = "".join(p.read_text("utf-8") for p in kernel_dir.glob("*.py"))
-    for tool in ("iptables-save", "iptables-legacy-save", "nft", "nsenter"):
-        assert f'"{tool}"' in kernel, f"the agent no longer runs {tool}: drop its package?"
+    if target == "agent":
+        assert "--no-install-recommends" in runs and "rm -rf /var/lib/apt/lists/*" in runs
+        # The agent reads each pod's NAT rules with iptables-save, iptables-legacy-save
+        # and nft, through nsenter (util-linux: essential, in every Debian base).
+        assert install is not None
+        assert set(install["pkgs"].split()) == {"iptables", "nftables"}
+        kernel_dir = REPO / "agent" / "halfclose" / "agent" / "kernel"
+        kernel = "".join(p.read_text("utf-8") for p in kernel_dir.glob("*.py"))
+        for tool in ("iptables-save", "iptables-legacy-save", "nft", "nsenter"):
+            assert f'"{tool}"' in kernel, f"the agent no longer runs {tool}: drop its package?"
+    else:
+        assert install is None, "the operator runs no packet-filter tools"
     copies = [i.args for i in final if i.keyword == "COPY"]
-    assert copies == ["--from=builder /opt/halfclose /opt/halfclose"]
+    assert copies == [f"--from={target}-venv /opt/halfclose /opt/halfclose"]
     users = [i.args for i in final if i.keyword == "USER"]
     assert users and users[-1].split(":")[0] not in {"0", "root"}
     cmd = [i.args for i in final if i.keyword in {"CMD", "ENTRYPOINT"}]
-    assert cmd == ['["halfclose-operator"]'], "exec form, the operator by default"
+    assert cmd == [f'["{PROGRAMS[target][1]}"]'], "exec form, the program's own script"
+
+
+@pytest.mark.parametrize("target", PROGRAMS)
+def test_each_image_installs_only_its_programs(target: str) -> None:
+    dists = PROGRAMS[target][0]
+    venv = [i for i in dockerfile() if i.stage == f"{target}-venv" and i.keyword == "RUN"]
+    run = " ".join(i.args for i in venv)
+    assert f"-r requirements/{target}.txt" in run
+    assert len(re.findall(r"-r requirements/", run)) == 1, "one pinned set per image"
+    # Wheel file names: halfclose_core-0.1.0-..., halfclose-0.1.0-... (the CLI).
+    wheels = set(re.findall(r"/wheels/(halfclose[a-z_]*)-", run))
+    assert wheels == {"halfclose" if d == "cli" else f"halfclose_{d}" for d in dists}
 
 
 def test_every_dependency_install_is_hash_checked() -> None:
@@ -138,13 +182,16 @@ def test_every_dependency_install_is_hash_checked() -> None:
 
 
 def test_console_scripts_the_chart_runs_exist() -> None:
-    scripts: dict[str, str] = {}
-    for dist in DISTS:
-        scripts |= _project(dist).get("scripts", {})
     rendered = chart.render()
-    for kind in ("DaemonSet", "Deployment"):
-        command = chart.one(rendered, kind)["spec"]["template"]["spec"]["containers"][0]["command"]
-        assert command[0] in scripts, command
+    values = yaml.safe_load((chart.CHART / "values.yaml").read_text())
+    for kind, target in (("DaemonSet", "agent"), ("Deployment", "operator")):
+        scripts: dict[str, str] = {}
+        for dist in PROGRAMS[target][0]:
+            scripts |= _project(dist).get("scripts", {})
+        container = chart.one(rendered, kind)["spec"]["template"]["spec"]["containers"][0]
+        # The workload runs a script its own image installs, from its own image.
+        assert container["command"][0] in scripts, container["command"]
+        assert container["image"].startswith(values[target]["image"]["repository"] + ":")
 
 
 def _ignored(path: str, patterns: list[str]) -> bool:
@@ -184,7 +231,8 @@ def test_dockerignore_sends_what_is_copied_and_nothing_else() -> None:
                     "charts/halfclose/values.yaml", "core/halfclose/__pycache__/x.pyc",
                     "agent/halfclose_agent.egg-info/PKG-INFO", "cli/build/lib/x.py"):  # fmt: skip
         assert _ignored(private, patterns), private
-    assert not _ignored("requirements/runtime.txt", patterns)
+    assert not _ignored("requirements/agent.txt", patterns)
+    assert not _ignored("requirements/operator.txt", patterns)
     assert _ignored("requirements/compile.sh", patterns)
 
 
@@ -208,7 +256,7 @@ def _pins(path: Path) -> dict[str, tuple[str, int]]:
     return out
 
 
-@pytest.mark.parametrize("name", ["runtime", "build"])
+@pytest.mark.parametrize("name", ["agent", "operator", "build"])
 def test_requirements_are_fully_pinned_with_hashes(name: str) -> None:
     pins = _pins(REPO / "requirements" / f"{name}.txt")
     assert pins
@@ -216,20 +264,51 @@ def test_requirements_are_fully_pinned_with_hashes(name: str) -> None:
         assert hashes >= 1, f"{package}=={version} has no hash"
 
 
-def test_runtime_pins_cover_and_satisfy_pyproject() -> None:
-    """Every runtime dependency is pinned, within pyproject's range. (compile.sh
-    pins the versions of .venv; a fresh venv may resolve newer ones later, so the
-    tests do not demand equality with whatever is installed.)"""
-    pins = _pins(REPO / "requirements" / "runtime.txt")
-    for spec in (s for dist in DISTS for s in _project(dist)["dependencies"]):
+@pytest.mark.parametrize("target", PROGRAMS)
+def test_image_pins_cover_its_distributions_and_nothing_of_the_other(target: str) -> None:
+    """Every dependency of the image's distributions is pinned, within their ranges,
+    and the other program's stack is not. (compile.sh pins the versions of .venv; a
+    fresh venv may resolve newer ones later, so the tests do not demand equality with
+    whatever is installed.)"""
+    dists, _, absent = PROGRAMS[target]
+    pins = _pins(REPO / "requirements" / f"{target}.txt")
+    for spec in (s for dist in dists for s in _project(dist)["dependencies"]):
         req = Requirement(spec)
         name = req.name.lower().replace("_", "-")
         if name.startswith("halfclose"):
             continue  # one of the four distributions, built from this tree
-        assert name in pins, f"{name} is a runtime dependency but not pinned"
+        assert name in pins, f"{name} is a dependency of the {target} image but not pinned"
         assert req.specifier.contains(pins[name][0]), f"{name}=={pins[name][0]} vs {spec}"
-    # Dev-only tools never reach the image.
+    assert not absent & pins.keys(), f"the {target} image pins {absent & pins.keys()}"
+    # Dev-only tools never reach an image.
     assert not {"pytest", "mypy", "ruff", "helm-python-sdk", "kmock"} & pins.keys()
+
+
+def _requires(dist: str) -> set[str]:
+    """DIST and everything it installs, from the installed metadata (.venv)."""
+    seen: set[str] = set()
+    todo = [dist]
+    while todo:
+        name = todo.pop().lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        for spec in importlib.metadata.requires(name) or []:
+            req = Requirement(spec)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("dist", "absent"),
+    [("halfclose-agent", {"kopf", "pyroute2"}), ("halfclose", {"kopf"}),
+     ("halfclose-operator", {"pyroute2"})],
+)  # fmt: skip
+def test_installed_distributions_keep_the_other_programs_stack_out(
+    dist: str, absent: set[str]
+) -> None:
+    assert not absent & _requires(dist)
 
 
 # --- shell scripts and the e2e kit -----------------------------------------------

@@ -94,12 +94,13 @@ app.kubernetes.io/component: agent
 {{- default (include "halfclose.fullname" .) .Values.operator.leaderElection.peeringName }}
 {{- end }}
 
-{{/* repository:tag, or repository@digest when a digest is given. */}}
+{{/* A program's image (agent.image or operator.image, passed as "image" with the
+root context as "root"): repository:tag, or repository@digest when a digest is given. */}}
 {{- define "halfclose.image" -}}
-{{- if .Values.image.digest }}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
 {{- else }}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) }}
 {{- end }}
 {{- end }}
 
