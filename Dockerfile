@@ -19,7 +19,8 @@
 # slim base: no compiler, no build backend, no pip cache, no source tree.
 
 # Every stage must use the same Python: the virtualenvs link to its interpreter.
-ARG PYTHON_IMAGE=python:3.11.14-slim-trixie
+# Pinned by digest: a tag can be re-pushed, a digest names one image for good.
+ARG PYTHON_IMAGE=python:3.11.14-slim-trixie@sha256:193fdd0bbcb3d2ae612bd6cc3548d2f7c78d65b549fcaa8af75624c47474444d
 
 FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \

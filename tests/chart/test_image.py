@@ -127,8 +127,9 @@ def test_base_image_is_pinned_and_shared_by_every_stage() -> None:
     assert PROGRAMS.keys() <= parents.keys(), "a target per program"
     assert stages[-1] == "operator", "a plain `docker build .` gives the operator"
     image = args["PYTHON_IMAGE"]
-    # python:3.11.<patch>-slim-<debian release>: a Python 3.11 slim image, fully versioned.
-    assert re.fullmatch(r"python:3\.11\.\d+-slim-[a-z]+(@sha256:[0-9a-f]{64})?", image), image
+    # python:3.11.<patch>-slim-<debian release>@sha256:<digest>: a Python 3.11 slim
+    # image, fully versioned and pinned by digest (a tag can be re-pushed).
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-[a-z]+@sha256:[0-9a-f]{64}", image), image
 
 
 @pytest.mark.parametrize("target", PROGRAMS)
