@@ -1,6 +1,10 @@
 """Find a pod's network namespace from its container IDs, through ``HOST_PROC``.
 
-The agent runs in the host PID namespace with the host's /proc mounted at
+This is the ``agent.hostPID`` path (opt-in): by default the agent resolves pods
+through the runtime's netns bind mounts and the pods' IPs (``mountns``), without
+seeing the node's processes.  Both satisfy ``PodNetnsSource``.
+
+With hostPID the agent runs in the host PID namespace with the host's /proc mounted at
 ``HOST_PROC``.  Every process of a container carries the container ID in
 ``<HOST_PROC>/<pid>/cgroup``; any of them gives the pod's network namespace as
 ``<HOST_PROC>/<pid>/ns/net``, whose inode identifies it (pods sharing a netns —
@@ -17,7 +21,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from halfclose.agent.core.cgroup import container_id_from_cgroup
 
@@ -26,11 +32,33 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class PodNetns:
-    """Where a pod's network lives: a path that stays valid while ``pid`` lives."""
+    """Where a pod's network lives: a path that stays valid while ``pid`` lives.
+
+    ``pid`` is 0 for a runtime's bind mount (``mountns``): no process is
+    involved, and the path stays valid while the runtime keeps the sandbox.
+    """
 
     inode: int
     pid: int
     path: str
+
+
+class PodNetnsSource(Protocol):
+    """How the agent finds a pod's netns: by container ID (hostPID) or by pod IP (mounts).
+
+    Each implementation uses what it can and ignores the rest: ``host_ips``
+    (the node's addresses, ``status.hostIPs``) let the IP matcher refuse a
+    namespace that is the node's own.
+    """
+
+    def resolve(
+        self,
+        container_ids: frozenset[str],
+        pod_ips: Iterable[str] = (),
+        host_ips: Iterable[str] = (),
+    ) -> PodNetns | None: ...
+
+    def invalidate(self) -> None: ...
 
 
 def _read(path: str) -> str | None:
@@ -85,8 +113,18 @@ class PodNetnsResolver:
                 return pid
         return None
 
-    def resolve(self, container_ids: frozenset[str]) -> PodNetns | None:
-        """The netns of the first running container of ``container_ids``, or None."""
+    def resolve(
+        self,
+        container_ids: frozenset[str],
+        pod_ips: Iterable[str] = (),
+        host_ips: Iterable[str] = (),
+    ) -> PodNetns | None:
+        """The netns of the first running container of ``container_ids``, or None.
+
+        The IPs are not needed here (``PodNetnsSource``): a process's netns is
+        its own, whatever addresses it holds.
+        """
+        del pod_ips, host_ips
         if not container_ids:
             return None
         pid = self._cached_pid(container_ids)
