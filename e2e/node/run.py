@@ -82,6 +82,7 @@ def build() -> tuple[Path, Path, dict[str, Path]]:
 
 
 EXTRA_VALUES: dict[str, Any] = {}
+PROGRAM_IMAGES: dict[str, str] = {}  # "agent"/"operator" -> image ref, when per-program
 
 
 def merged(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -92,11 +93,14 @@ def merged(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def chart_values(work: Path, **agent: Any) -> dict[str, Any]:
-    values = {
-        "image": {"repository": "hcn.local/halfclose", "tag": "e2e"},
-        # The agent's state hostPath: a private folder, not the host's /run/halfclose.
-        "agent": {"stateHostPath": str(work / "agent-state"), **agent},
-    }
+    # The agent's state hostPath: a private folder, not the host's /run/halfclose.
+    values: dict[str, Any] = {"agent": {"stateHostPath": str(work / "agent-state"), **agent}}
+    if PROGRAM_IMAGES:  # the Dockerfile's agent/operator targets, the chart's <program>.image
+        for program, ref in PROGRAM_IMAGES.items():
+            repo, tag = ref.rsplit(":", 1)
+            values.setdefault(program, {})["image"] = {"repository": repo, "tag": tag}
+    else:
+        values["image"] = {"repository": "hcn.local/halfclose", "tag": "e2e"}
     return merged(values, EXTRA_VALUES)
 
 
@@ -546,6 +550,10 @@ def main() -> int:
     t0 = time.monotonic()
     with phase("build"):
         kube_bin, node_bin, images = build()
+    for ref in images:
+        for program in ("agent", "operator"):
+            if ref.startswith(f"hcn.local/halfclose-{program}:"):
+                PROGRAM_IMAGES[program] = ref
     CACHE.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="hcn-", dir="/tmp"))
     node = Node(work, kube_bin, node_bin)

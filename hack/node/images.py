@@ -207,6 +207,7 @@ class Stage:
     cmd: list[str] | None = None
     entrypoint: list[str] | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    args: dict[str, str] = field(default_factory=dict)
 
 
 def _instructions(text: str) -> list[tuple[str, str]]:
@@ -248,8 +249,9 @@ def _json_or_shell(rest: str) -> list[str]:
 
 def build_dockerfile(
     dockerfile: Path, context: Path, base: Path, work: Path, target: str | None
-) -> Stage:
-    """Run DOCKERFILE's instructions up to TARGET (default: the last stage)."""
+) -> dict[str, Stage]:
+    """Run DOCKERFILE's instructions up to the end of stage TARGET (default: all
+    stages); returns every stage built, by name."""
     args: dict[str, str] = {}
     stages: dict[str, Stage] = {}
     cur: Stage | None = None
@@ -258,8 +260,8 @@ def build_dockerfile(
             k, _, v = rest.partition("=")
             if cur is None:
                 args[k] = v
-            else:
-                cur.env.setdefault(k, _subst(v, {**args, **cur.env}))
+            else:  # a stage's ARG: seen by its RUNs, not part of the image's Env
+                cur.args.setdefault(k, _subst(v, {**args, **cur.env}))
         elif word == "FROM":
             parts = rest.split()
             name = (
@@ -291,7 +293,7 @@ def build_dockerfile(
         elif word == "ENV":
             cur.env.update(_kv(rest, cur.env))
         elif word == "LABEL":
-            cur.labels.update(_kv(rest, {**args, **cur.env}))
+            cur.labels.update(_kv(rest, {**args, **cur.args, **cur.env}))
         elif word == "WORKDIR":
             cur.workdir = _subst(rest, cur.env)
             (cur.root / cur.workdir.lstrip("/")).mkdir(parents=True, exist_ok=True)
@@ -330,13 +332,16 @@ def build_dockerfile(
                 else shlex.join(json.loads(rest))
             )
             log(f"stage {cur.name}: RUN {script[:100]}...")
-            chroot_run(cur.root, script, {**args, **cur.env, "HOME": "/root"}, cur.workdir)
+            chroot_run(
+                cur.root, script, {**args, **cur.args, **cur.env, "HOME": "/root"}, cur.workdir
+            )
         else:
             log(f"stage {cur.name}: {word} ignored")
     assert cur is not None, "no FROM in the Dockerfile"
-    if target and cur.name != target:
+    if target and target not in stages:
         raise SystemExit(f"images: the Dockerfile has no stage {target!r}")
-    return cur
+    stages[""] = cur  # the last stage built: `docker build` without --target
+    return stages
 
 
 def _context_files(context: Path) -> Path:
@@ -396,29 +401,49 @@ def _stage_config(stage: Stage) -> dict[str, object]:
 # --------------------------------------------------------------------------- the images
 
 
-def halfclose_image(base: Path, base_key: str, target: str | None) -> Path:
+def program_targets(dockerfile: Path) -> list[str]:
+    """The Dockerfile's per-program targets (`agent`, `operator`), or [""]
+    (one image, the last stage) when it has none."""
+    names = {
+        parts[2]
+        for word, rest in _instructions(dockerfile.read_text(encoding="utf-8"))
+        if word == "FROM" and len(parts := rest.split()) >= 3 and parts[1].upper() == "AS"
+    }
+    found = [t for t in ("agent", "operator") if t in names]
+    return found or [""]
+
+
+def image_ref(target: str) -> str:
+    return f"hcn.local/halfclose-{target}:e2e" if target else HALFCLOSE_REF
+
+
+def halfclose_images(base: Path, base_key: str) -> dict[str, Path]:
+    """Ref -> archive for each program image the Dockerfile defines."""
     ctx = _context_files(REPO)
     try:
         # Keyed by what the build reads: the Dockerfile and its COPY sources.
-        h = hashlib.sha256(f"{base_key}{target}".encode())
+        h = hashlib.sha256(base_key.encode())
         for src in ["Dockerfile", *_copy_sources(ctx / "Dockerfile")]:
             path = ctx / src
             h.update(
                 src.encode() + (_tree_key(path) if path.is_dir() else _file_key(path)).encode()
             )
         key = h.hexdigest()[:16]
-        out = CACHE / "images" / f"halfclose-{target or 'default'}-{key}.tar"
-        if out.exists():
-            return out
+        targets = program_targets(ctx / "Dockerfile")
+        outs = {t: CACHE / "images" / f"halfclose-{t or 'default'}-{key}.tar" for t in targets}
+        if all(o.exists() for o in outs.values()):
+            return {image_ref(t): o for t, o in outs.items()}
         work = Path(tempfile.mkdtemp(prefix="hcn-build-", dir=CACHE))
         try:
             t0 = time.monotonic()
-            stage = build_dockerfile(ctx / "Dockerfile", ctx, base, work, target)
-            write_oci(stage.root, HALFCLOSE_REF, _stage_config(stage), out)
-            log(f"halfclose image built in {time.monotonic() - t0:.0f}s")
+            last = "operator" if "operator" in targets else None
+            stages = build_dockerfile(ctx / "Dockerfile", ctx, base, work, last)
+            for t, out in outs.items():
+                write_oci(stages[t].root, image_ref(t), _stage_config(stages[t]), out)
+            log(f"halfclose image(s) {targets} built in {time.monotonic() - t0:.0f}s")
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        return out
+        return {image_ref(t): o for t, o in outs.items()}
     finally:
         shutil.rmtree(ctx, ignore_errors=True)
 
@@ -485,13 +510,12 @@ def mesh_image(base: Path, base_key: str) -> Path:
 
 def main() -> None:
     outdir = Path(sys.argv[1]) if len(sys.argv) > 1 else CACHE / "images"
-    target = os.environ.get("HCN_IMAGE_TARGET") or None
     (CACHE / "images").mkdir(parents=True, exist_ok=True)
     base = Path(run(["bash", str(HERE / "rootfs.sh")], capture_output=True).stdout.strip())
     base_key = base.parent.name
     built = {
         PAUSE_REF: pause_image(),
-        HALFCLOSE_REF: halfclose_image(base, base_key, target),
+        **halfclose_images(base, base_key),
         MESH_REF: mesh_image(base, base_key),
     }
     outdir.mkdir(parents=True, exist_ok=True)
