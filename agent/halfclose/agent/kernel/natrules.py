@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from halfclose.agent.kernel.netns import NetnsHandle
-from halfclose.errors import UserError
+from halfclose.errors import RulesUnreadable
 
 IPTABLES_SOURCES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("iptables-nft", ("iptables-save",)),
@@ -577,6 +577,8 @@ def detect(handle: NetnsHandle, timeout: float = 10.0) -> CapturePorts:
         read.append(name)
     if not read:
         why = "; ".join(f"{k}: {v}" for k, v in failed.items())
-        raise UserError(f"cannot read NAT rules in {handle.label} ({why}); pass --capture-ports")
+        raise RulesUnreadable(
+            f"cannot read NAT rules in {handle.label} ({why}); pass --capture-ports"
+        )
     missing = tuple(k for k, why in failed.items() if _tool_missing(why))
     return combine(scans, tuple(read), failed, missing)

@@ -19,7 +19,7 @@ import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
-from halfclose.errors import UserError
+from halfclose.errors import NetnsGone, PermissionDenied, UserError
 
 CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = "/run/netns"
@@ -77,6 +77,15 @@ def host_netns_path(proc_root: str = "/proc") -> str:
         raise exc from None
 
 
+def _fault(exc: OSError) -> type[UserError]:
+    """The typed error for a failed open/setns: EPERM is no missing netns."""
+    if exc.errno in (errno.EPERM, errno.EACCES):
+        return PermissionDenied
+    if exc.errno in (errno.ENOENT, errno.ESRCH):
+        return NetnsGone
+    return UserError
+
+
 class NetnsHandle:
     """An open network namespace (an fd on its nsfs inode).
 
@@ -110,7 +119,7 @@ class NetnsHandle:
             raise UserError(f"invalid pid {pid}")
         path = f"{proc_root}/{pid}/ns/net"
         if not os.path.exists(f"{proc_root}/{pid}"):
-            raise UserError(f"no such process: pid {pid}")
+            raise NetnsGone(f"no such process: pid {pid}")
         return cls._open(path, f"pid:{pid}", f"the netns of pid {pid}")
 
     @classmethod
@@ -124,9 +133,11 @@ class NetnsHandle:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise UserError(f"{what} does not exist ({path})") from None
+            raise NetnsGone(f"{what} does not exist ({path})") from None
+        except PermissionError as exc:
+            raise PermissionDenied(f"cannot open {what} ({path}): {exc.strerror}") from None
         except OSError as exc:
-            raise UserError(f"cannot open {what} ({path}): {exc.strerror}") from None
+            raise _fault(exc)(f"cannot open {what} ({path}): {exc.strerror}") from None
         handle = cls(fd, path, label)
         # Prove it is a netns we can enter before anyone relies on it: a
         # regular file or another namespace type fails here with EINVAL.
@@ -137,7 +148,7 @@ class NetnsHandle:
             if exc.errno == errno.EINVAL:
                 # setns() says EINVAL for a file that is not a network namespace.
                 raise UserError(f"{path} is not a network namespace") from None
-            raise UserError(f"cannot enter {what} ({path}): {exc.strerror}") from None
+            raise _fault(exc)(f"cannot enter {what} ({path}): {exc.strerror}") from None
         return handle
 
     def is_host(self, proc_root: str = "/proc") -> bool:
