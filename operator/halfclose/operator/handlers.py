@@ -35,6 +35,7 @@ from prometheus_client import CollectorRegistry
 
 from halfclose.api import GROUP, POLICY_PLURAL, REPORT_PLURAL, VERSION
 from halfclose.api.crds import PEERING_GROUP, PEERING_KIND, PEERING_PLURAL, PEERING_VERSION
+from halfclose.metricsauth import MetricsAuth, api_client_post
 from halfclose.operator.client import (
     METADATA_ONLY,
     METADATA_ONLY_WATCH,
@@ -163,8 +164,12 @@ def build_operator(
         peering = state.settings.peering
         if peering and not settings.peering.standalone and await ensure_peering(client, peering):
             log.info("created %s %r", PEERING_KIND, state.settings.peering)
+        auth = None
+        if state.settings.metrics_auth:
+            api = kubernetes.client.ApiClient(await configuration())
+            auth = MetricsAuth(api_client_post(api), state.settings.metrics_auth_cache_seconds)
         state.probes = ProbeServer(
-            state.metrics, state.settings.metrics_host, state.settings.metrics_port
+            state.metrics, state.settings.metrics_host, state.settings.metrics_port, auth=auth
         )
         await state.probes.start()
         _start(state, client)

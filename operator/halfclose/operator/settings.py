@@ -35,6 +35,9 @@ class OperatorSettings:
     peering: str | None = "halfclose"
     priority: int = 0
     kubeconfig: str | None = None
+    # /metrics behind TokenReview + SubjectAccessReview (halfclose.metricsauth).
+    metrics_auth: bool = False
+    metrics_auth_cache_seconds: float = 60.0
 
 
 def _port(text: str) -> int:
@@ -57,6 +60,16 @@ def _seconds(text: str) -> float:
         value = -1.0
     if not 0.05 <= value <= 300:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0.05-300)")
+    return value
+
+
+def _cache_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (1-3600)")
     return value
 
 
@@ -112,6 +125,19 @@ def settings_from(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Ope
         help="replica priority (default: random per process)",
     )
     parser.add_argument(
+        "--metrics-auth",
+        action="store_true",
+        default=env("METRICS_AUTH", "") in ("1", "true", "yes"),
+        help="serve /metrics only to bearer tokens allowed to get /metrics (TokenReview + "
+        "SubjectAccessReview)",
+    )
+    parser.add_argument(
+        "--metrics-auth-cache-seconds",
+        type=_cache_seconds,
+        default=env("METRICS_AUTH_CACHE_SECONDS", "60"),
+        help="how long a token's review is cached (default 60)",
+    )
+    parser.add_argument(
         "--kubeconfig",
         default=environ.get("KUBECONFIG") or None,
         help="kubeconfig file (default: $KUBECONFIG, else in-cluster)",
@@ -126,6 +152,8 @@ def settings_from(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Ope
         peering=None if args.standalone else args.peering,
         priority=priority,
         kubeconfig=args.kubeconfig,
+        metrics_auth=args.metrics_auth,
+        metrics_auth_cache_seconds=args.metrics_auth_cache_seconds,
     )
 
 

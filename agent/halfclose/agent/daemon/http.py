@@ -3,7 +3,10 @@
 A ThreadingHTTPServer on its own thread: a slow scraper never stalls a scan.
 ``/healthz`` fails when the agent loop has not made a pass for a while (a
 wedged loop should be restarted by the kubelet); ``/readyz`` succeeds once the
-policies have been listed at least once.
+policies have been listed at least once.  With ``auth`` (chart value
+``metrics.auth.enabled``) ``/metrics`` answers only a bearer token that the API
+server says may ``get /metrics`` (``halfclose.metricsauth``); the probes stay
+open for the kubelet.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from halfclose.metricsauth import MetricsAuth
+
 
 class HealthServer:
     def __init__(
@@ -23,9 +28,11 @@ class HealthServer:
         registry: CollectorRegistry,
         healthy: Callable[[], bool],
         ready: Callable[[], bool],
+        *,
+        auth: MetricsAuth | None = None,
     ) -> None:
         def handler_factory(*args: object) -> BaseHTTPRequestHandler:
-            return _Handler(registry, healthy, ready, *args)
+            return _Handler(registry, healthy, ready, auth, *args)
 
         self.server = ThreadingHTTPServer((host, port), handler_factory)
         self.server.daemon_threads = True
@@ -55,16 +62,22 @@ class _Handler(BaseHTTPRequestHandler):
         registry: CollectorRegistry,
         healthy: Callable[[], bool],
         ready: Callable[[], bool],
+        auth: MetricsAuth | None,
         *args: object,
     ) -> None:
         self.registry = registry
         self.healthy = healthy
         self.ready = ready
+        self.auth = auth
         super().__init__(*args)  # type: ignore[arg-type]
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
+            verdict = self.auth.check(self.headers.get("Authorization")) if self.auth else None
+            if verdict is not None and not verdict.allowed:
+                self._reply(verdict.status, f"{verdict.reason}\n".encode())
+                return
             self._reply(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
         elif path == "/healthz":
             ok = self.healthy()
@@ -77,6 +90,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _reply(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
         self.send_response(status)
+        if status == 401:
+            self.send_header("WWW-Authenticate", 'Bearer realm="halfclose-metrics"')
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

@@ -65,7 +65,7 @@ from halfclose.agent.kernel.ctevents import (
 )
 from halfclose.agent.kernel.netlink import NETLINK_NETFILTER, open_socket
 from halfclose.agent.kernel.netns import NetnsHandle
-from halfclose.agent.kernel.podnetns import PodNetnsResolver
+from halfclose.agent.kernel.podnetns import PodNetnsResolver, PodNetnsSource
 from halfclose.agent.kube.reports import PodEvent, PodRef, ReportUpdate
 from halfclose.api.policy import KILL_SOCKETS, PATCH_CONNTRACK, Policy
 from halfclose.api.report import (
@@ -323,7 +323,7 @@ class Agent:
         reports: ReportSink,
         remediator: Remediator,
         *,
-        resolver: PodNetnsResolver | None = None,
+        resolver: PodNetnsSource | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -480,7 +480,7 @@ class Agent:
         wanted: dict[int, tuple[str, list[PodKey]]] = {}
         refused: set[PodKey] = set()
         for key, target in sorted(targets.items()):
-            where = self.resolver.resolve(target.container_ids)
+            where = self.resolver.resolve(target.container_ids, target.pod_ips, target.host_ips)
             if where is None:
                 continue
             if where.inode in self.host_netns:

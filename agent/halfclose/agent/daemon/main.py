@@ -11,9 +11,10 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -22,13 +23,33 @@ from halfclose.agent.daemon.loop import Agent
 from halfclose.agent.daemon.metrics import AgentMetrics
 from halfclose.agent.daemon.remediate import EngineRemediator
 from halfclose.agent.daemon.settings import AgentSettings
+from halfclose.agent.kernel.mountns import MountedNetnsResolver
 from halfclose.agent.kernel.netns import require_root
+from halfclose.agent.kernel.podnetns import PodNetnsResolver, PodNetnsSource
 from halfclose.agent.kube.client import RawClient, load_api_client
 from halfclose.agent.kube.reports import ReportWriter
 from halfclose.agent.kube.world import KubeWorld
 from halfclose.errors import UserError
+from halfclose.metricsauth import MetricsAuth
 
 log = logging.getLogger("halfclose.agent")
+
+
+def pod_netns_source(settings: AgentSettings) -> PodNetnsSource:
+    """The runtime's bind mounts by pod IP (the chart's default), or host PIDs (hostPID)."""
+    if settings.netns_dir is not None:
+        return MountedNetnsResolver(settings.netns_dir)
+    return PodNetnsResolver(settings.host_proc)
+
+
+def metrics_auth(settings: AgentSettings, client: RawClient) -> MetricsAuth | None:
+    if not settings.metrics_auth:
+        return None
+
+    def post(path: str, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        return client.request("POST", path, body=dict(body))
+
+    return MetricsAuth(post, settings.metrics_auth_cache_seconds)
 
 
 @dataclass
@@ -62,7 +83,8 @@ class Daemon:
             metrics,
             world,
             writer,
-            EngineRemediator(settings.state_dir, settings.host_proc),
+            EngineRemediator(settings.state_dir, settings.sysctl_root),
+            resolver=pod_netns_source(settings),
         )
         holder.append(agent)
         http = HealthServer(
@@ -71,6 +93,7 @@ class Daemon:
             registry,
             healthy=agent.healthy,
             ready=world.synced,
+            auth=metrics_auth(settings, client),
         )
         return cls(settings, registry, metrics, world, writer, agent, http)
 

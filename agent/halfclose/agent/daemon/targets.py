@@ -29,6 +29,10 @@ class PodTarget:
     uid: str
     policy: Policy
     container_ids: frozenset[str]
+    # status.podIPs and status.hostIPs: how the default resolver (the runtime's
+    # netns bind mounts, no hostPID) finds the pod, and which netns it refuses.
+    pod_ips: frozenset[str] = frozenset()
+    host_ips: frozenset[str] = frozenset()
 
     @property
     def key(self) -> PodKey:
@@ -52,6 +56,17 @@ def parse_policies(objects: Iterable[Mapping[str, Any]]) -> list[Policy]:
 
 def _labels(obj: Mapping[str, Any]) -> Mapping[str, str]:
     return (obj.get("metadata") or {}).get("labels") or {}
+
+
+def status_ips(status: Mapping[str, Any] | None, plural: str, singular: str) -> frozenset[str]:
+    """``status.podIPs[*].ip`` (or hostIPs), else the older single-address field."""
+    status = status or {}
+    ips = {
+        str(e.get("ip")) for e in status.get(plural) or () if isinstance(e, Mapping) and e.get("ip")
+    }
+    if not ips and status.get(singular):
+        ips.add(str(status[singular]))
+    return frozenset(ips)
 
 
 def pod_is_scannable(pod: Mapping[str, Any], node: str) -> bool:
@@ -91,12 +106,21 @@ def pod_targets(
         meta = pod.get("metadata") or {}
         namespace, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
         ids = pod_container_ids(pod.get("status"))
-        if not ids:
-            continue  # no container started yet: nothing to resolve
+        pod_ips = status_ips(pod.get("status"), "podIPs", "podIP")
+        if not ids and not pod_ips:
+            continue  # no container started, no address yet: nothing to resolve
         policy = select_policy(
             policy_list, namespace_labels.get(namespace), namespace, _labels(pod)
         )
         if policy is None:
             continue
-        out[(namespace, name)] = PodTarget(namespace, name, str(meta.get("uid") or ""), policy, ids)
+        out[(namespace, name)] = PodTarget(
+            namespace,
+            name,
+            str(meta.get("uid") or ""),
+            policy,
+            ids,
+            pod_ips,
+            status_ips(pod.get("status"), "hostIPs", "hostIP"),
+        )
     return out
