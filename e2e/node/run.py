@@ -10,10 +10,13 @@ passed; the node is torn down either way. Root only.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import signal
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import traceback
@@ -109,8 +112,20 @@ def render(values: dict[str, Any]) -> list[dict[str, Any]]:
     no offline install, so the install is this render + kubectl apply."""
     import helm_python  # noqa: PLC0415 - the dev extras' SDK, imported when rendering
 
-    with helm_python.Chart.load(str(CHART)) as chart:
-        files = chart.render(values, name=RELEASE, namespace=SYSTEM_NS, is_install=True)
+    with tempfile.TemporaryDirectory(prefix="hcn-chart-") as tmp:
+        chart_dir = CHART
+        if os.environ.get("E2E_NODE_SOURCE") == "HEAD":  # the committed chart, as the images
+            tar = subprocess.run(
+                ["git", "-C", str(REPO), "archive", "--format=tar", "HEAD", "charts/halfclose"],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            ).stdout
+            with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+                t.extractall(tmp, filter="tar")
+            chart_dir = Path(tmp) / "charts" / "halfclose"
+        with helm_python.Chart.load(str(chart_dir)) as chart:
+            files = chart.render(values, name=RELEASE, namespace=SYSTEM_NS, is_install=True)
     docs = []
     for template, text in sorted(files.items()):
         if template.endswith("NOTES.txt"):

@@ -345,17 +345,26 @@ def build_dockerfile(
 
 
 def _context_files(context: Path) -> Path:
-    """The build context: the committed tree (HEAD), as `docker build` of a
-    fresh clone sees it; edits in progress in the work tree do not leak in."""
+    """The build context: the files git tracks, from the work tree (as `docker
+    build .` of this checkout sees them), or from the last commit with
+    E2E_NODE_SOURCE=HEAD (a shared tree with others' edits in progress)."""
     ctx = Path(tempfile.mkdtemp(prefix="hcn-ctx-", dir=CACHE))
-    archive = subprocess.run(
-        ["git", "-C", str(context), "archive", "--format=tar", "HEAD"],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    ).stdout
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(ctx, filter="tar")
+    if os.environ.get("E2E_NODE_SOURCE") == "HEAD":
+        archive = subprocess.run(
+            ["git", "-C", str(context), "archive", "--format=tar", "HEAD"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        ).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(ctx, filter="tar")
+        return ctx
+    listed = run(["git", "-C", str(context), "ls-files", "-z"], capture_output=True).stdout
+    for f in filter(None, listed.split("\0")):
+        src = context / f
+        if src.is_file():
+            (ctx / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, ctx / f)
     return ctx
 
 
@@ -409,7 +418,7 @@ def program_targets(dockerfile: Path) -> list[str]:
         for word, rest in _instructions(dockerfile.read_text(encoding="utf-8"))
         if word == "FROM" and len(parts := rest.split()) >= 3 and parts[1].upper() == "AS"
     }
-    found = [t for t in ("agent", "operator") if t in names]
+    found: list[str] = [t for t in ("agent", "operator") if t in names]
     return found or [""]
 
 
