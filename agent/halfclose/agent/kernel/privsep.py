@@ -31,7 +31,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -203,10 +203,17 @@ def serve(sock: socket.socket, handlers: Mapping[str, Handler]) -> None:
 
 @dataclass
 class WorkerClient:
-    """The parent's end: ``call`` one method at a time (a lock keeps replies in order)."""
+    """The parent's end: ``call`` one method at a time (a lock keeps replies in order).
+
+    An error reply becomes an exception again: a type named in ``errors`` (an
+    allowlist: name -> class taking one message) as that class, one with an
+    errno as ``OSError`` (so ``PermissionError``, ``FileNotFoundError``, ...),
+    anything else as ``WorkerError``.
+    """
 
     sock: socket.socket
     pid: int
+    errors: Mapping[str, Callable[[str], BaseException]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -225,10 +232,13 @@ class WorkerClient:
         if "error" in reply:
             for fd in got:
                 os.close(fd)
-            error = reply["error"]
-            if error.get("errno") is not None:
-                raise OSError(int(error["errno"]), str(error.get("message")))
-            raise WorkerError(f"{error.get('type')}: {error.get('message')}")
+            error = reply["error"] if isinstance(reply["error"], dict) else {}
+            kind, message = str(error.get("type")), str(error.get("message"))
+            if kind in self.errors:
+                raise self.errors[kind](message)
+            if isinstance(error.get("errno"), int):
+                raise OSError(int(error["errno"]), message)
+            raise WorkerError(f"{kind}: {message}")
         return reply.get("result"), got
 
     def close(self, timeout: float = 5.0) -> None:
@@ -247,9 +257,14 @@ class WorkerClient:
 
 
 def start_worker(
-    handlers: Mapping[str, Handler], before_serving: Callable[[], None] | None = None
+    handlers: Callable[[], Mapping[str, Handler]],
+    errors: Mapping[str, Callable[[str], BaseException]] | None = None,
 ) -> WorkerClient:
-    """Fork the privileged worker; returns the parent's client. Call before any thread starts."""
+    """Fork the privileged worker; returns the parent's client. Call before any thread starts.
+
+    ``handlers`` is called in the child: whatever it opens (the kernel side's
+    state) exists only there.
+    """
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:  # the worker
@@ -261,13 +276,11 @@ def start_worker(
                 os._exit(0)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-            if before_serving is not None:
-                before_serving()
-            serve(child_end, handlers)
+            serve(child_end, handlers())
         except BaseException:
             log.exception("kernel worker failed")
             code = 1
         finally:
             os._exit(code)
     child_end.close()
-    return WorkerClient(parent_end, pid)
+    return WorkerClient(parent_end, pid, dict(errors or {}))
