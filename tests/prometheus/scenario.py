@@ -2,11 +2,11 @@
 
 The kernel side: three labs (``halfclose.lab``) -- an Istio-style one
 (iptables-nft) with six pod netns, a Linkerd-style one on iptables-legacy whose
-rules the agent cannot read with the chart's capabilities (no NET_RAW), and one
-with a long close_wait whose entries get flushed -- plus the collision pod of
-tests/support/collision.py.  Their proxies are made to look like containerd
-containers (tests/support/podcgroup.py), so the agents resolve Pods to netns
-through the real /proc, as on a node.
+rules the agent cannot read with the chart's capabilities (no NET_RAW), and a
+slow one (60 s close_wait: entries are extended or flushed, never racing their
+expiry) -- plus the collision pod of tests/support/collision.py.  Their proxies
+are made to look like containerd containers (tests/support/podcgroup.py), so
+the agents resolve Pods to netns through the real /proc, as on a node.
 
 Kubernetes objects (cluster ``Cluster``):
 
@@ -14,9 +14,9 @@ Kubernetes objects (cluster ``Cluster``):
     shop/cart    lab pod 0  policy kill    KillSockets: leaks form and are killed
     archive/vault lab pod 1 policy report  Report: 12 leaks held
     shop/pay     lab pod 2  policy kill    the kernel refuses SOCK_DESTROY here
-    ledger/books lab pod 3  policy extend  PatchConntrack/PerEntry: entries extended
+    ledger/books slow lab   policy extend  PatchConntrack/PerEntry: entries extended
     legacy/old   legacy lab policy legacy  (made in the fault phase) rules unreadable
-    archive/flush flush lab   policy report  conntrack -F under live half-closes:
+    archive/flush slow lab  policy report  conntrack -F under live half-closes:
                  unproven (entry-removed-early), never acted on
     depot/gate   tests/support/collision.py's pod  policy observe (Report): the
                  app reconnects from a leaked socket's port (istio#43301)
@@ -65,11 +65,13 @@ NODE_A, NODE_B = "node-a", "node-b"
 CART = ("shop", "cart", 0)
 VAULT = ("archive", "vault", 1)
 PAY = ("shop", "pay", 2)
-BOOKS = ("ledger", "books", 3)
+BOOKS = ("ledger", "books", 1)  # in the slow lab: extended well before expiry
 OLD = ("legacy", "old", 0)  # in the legacy lab
 GATE = ("depot", "gate")  # the collision pod
-FLUSH = ("archive", "flush", 0)  # in the flush lab (a long close_wait: flushed, not expired)
-FLUSH_CLOSE_WAIT = 60
+FLUSH = ("archive", "flush", 0)  # in the slow lab: flushed, not expired
+# The slow lab's close_wait: an at-risk entry stays this long, so extending it
+# (PerEntry) or flushing it never races its expiry, however busy the machine.
+SLOW_CLOSE_WAIT = 60
 MESH_PODS = 6
 VAULT_LEAKS = 12  # the alert's default threshold is 10
 # Agent B without CAP_SYS_ADMIN cannot enter a netns: each of its six pods'
@@ -158,8 +160,8 @@ class Stack:
                 backend="iptables-legacy",
             )
         )
-        self.flush = Lab(LabSettings(prefix=f"{prefix}f", pods=1,
-                                     close_wait_timeout=FLUSH_CLOSE_WAIT))  # fmt: skip
+        self.slow = Lab(LabSettings(prefix=f"{prefix}s", pods=2,
+                                    close_wait_timeout=SLOW_CLOSE_WAIT))  # fmt: skip
         self.containers: FakeContainers | None = None
         self.exits = contextlib.ExitStack()
         self.gate: tuple[str, Any, Any] | None = None  # collision pod: netns, proxy, app
@@ -175,7 +177,7 @@ class Stack:
         self.containers = containers
         self.mesh.up()
         self.legacy.up()
-        self.flush.up()
+        self.slow.up()
         for obj in (node(NODE_A), node(NODE_B)):
             self.cluster.apply(obj)
         for ns in ("shop", "archive", "ledger", "legacy", "batch", GATE[0]):
@@ -183,13 +185,14 @@ class Stack:
         self.gate = self.exits.enter_context(collision.pod())
         cid = containers.adopt(self.gate[1].pid)
         self.cluster.put_pod(pod_object(GATE[0], GATE[1], NODE_A, cid))
-        for ns, name, i in (CART, VAULT, PAY, BOOKS):
+        for ns, name, i in (CART, VAULT, PAY):
             cid = containers.adopt(self.mesh.proxy_pid(i))
             self.cluster.put_pod(pod_object(ns, name, NODE_A, cid))
         cid = containers.adopt(self.legacy.proxy_pid(OLD[2]))
         self.cluster.put_pod(pod_object(OLD[0], OLD[1], NODE_A, cid))
-        cid = containers.adopt(self.flush.proxy_pid(FLUSH[2]))
-        self.cluster.put_pod(pod_object(FLUSH[0], FLUSH[1], NODE_A, cid))
+        for ns, name, i in (FLUSH, BOOKS):
+            cid = containers.adopt(self.slow.proxy_pid(i))
+            self.cluster.put_pod(pod_object(ns, name, NODE_A, cid))
         for i in range(MESH_PODS):
             # Node B's pods: a sleeper in each mesh netns stands for their containers.
             sleeper = subprocess.Popen(
@@ -236,7 +239,7 @@ class Stack:
             *(p.stop for p in (self.operator, self.agent_b, self.agent_a) if p is not None),
             self._stop_sleepers,
             self.exits.close,
-            self.flush.down,
+            self.slow.down,
             self.legacy.down,
             self.mesh.down,
         ):
@@ -411,13 +414,13 @@ class Stack:
         made["leaks"] = time.monotonic()
         self.mesh.late_close(count=3, after_seconds=CLOSE_WAIT + 3, pod=CART[2])
         self.mesh.late_close(count=2, after_seconds=CLOSE_WAIT + 3, pod=PAY[2])
-        self.mesh.late_close(count=2, after_seconds=CLOSE_WAIT + 4, pod=BOOKS[2])
+        self.slow.late_close(count=2, after_seconds=15, pod=BOOKS[2])
         self.mesh.leak(count=VAULT_LEAKS, pod=VAULT[2])
         self.legacy.leak(count=2, pod=0)
         # Live half-closes whose NAT entries someone flushes: unproven, not leaked.
-        self.flush.late_close(count=2, after_seconds=300, pod=FLUSH[2])
+        self.slow.late_close(count=2, after_seconds=300, pod=FLUSH[2])
         subprocess.run(
-            ["ip", "netns", "exec", self.flush.pod_netns(FLUSH[2]), "conntrack", "-F"],
+            ["ip", "netns", "exec", self.slow.pod_netns(FLUSH[2]), "conntrack", "-F"],
             check=True,
             capture_output=True,
             timeout=10,
