@@ -6,7 +6,13 @@ import ipaddress
 
 import pytest
 
-from halfclose.agent.core.classify import Evidence, classify, is_candidate
+from halfclose.agent.core.classify import (
+    DELAYED_ACK_MARGIN_SECONDS,
+    Evidence,
+    classify,
+    is_candidate,
+    silence_bar,
+)
 from halfclose.agent.core.model import (
     Capture,
     CaptureEvidence,
@@ -83,7 +89,7 @@ def test_leaked_when_entry_absent_at_risk_when_present() -> None:
     assert [(f.kind, f.socket) for f in out] == [(Kind.LEAKED, leaked), (Kind.AT_RISK, live)]
     assert out[0].entry is None and out[1].entry == entry_for(live)
     assert out[0].owner == PROXY
-    assert out[0].capture is Capture.RULE and out[0].min_silence_seconds == 5.0
+    assert out[0].capture is Capture.RULE and out[0].min_silence_seconds == 5.2
     assert out[0].reason is None
 
 
@@ -191,8 +197,12 @@ def test_collision_ignores_min_idle_and_sorts_first() -> None:
 @pytest.mark.parametrize(
     ("recv_ms", "sent_ms", "kind", "reason"),
     [
-        (5000, 5000, Kind.LEAKED, None),
+        (5200, 5200, Kind.LEAKED, None),
         (4999, 600_000, Kind.UNPROVEN, UnprovenReason.ENTRY_REMOVED_EARLY),
+        # Silent exactly the timeout is not enough: the socket's own delayed
+        # ACK (up to 200 ms after the last data) re-armed the entry unseen.
+        (5000, 5000, Kind.UNPROVEN, UnprovenReason.ENTRY_REMOVED_EARLY),
+        (5199, 600_000, Kind.UNPROVEN, UnprovenReason.ENTRY_REMOVED_EARLY),
         # The app is silent, but the proxy sent data 1 s ago: that packet
         # re-armed the entry, so it cannot have expired since.
         (600_000, 1000, Kind.UNPROVEN, UnprovenReason.ENTRY_REMOVED_EARLY),
@@ -211,10 +221,23 @@ def test_shortest_timeout_is_the_smaller_of_close_wait_and_fin_wait() -> None:
     s = sock(idle_ms=30_000)
     fin_short = HalfClosedTimeouts(close_wait=60, fin_wait=20)
     (f,) = classify([s], PORTS, evidence({s.nat_reply_tuple: None}, timeouts=fin_short), {})
-    assert f.kind is Kind.LEAKED and f.min_silence_seconds == 20
+    assert f.kind is Kind.LEAKED and f.min_silence_seconds == 20.2
     default = HalfClosedTimeouts(close_wait=60, fin_wait=120)
     (f,) = classify([s], PORTS, evidence({s.nat_reply_tuple: None}, timeouts=default), {})
     assert f.reason is UnprovenReason.ENTRY_REMOVED_EARLY
+
+
+def test_the_bar_adds_the_delayed_ack_margin_to_the_shortest_timeout() -> None:
+    """A pure ACK of the socket re-arms the entry up to TCP_DELACK_MAX (200 ms) after
+    the last age tcp_info shows: silence of exactly the timeout proves no expiry."""
+    t = HalfClosedTimeouts(close_wait=2, fin_wait=120)
+    assert silence_bar(t) == pytest.approx(2.2)
+    assert pytest.approx(0.2) == DELAYED_ACK_MARGIN_SECONDS
+    for ms, kind in ((2000, Kind.UNPROVEN), (2199, Kind.UNPROVEN), (2200, Kind.LEAKED)):
+        s = sock(idle_ms=ms, sent_ms=ms)
+        (f,) = classify([s], PORTS, evidence({s.nat_reply_tuple: None}, timeouts=t), {})
+        assert f.kind is kind, ms
+        assert f.min_silence_seconds == pytest.approx(2.2)
 
 
 def test_unknown_timeouts_prove_nothing() -> None:

@@ -44,12 +44,25 @@ from halfclose.agent.core.model import (
     Finding,
     FlowTuple,
     HalfClosedTimeouts,
+    IPAddress,
     Kind,
     Owner,
     SocketRecord,
     TcpState,
     UnprovenReason,
 )
+
+# Part 4's margin.  The leaked socket's own pure ACKs re-arm the conntrack
+# entry, and tcp_info records no age for them: after the last data it received,
+# a socket ACKs up to the delayed-ACK maximum later (TCP_DELACK_MAX, 200 ms).
+# So an entry can outlive the last packet tcp_info shows by that much, and
+# "silent for the shortest timeout" proves expiry only with it added.
+DELAYED_ACK_MARGIN_SECONDS = 0.2
+
+
+def silence_bar(timeouts: HalfClosedTimeouts) -> float:
+    """Part 4's bar: the silence that proves the entry went by expiry (seconds)."""
+    return timeouts.shortest + DELAYED_ACK_MARGIN_SECONDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +71,9 @@ class Evidence:
 
     ``lookups`` maps a normalized reply tuple to its entry, or to None when the
     lookup found none; a candidate whose tuple was not looked up is skipped
-    (absence of evidence is not the proof a leak needs).  ``timeouts`` None
+    (absence of evidence is not the proof a leak needs).  ``by_cookie`` holds
+    the same answers keyed by the socket looked up (its cookie), as the scan
+    builds them: the tuple is built once, for the request, and never hashed.  ``timeouts`` None
     means part 4 cannot be shown; ``timeouts_missing`` says why.
     """
 
@@ -66,6 +81,17 @@ class Evidence:
     lookups: Mapping[FlowTuple, ConntrackEntry | None] = field(default_factory=dict)
     timeouts: HalfClosedTimeouts | None = None
     timeouts_missing: UnprovenReason = UnprovenReason.TIMEOUTS_UNKNOWN
+    by_cookie: Mapping[int, ConntrackEntry | None] = field(default_factory=dict)
+
+    def entry(self, sock: SocketRecord) -> tuple[bool, ConntrackEntry | None]:
+        """(looked up?, the entry under the socket's NAT reply tuple or None)."""
+        by_cookie = self.by_cookie
+        if sock.cookie in by_cookie:
+            return True, by_cookie[sock.cookie]
+        reply = sock.nat_reply_tuple
+        if reply in self.lookups:
+            return True, self.lookups[reply]
+        return False, None
 
 
 def examined(sock: SocketRecord, ports: Collection[int], capture: CaptureEvidence) -> bool:
@@ -94,7 +120,7 @@ def judge(sock: SocketRecord, evidence: Evidence, owner: Owner | None) -> Findin
 
     None when the candidate's reply tuple was not looked up.
     """
-    threshold = float(evidence.timeouts.shortest) if evidence.timeouts is not None else None
+    threshold = silence_bar(evidence.timeouts) if evidence.timeouts is not None else None
     capture = evidence.capture.proves(sock)
     if capture is None:
         return Finding(
@@ -104,9 +130,8 @@ def judge(sock: SocketRecord, evidence: Evidence, owner: Owner | None) -> Findin
             reason=UnprovenReason.NOT_NAT_CAPTURED,
             min_silence_seconds=threshold,
         )
-    try:
-        entry = evidence.lookups[sock.nat_reply_tuple]
-    except KeyError:
+    looked_up, entry = evidence.entry(sock)
+    if not looked_up:
         return None
     if entry is not None and not entry.opening:
         return Finding(
@@ -159,13 +184,20 @@ def classify(
 _KIND_ORDER = {Kind.COLLISION: 0, Kind.LEAKED: 1, Kind.AT_RISK: 2, Kind.UNPROVEN: 3}
 
 
-def _order(f: Finding) -> tuple[int, int, str, int, str, int]:
+def _order(f: Finding) -> tuple[int, int, int, int, int]:
+    # Addresses compare as numbers (no string formatting per finding); an
+    # IPv4 address sorts before every IPv6 one (its number is < 2**32 and v6
+    # numbers are offset above it).
     s = f.socket
+    local, peer = s.local, s.peer
     return (
         _KIND_ORDER[f.kind],
-        s.local.ip.version,
-        str(s.local.ip),
-        s.local.port,
-        str(s.peer.ip),
-        s.peer.port,
+        _ip_key(local.ip),
+        local.port,
+        _ip_key(peer.ip),
+        peer.port,
     )
+
+
+def _ip_key(ip: IPAddress) -> int:
+    return int(ip) if ip.version == 4 else int(ip) + (1 << 32)

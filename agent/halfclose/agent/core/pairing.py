@@ -27,7 +27,6 @@ downstream is this one); otherwise the pair is None.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from halfclose.agent.core.model import Endpoint, Finding, Kind, Owner, SocketRecord, TcpState
@@ -228,8 +227,6 @@ def pair(
     for up in chosen.values():
         counts[up.cookie] = counts.get(up.cookie, 0) + 1
     return [
-        dataclasses.replace(f, upstream=chosen[i])
-        if i in chosen and counts[chosen[i].cookie] == 1
-        else f
+        f.with_upstream(chosen[i]) if i in chosen and counts[chosen[i].cookie] == 1 else f
         for i, f in enumerate(findings)
     ]

@@ -246,13 +246,14 @@ class Scanner:
             found = self._nat_endpoints(settings.rules_max_age_seconds, unshown)
             capture = dataclasses.replace(capture, nat_endpoints=found)
         proven = [s for s in candidates if capture.proves(s) is not None]
-        lookups = self._ct.lookup_replies([s.nat_reply_tuple for s in proven])
+        # One GET per proven candidate, many per send(), keyed back by cookie.
+        by_cookie = self._ct.lookup_sockets(proven)
         warnings: tuple[str, ...] = ()
         timeouts = self.timeouts(settings)
         if isinstance(timeouts, HalfClosedTimeouts):
-            evidence = Evidence(capture, lookups, timeouts)
+            evidence = Evidence(capture, timeouts=timeouts, by_cookie=by_cookie)
         else:
-            evidence = Evidence(capture, lookups, None, timeouts)
+            evidence = Evidence(capture, timeouts_missing=timeouts, by_cookie=by_cookie)
             warnings = (
                 f"the conntrack timeouts of {self.handle.label} could not be read "
                 f"({timeouts}): no leak can be proven",

@@ -22,10 +22,17 @@ import errno
 import ipaddress
 import socket
 import struct
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from halfclose.agent.core.model import ConntrackEntry, FlowTuple
+from halfclose.agent.core.model import (
+    ConntrackEntry,
+    FlowTuple,
+    IPAddress,
+    SocketRecord,
+    normalize_ip,
+)
 from halfclose.agent.kernel import netlink as nl
 from halfclose.agent.kernel.netns import NetnsHandle
 
@@ -86,6 +93,9 @@ TCP_CONNTRACK_STATES = (
     "CLOSE",
     "SYN_SENT2",
 )
+
+_nlmsg = nl.NLMSG_HDR.unpack_from
+_NLMSG_HDR = nl.NLMSG_HDR.size
 
 # A batch of GETs is answered into our receive buffer before we read it; keep
 # the worst case (every request answered with a ~250-byte entry) well under it.
@@ -172,6 +182,57 @@ def _pack_reply_get(reply: FlowTuple) -> bytes:
     return (_GET_V4 if v4 else _GET_V6).pack(*fields)
 
 
+# The same request with the addresses as numbers (``int(ip)``: no ``packed``
+# bytes built) and the nlmsghdr included; the header's host-order fields are
+# pre-swapped into this big-endian layout once (``_fast_header``).
+_FAST_V4 = struct.Struct("!IHHII BBH HH HH HHI HHI HH HHB3x HHH2x HHH2x")
+_FAST_V6 = struct.Struct("!IHHII BBH HH HH HHQQ HHQQ HH HHB3x HHH2x HHH2x")
+_SWAP32 = sys.byteorder == "little"
+
+
+def _swap32(v: int) -> int:
+    return int.from_bytes(v.to_bytes(4, "little"), "big") if _SWAP32 else v
+
+
+def _fast_prefix(v4: bool) -> tuple[int, ...]:
+    """The constant fields of a reply-tuple GET before the addresses, in ``_FAST_*`` order."""
+    alen = 4 if v4 else 16
+    ip_len = 4 + 2 * (4 + alen)
+    proto_len = 4 + 8 + 8 + 8
+    size = (_FAST_V4 if v4 else _FAST_V6).size
+    hdr = struct.unpack("!IHHII", nl.NLMSG_HDR.pack(size, MSG_GET, nl.NLM_F_REQUEST, 0, 0))
+    return (
+        *hdr,
+        socket.AF_INET if v4 else socket.AF_INET6,
+        NFNETLINK_V0,
+        0,
+        *_HDR[(4 + ip_len + proto_len, CTA_TUPLE_REPLY | nl.NLA_F_NESTED)],
+        *_HDR[(ip_len, CTA_TUPLE_IP | nl.NLA_F_NESTED)],
+        *_HDR[(4 + alen, CTA_IP_V4_SRC if v4 else CTA_IP_V6_SRC)],
+    )
+
+
+def encode_socket_get(src: IPAddress, sport: int, dst: IPAddress, dport: int, seq: int) -> bytes:
+    """``encode_get_by_reply(FlowTuple(src, sport, dst, dport), seq)`` (zone 0), fast.
+
+    The addresses must be normalized already (``normalize_ip``).  The scan
+    builds one per candidate: no FlowTuple, no ``packed`` bytes.
+    """
+    seq = _swap32(seq)
+    if src.__class__ is _V4 and dst.__class__ is _V4:
+        h = _V4_HDRS
+        return _FAST_V4.pack(
+            h[0], h[1], h[2], seq, *h[4:], int(src),
+            *_V4_TAIL_DST, int(dst), *_TAIL_PROTO, sport, *_TAIL_DPORT, dport,
+        )  # fmt: skip
+    s6, d6 = int(src), int(dst)
+    h = _V6_HDRS
+    return _FAST_V6.pack(
+        h[0], h[1], h[2], seq, *h[4:], s6 >> 64, s6 & _LOW64,
+        *_V6_TAIL_DST, d6 >> 64, d6 & _LOW64, *_TAIL_PROTO, sport, *_TAIL_DPORT, dport,
+    )  # fmt: skip
+
+
 class _HeaderCache(dict[tuple[int, int], tuple[int, int]]):
     def __missing__(self, key: tuple[int, int]) -> tuple[int, int]:
         value = self[key] = _nla_hdr(*key)
@@ -179,6 +240,19 @@ class _HeaderCache(dict[tuple[int, int], tuple[int, int]]):
 
 
 _HDR = _HeaderCache()
+_V4 = ipaddress.IPv4Address
+_LOW64 = (1 << 64) - 1
+_V4_HDRS = _fast_prefix(True)
+_V6_HDRS = _fast_prefix(False)
+_V4_TAIL_DST = _HDR[(8, CTA_IP_V4_DST)]
+_V6_TAIL_DST = _HDR[(20, CTA_IP_V6_DST)]
+_TAIL_PROTO = (
+    *_HDR[(4 + 8 + 8 + 8, CTA_TUPLE_PROTO | nl.NLA_F_NESTED)],
+    *_HDR[(5, CTA_PROTO_NUM)],
+    socket.IPPROTO_TCP,
+    *_HDR[(6, CTA_PROTO_SRC_PORT)],
+)
+_TAIL_DPORT = _HDR[(6, CTA_PROTO_DST_PORT)]
 
 
 def encode_update(
@@ -369,6 +443,53 @@ class Conntrack:
                         continue
                     raise nl.NetlinkError(err, f"conntrack lookup of reply {asked}")
                 yield Lookup(asked, decode_entry(msg.payload))
+
+    def lookup_sockets(self, sockets: Sequence[SocketRecord]) -> dict[int, ConntrackEntry | None]:
+        """Each socket's entry under its normalized NAT reply tuple, by cookie (zone 0).
+
+        The scan's hot path: ``lookup_replies`` for ``s.nat_reply_tuple``, with
+        each request built straight from the socket (no FlowTuple, nothing
+        hashed but the cookie).  Same rules: many requests per send(), every
+        one answered once, any error but ENOENT raised.
+        """
+        out: dict[int, ConntrackEntry | None] = {}
+        nls = self._nl
+        for start in range(0, len(sockets), BATCH):
+            pending: dict[int, SocketRecord] = {}
+            chunks = []
+            for sock in sockets[start : start + BATCH]:
+                seq = nls.next_seq()
+                pending[seq] = sock
+                local, peer = sock.local, sock.peer
+                chunks.append(
+                    encode_socket_get(
+                        normalize_ip(local.ip), local.port, normalize_ip(peer.ip), peer.port, seq
+                    )
+                )
+            nls.send(b"".join(chunks))
+            while pending:
+                buf = nls.recv()
+                offset, size = 0, len(buf)
+                while offset + _NLMSG_HDR <= size:
+                    length, msg_type, _flags, seq, _pid = _nlmsg(buf, offset)
+                    if length < _NLMSG_HDR or offset + length > size:
+                        raise ValueError(f"truncated netlink message at offset {offset}")
+                    asked = pending.pop(seq, None)
+                    if asked is not None:
+                        if msg_type == nl.NLMSG_ERROR:
+                            err = -nl.ERRNO.unpack_from(buf, offset + _NLMSG_HDR)[0]
+                            if err != errno.ENOENT:
+                                raise nl.NetlinkError(
+                                    err or errno.EPROTO,
+                                    f"conntrack lookup of reply {asked.nat_reply_tuple}",
+                                )
+                            out[asked.cookie] = None
+                        else:
+                            out[asked.cookie] = decode_entry(
+                                buf[offset + _NLMSG_HDR : offset + length]
+                            )
+                    offset += (length + 3) & ~3
+        return out
 
     def get_by_reply(self, reply: FlowTuple, zone: int = 0) -> ConntrackEntry | None:
         return self.lookup_replies([reply], zone)[reply]

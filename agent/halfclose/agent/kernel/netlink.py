@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,7 +45,7 @@ NETLINK_NETFILTER = 12
 RECV_BUFFER = 64 << 10
 SOCKET_RCVBUF = 4 << 20
 
-_ERRNO_FMT = struct.Struct("=i")
+ERRNO = struct.Struct("=i")  # nlmsgerr.error, negative
 
 
 class NetlinkError(OSError):
@@ -108,7 +108,7 @@ def iter_attrs(buf: memoryview, offset: int = 0) -> Iterator[tuple[int, memoryvi
 
 def error_code(msg: Message) -> int:
     """The (positive) errno carried by an NLMSG_ERROR message; 0 is an ACK."""
-    return -int(_ERRNO_FMT.unpack_from(msg.payload, 0)[0])
+    return -int(ERRNO.unpack_from(msg.payload, 0)[0])
 
 
 class SocketFactory(Protocol):
@@ -158,6 +158,16 @@ class NetlinkSocket:
         n = self.sock.recv_into(self._buf)
         return self._view[:n]
 
+    def datagrams(self) -> Iterator[memoryview]:
+        """Received datagrams, each a view valid until the next one is read.
+
+        Endless: the caller walks the messages itself and stops at its
+        NLMSG_DONE (``sockdiag.parse_buffers``), so no ``Message`` is built
+        per item of a large dump.
+        """
+        while True:
+            yield self.recv()
+
     def dump(self, request: bytes, seq: int) -> Iterator[Message]:
         """Send a dump request and yield its messages until NLMSG_DONE.
 
@@ -196,6 +206,44 @@ class NetlinkSocket:
                     return out
                 # Copy: the buffer is reused by the next recv.
                 out.append(Message(msg.type, msg.flags, msg.seq, memoryview(bytes(msg.payload))))
+
+    def batch_size(self, reply_bytes: int = 4096) -> int:
+        """How many ACKed requests may go out in one send() without overrunning
+        the receive buffer (an overrun drops answers: ENOBUFS).  ``reply_bytes``
+        is what one request's answers cost the buffer, kernel overhead included."""
+        rcvbuf = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        return max(1, min(512, rcvbuf // reply_bytes))
+
+    def transact(self, requests: Sequence[tuple[int, bytes]]) -> dict[int, tuple[int, list[bytes]]]:
+        """Send many NLM_F_ACK requests in one send(); seq -> (errno, replies).
+
+        Every request must carry NLM_F_ACK, so each is answered with zero or
+        more messages and then exactly one NLMSG_ERROR (0 = done).  Replies are
+        copied (the receive buffer is reused).  Answers to other sequence
+        numbers (late ones of an abandoned request) are skipped.
+        """
+        pending: dict[int, list[bytes]] = {seq: [] for seq, _ in requests}
+        out: dict[int, tuple[int, list[bytes]]] = {}
+        self.send(b"".join(data for _, data in requests))
+        unpack = NLMSG_HDR.unpack_from
+        hdr = NLMSG_HDR.size
+        while pending:
+            buf = self.recv()
+            offset, size = 0, len(buf)
+            while offset + hdr <= size:
+                length, msg_type, _flags, seq, _pid = unpack(buf, offset)
+                if length < hdr or offset + length > size:
+                    raise ValueError(f"truncated netlink message at offset {offset}")
+                replies = pending.get(seq)
+                if replies is not None:
+                    if msg_type == NLMSG_ERROR:
+                        err = -ERRNO.unpack_from(buf, offset + hdr)[0]
+                        out[seq] = (err, replies)
+                        del pending[seq]
+                    elif msg_type != NLMSG_DONE:
+                        replies.append(bytes(buf[offset + hdr : offset + length]))
+                offset += (length + 3) & ~3
+        return out
 
     def close(self) -> None:
         self.sock.close()

@@ -74,11 +74,50 @@ def forget_owners() -> None:
     _KNOWN.clear()
 
 
-def _still_held(proc_root: str, inode: int, pid: int, fd: int) -> bool:
+def _socket_fds(proc_root: str, pid: int) -> Iterator[tuple[int, int]]:
+    """(fd, socket inode) of every socket ``pid`` holds.
+
+    The fd directory is opened once and each link read relative to it
+    (``dir_fd``): the kernel resolves one name per link, not five, which
+    halves the cost of a walk over tens of thousands of fds.
+    """
     try:
-        return os.readlink(f"{proc_root}/{pid}/fd/{fd}") == f"socket:[{inode}]"
+        dfd = os.open(f"{proc_root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
-        return False
+        return
+    try:
+        readlink = os.readlink
+        for name in os.listdir(dfd):
+            try:
+                target = readlink(name, dir_fd=dfd)
+            except OSError:
+                continue  # closed meanwhile
+            if target.startswith("socket:["):
+                yield int(name), int(target[8:-1])
+    except OSError:
+        return  # the process exited while we listed it
+    finally:
+        os.close(dfd)
+
+
+def _still_held(proc_root: str, pid: int, wanted: dict[int, int]) -> dict[int, int]:
+    """Of ``wanted`` (fd -> inode, all remembered for ``pid``), those it still holds."""
+    try:
+        dfd = os.open(f"{proc_root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return {}
+    held: dict[int, int] = {}
+    try:
+        readlink = os.readlink
+        for fd, inode in wanted.items():
+            try:
+                if readlink(str(fd), dir_fd=dfd) == f"socket:[{inode}]":
+                    held[fd] = inode
+            except OSError:
+                continue
+    finally:
+        os.close(dfd)
+    return held
 
 
 def find_owners(
@@ -95,38 +134,33 @@ def find_owners(
     """
     wanted = {i for i in inodes if i}
     owners: dict[int, Owner] = {}
-    for inode in list(wanted):
+    # Remembered owners first, re-checked per process with one readlink each.
+    by_pid: dict[int, dict[int, int]] = {}
+    for inode in wanted:
         known = _KNOWN.get((proc_root, inode))
-        if known is None:
-            continue
-        if _still_held(proc_root, inode, *known):
-            owners[inode] = Owner(known[0], process_name(known[0], proc_root), known[1])
-            wanted.discard(inode)
-        else:
-            del _KNOWN[(proc_root, inode)]
+        if known is not None:
+            by_pid.setdefault(known[0], {})[known[1]] = inode
+    for pid, fds in by_pid.items():
+        held = _still_held(proc_root, pid, fds)
+        if held:
+            comm = process_name(pid, proc_root)
+            for fd, inode in held.items():
+                owners[inode] = Owner(pid, comm, fd)
+                wanted.discard(inode)
+        for fd, inode in fds.items():
+            if fd not in held:
+                del _KNOWN[(proc_root, inode)]
     if not wanted:
         return owners
     hint = set(uid_hint)
     procs = _processes(proc_root)
     procs.sort(key=lambda p: (p[2] != netns_inode, p[1] not in hint, p[0]))
     for pid, _uid, _ino in procs:
-        fd_dir = f"{proc_root}/{pid}/fd"
-        try:
-            entries = os.listdir(fd_dir)
-        except OSError:
-            continue
         found_here: dict[int, int] = {}
-        for name in entries:
-            try:
-                target = os.readlink(f"{fd_dir}/{name}")
-            except OSError:
-                continue
-            if not target.startswith("socket:["):
-                continue
-            inode = int(target[8:-1])
+        for fd, inode in _socket_fds(proc_root, pid):
             if inode in wanted:
                 wanted.discard(inode)
-                found_here[inode] = int(name)
+                found_here[inode] = fd
                 if not wanted:
                     break
         if found_here:

@@ -28,10 +28,12 @@ from an IP_TRANSPARENT listener (TPROXY) carries the bit, like its listener.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 import struct
-from collections.abc import Callable, Collection, Iterable
+import sys
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 from halfclose.agent.core.model import Endpoint, SocketRecord, TcpState
 from halfclose.agent.kernel import netlink as nl
@@ -67,22 +69,36 @@ NO_COOKIE = 0xFFFFFFFF  # INET_DIAG_NOCOOKIE, per half
 
 
 _STATES = {int(st): st for st in TcpState}
-_ENDPOINTS: dict[tuple[bytes, int], Endpoint] = {}
 
 
-def _endpoint(family: int, raw: bytes, port: int) -> Endpoint:
-    # A pod has a handful of addresses and the local side of the sockets we
-    # keep is mostly one capture endpoint; ipaddress objects are slow to
-    # build, so endpoints are memoised (bounded: peers may be many).
-    key = (raw[:4] if family == socket.AF_INET else raw, port)
-    ep = _ENDPOINTS.get(key)
-    if ep is None:
-        if len(_ENDPOINTS) > 8192:
-            _ENDPOINTS.clear()
-        addr = key[0]
-        ip = ipaddress.IPv4Address(addr) if len(addr) == 4 else ipaddress.IPv6Address(addr)
-        ep = _ENDPOINTS[key] = Endpoint(ip, port)
-    return ep
+class _Endpoints:
+    """Endpoints built from raw sock_diag addresses, memoised for one dump.
+
+    Addresses stay raw bytes until here; an ``ipaddress`` object is built once
+    per distinct address (a pod has a handful) and an ``Endpoint`` once per
+    distinct (address, port).  The memo lives as long as one parse, so it
+    neither thrashes (the old module-wide cache was cleared at 8,192 entries,
+    every ~4k leaks) nor grows across scans.
+    """
+
+    __slots__ = ("_eps", "_ips")
+
+    def __init__(self) -> None:
+        self._ips: dict[bytes, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
+        self._eps: dict[tuple[bytes, int], Endpoint] = {}
+
+    def get(self, family: int, raw: bytes, port: int) -> Endpoint:
+        key = (raw, port)
+        ep = self._eps.get(key)
+        if ep is None:
+            addr = raw[:4] if family == socket.AF_INET else raw
+            ip = self._ips.get(addr)
+            if ip is None:
+                ip = self._ips[addr] = (
+                    ipaddress.IPv4Address(addr) if len(addr) == 4 else ipaddress.IPv6Address(addr)
+                )
+            ep = self._eps[key] = Endpoint(ip, port)
+        return ep
 
 
 def _raw_addr(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
@@ -144,57 +160,70 @@ PortFilter = Callable[[int, int, int], bool]
 """(state, local port, peer port) -> keep?  Applied before any object is built."""
 
 
-_head = MSG_HEAD.unpack_from
-_sockid = SOCKID.unpack_from
-_sockid_tail = SOCKID_TAIL.unpack_from
-_tail = MSG_TAIL.unpack_from
+# inet_diag_msg in one unpack: family, state, (timer, retrans), sport, dport
+# (read host-order, swapped below: one struct cannot mix byte orders), src,
+# dst, if, cookie lo/hi, (expires, rqueue, wqueue), uid, inode.
+_MSG = struct.Struct("=BBxxHH16s16sIII12xII")
+assert _MSG.size == MSG_SIZE
+_msg = _MSG.unpack_from
 _nla = _NLA.unpack_from
 _four_u32 = _FOUR_U32.unpack_from
 _two_u64 = _TWO_U64.unpack_from
-_SOCKID_TAIL_AT = 4 + SOCKID.size
+_nlmsg = nl.NLMSG_HDR.unpack_from
 _TYPE_MASK = nl.NLA_TYPE_MASK
+_NLMSG_HDR = nl.NLMSG_HDR.size
+# Network-order u16 read as host order -> its value (an identity on big-endian).
+_BE16 = (
+    [((p & 0xFF) << 8) | (p >> 8) for p in range(65536)]
+    if sys.byteorder == "little"
+    else list(range(65536))
+)
 
 
-def decode_message(payload: memoryview) -> SocketRecord:
-    """Decode one inet_diag_msg with its attributes (no filtering).
+def _decode(
+    buf: memoryview | bytes, at: int, end: int, endpoints: _Endpoints, keep: PortFilter | None
+) -> SocketRecord | None:
+    """Decode the inet_diag_msg at ``buf[at:end]``; None when ``keep`` drops it.
 
     Timewait minisockets (orphaned FIN_WAIT2/TIME_WAIT) carry no tcp_info:
-    their ages and counters stay None and their inode is 0.
+    their ages and counters stay None and their inode is 0.  This runs once
+    per dumped socket: one unpack for the fixed part, the filter before any
+    object is built, then only the attributes the proof and pairing read.
     """
-    family, state, _timer, _retrans = _head(payload, 0)
-    sport, dport, src, dst = _sockid(payload, 4)
-    ifindex, cookie_lo, cookie_hi = _sockid_tail(payload, _SOCKID_TAIL_AT)
-    _expires, _rq, _wq, uid, inode = _tail(payload, _TAIL_AT)
+    family, state, sport, dport, src, dst, ifindex, cookie_lo, cookie_hi, uid, inode = _msg(buf, at)
+    sport = _BE16[sport]
+    dport = _BE16[dport]
+    if keep is not None and not keep(state, sport, dport):
+        return None
     last_sent = last_data = last_ack = acked = received = None
     transparent = False
     # Walk the attributes by hand: the kernel adds several we ignore (shutdown,
     # mark, cgroup id ...).  Only the sockopt byte and tcp_info are read; the
-    # kernel puts sockopt first, so the walk normally ends at tcp_info.  This
-    # runs once per kept socket: module-level bound unpackers, no objects.
-    offset, end = MSG_SIZE, len(payload)
+    # kernel puts sockopt first, so the walk normally ends at tcp_info.
+    offset = at + MSG_SIZE
     while offset + 4 <= end:
-        length, attr_type = _nla(payload, offset)
+        length, attr_type = _nla(buf, offset)
         if length < 4:
             break
         attr_type &= _TYPE_MASK
         if attr_type == INET_DIAG_INFO:
             info_len = (length if length < end - offset else end - offset) - 4
-            at = offset + 4
+            info = offset + 4
             # tcp_info grew over kernel versions: read only what this one sent.
             if info_len >= TCPI_LAST_ACK_RECV + 4:
                 last_sent, _ack_sent, last_data, last_ack = _four_u32(
-                    payload, at + TCPI_LAST_DATA_SENT
+                    buf, info + TCPI_LAST_DATA_SENT
                 )
                 if info_len >= TCPI_BYTES_RECEIVED + 8:
-                    acked, received = _two_u64(payload, at + TCPI_BYTES_ACKED)
+                    acked, received = _two_u64(buf, info + TCPI_BYTES_ACKED)
             break
         if attr_type == INET_DIAG_SOCKOPT and length > 4:
-            transparent = payload[offset + 4] & SOCKOPT_TRANSPARENT != 0
+            transparent = buf[offset + 4] & SOCKOPT_TRANSPARENT != 0
         offset += (length + 3) & ~3
     return SocketRecord(
         _STATES[state],
-        _endpoint(family, src, sport),
-        _endpoint(family, dst, dport),
+        endpoints.get(family, src, sport),
+        endpoints.get(family, dst, dport),
         cookie_lo | (cookie_hi << 32),
         inode,
         uid,
@@ -208,24 +237,65 @@ def decode_message(payload: memoryview) -> SocketRecord:
     )
 
 
+def decode_message(payload: memoryview) -> SocketRecord:
+    """Decode one inet_diag_msg with its attributes (no filtering)."""
+    record = _decode(payload, 0, len(payload), _Endpoints(), None)
+    assert record is not None
+    return record
+
+
 def parse_dump(
     messages: Iterable[nl.Message], keep: PortFilter | None = None
 ) -> tuple[int, list[SocketRecord]]:
     """(messages seen, decoded sockets that pass ``keep``)."""
     seen = 0
     out: list[SocketRecord] = []
-    head = MSG_HEAD.unpack_from
-    ports = _SPORT_DPORT.unpack_from
+    endpoints = _Endpoints()
     for msg in messages:
         if msg.type != SOCK_DIAG_BY_FAMILY:
             continue
         seen += 1
-        if keep is not None:
-            state = head(msg.payload, 0)[1]
-            sport, dport = ports(msg.payload, 4)
-            if not keep(state, sport, dport):
-                continue
-        out.append(decode_message(msg.payload))
+        record = _decode(msg.payload, 0, len(msg.payload), endpoints, keep)
+        if record is not None:
+            out.append(record)
+    return seen, out
+
+
+def parse_buffers(
+    buffers: Iterable[memoryview],
+    seq: int,
+    keep: PortFilter | None = None,
+    endpoints: _Endpoints | None = None,
+) -> tuple[int, list[SocketRecord]]:
+    """``parse_dump`` straight over the dump's datagrams (the hot path).
+
+    Walks the nlmsghdrs itself instead of building a ``Message`` per socket.
+    Stops at NLMSG_DONE; an NLMSG_ERROR for ``seq`` is raised.
+    """
+    seen = 0
+    out: list[SocketRecord] = []
+    append = out.append
+    endpoints = endpoints or _Endpoints()
+    for buf in buffers:
+        offset, size = 0, len(buf)
+        while offset + _NLMSG_HDR <= size:
+            length, msg_type, _flags, msg_seq, _pid = _nlmsg(buf, offset)
+            if length < _NLMSG_HDR or offset + length > size:
+                raise ValueError(f"truncated netlink message at offset {offset} (len {length})")
+            if msg_seq == seq:
+                if msg_type == SOCK_DIAG_BY_FAMILY:
+                    seen += 1
+                    record = _decode(buf, offset + _NLMSG_HDR, offset + length, endpoints, keep)
+                    if record is not None:
+                        append(record)
+                elif msg_type == nl.NLMSG_DONE:
+                    return seen, out
+                elif msg_type == nl.NLMSG_ERROR:
+                    err = -nl.ERRNO.unpack_from(buf, offset + _NLMSG_HDR)[0]
+                    if err:
+                        raise nl.NetlinkError(err, "sock_diag dump")
+                    return seen, out
+            offset += (length + 3) & ~3
     return seen, out
 
 
@@ -252,9 +322,11 @@ class SockDiag:
             mask |= st.mask
         seen_total = 0
         result: list[SocketRecord] = []
+        endpoints = _Endpoints()
         for family in families:
             seq = self._nl.next_seq()
-            seen, socks = parse_dump(self._nl.dump(encode_dump(family, mask, seq), seq), keep)
+            self._nl.send(encode_dump(family, mask, seq))
+            seen, socks = parse_buffers(self._nl.datagrams(), seq, keep, endpoints)
             seen_total += seen
             result.extend(socks)
         return seen_total, result
@@ -277,6 +349,53 @@ class SockDiag:
         """SOCK_DESTROY one socket by cookie.  Raises NetlinkError (ENOENT: already gone)."""
         seq = self._nl.next_seq()
         self._nl.request(encode_destroy(record, seq), seq)
+
+    def get_many(self, records: Sequence[SocketRecord]) -> list[SocketRecord | int | None]:
+        """``get`` for many sockets, all requests in one send() per chunk.
+
+        One answer per record, in order: the socket as the kernel has it now
+        (same tuple and cookie), None when it is gone (ENOENT), or the errno
+        of any other failure (never read as "gone").
+        """
+        out: list[SocketRecord | int | None] = []
+        step = self._nl.batch_size()
+        for start in range(0, len(records), step):
+            chunk = records[start : start + step]
+            reqs = []
+            for record in chunk:
+                seq = self._nl.next_seq()
+                reqs.append((seq, encode_get(record, seq)))
+            answers = self._nl.transact(reqs)
+            for seq, _ in reqs:
+                err, replies = answers[seq]
+                if err == errno.ENOENT:
+                    out.append(None)
+                elif err:
+                    out.append(err)
+                elif replies:
+                    out.append(decode_message(memoryview(replies[0])))
+                else:
+                    out.append(None)
+        return out
+
+    def destroy_many(self, records: Sequence[SocketRecord]) -> list[int]:
+        """``destroy`` for many sockets (each by its cookie), many per send().
+
+        One errno per record, in order: 0 destroyed, ENOENT/ESTALE gone already,
+        anything else a failure.  ``encode_destroy`` refuses a record without a
+        cookie before anything is sent.
+        """
+        reqs = []
+        for record in records:
+            seq = self._nl.next_seq()
+            reqs.append((seq, encode_destroy(record, seq)))
+        out: list[int] = []
+        step = self._nl.batch_size(1024)  # an ACK is all a destroy gets back
+        for start in range(0, len(reqs), step):
+            chunk = reqs[start : start + step]
+            answers = self._nl.transact(chunk)
+            out.extend(answers[seq][0] for seq, _ in chunk)
+        return out
 
     def close(self) -> None:
         self._nl.close()

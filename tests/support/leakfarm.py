@@ -1,0 +1,252 @@
+"""A scratch netns holding N leaked pairs, as a sidecar leaks them (root; tests and bench).
+
+Built for the 20k-leak scale (issue 11): one pod netns with a REDIRECT of
+203.0.113.10:7777 to :15001 (the proxy's own dials, marked 0x539, are exempt),
+several proxy processes sharing :15001 (SO_REUSEPORT: the open-file limit is
+20,000 per process, design.md §3), each also playing the upstream server on its
+own port, and app processes.  Per connection i the app sends a 4-byte index and
+i % 128 bytes, the proxy relays them upstream, the server answers i // 128 + 1
+bytes which the proxy relays down: every pair has its own byte counters, so
+pairing has real work and a unique answer.
+
+Then the server closes (FIN), the proxy forwards it (``shutdown(SHUT_WR)``), the
+NAT entries expire (close_wait timeout 1 s), and the app closes late: its FIN is
+INVALID and lost.  Left in the netns: N FIN_WAIT2 sockets on :15001 and N
+CLOSE_WAIT upstream legs (2N sockets examined), all owned by the proxies.  The
+servers' orphans go with ``tcp_fin_timeout`` = 1 s, the apps' sockets with the
+RST their lost FIN draws.
+
+The proxies watch their downstream sockets (epoll): when one is destroyed they
+close its upstream leg, as Envoy does, so a kill's upstream verification has
+something to see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+IP = "ip"
+MARK = 0x539
+PER_PROXY = 5000  # 3 fds per pair while building: 15,000 < 20,000
+PER_APP = 10000
+
+PROXY = r"""
+import os, select, socket, struct, sys
+k = int(sys.argv[1])
+lst = socket.socket(); lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+lst.bind(("0.0.0.0", 15001)); lst.listen(4096)
+srv = socket.socket(); srv.bind(("203.0.113.10", 17000 + k)); srv.listen(4096)
+pairs = {}
+def exact(s, n):
+    b = b""
+    while len(b) < n:
+        d = s.recv(n - len(b))
+        if not d: raise EOFError
+        b += d
+    return b
+print("READY", flush=True)
+poll = select.poll(); poll.register(lst, select.POLLIN); poll.register(sys.stdin, select.POLLIN)
+servers = []
+running = True
+while running:
+    for fd, _ in poll.poll(2000):
+        if fd == lst.fileno():
+            down, _ = lst.accept()
+            head = exact(down, 4); i = struct.unpack("!I", head)[0]
+            body = exact(down, 2 * (i % 100))
+            up = socket.socket(); up.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, @MARK@)
+            up.connect(("203.0.113.10", 17000 + k))
+            s, _ = srv.accept()
+            up.sendall(head + body); exact(s, 4 + 2 * (i % 100))
+            s.sendall(b"d" * (i // 100 + 1)); down.sendall(exact(up, i // 100 + 1))
+            pairs[down.fileno()] = (down, up); servers.append(s)
+        else:
+            line = sys.stdin.readline().split()
+            if not line or line[0] == "close":
+                running = False
+            elif line[0] == "count":
+                print("COUNT", len(pairs), flush=True)
+for s in servers: s.close()
+servers.clear()
+for down, up in pairs.values():
+    assert up.recv(1) == b""
+    down.shutdown(socket.SHUT_WR)
+ep = select.epoll(sizehint=len(pairs))
+for fd in pairs: ep.register(fd, select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR)
+print("FORWARDED", len(pairs), flush=True)
+closed = 0
+for _ in range(100000):
+    events = ep.poll(1.0)
+    for fd, _ in events:
+        down, up = pairs.pop(fd)
+        ep.unregister(fd); up.close(); down.close(); closed += 1
+""".replace("@MARK@", str(MARK))
+
+APP = r"""
+import socket, struct, sys
+first, n = int(sys.argv[1]), int(sys.argv[2])
+conns = []
+for i in range(first, first + n):
+    s = socket.socket(); s.bind(("192.0.2.10", 0))
+    s.connect(("203.0.113.10", 7777))
+    s.sendall(struct.pack("!I", i) + b"u" * (2 * (i % 100)))
+    conns.append(s)
+print("READY", flush=True)
+for line in sys.stdin:
+    if line.strip() == "close":
+        for s in conns: s.close()
+        conns.clear()
+        print("CLOSED", flush=True)
+"""
+
+
+def run(*argv: str, netns: str | None = None) -> str:
+    cmd = [IP, "netns", "exec", netns, *argv] if netns else list(argv)
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+class Proc:
+    def __init__(self, netns: str, script: str, *args: str) -> None:
+        self.p = subprocess.Popen(
+            [IP, "netns", "exec", netns, sys.executable, "-c", script, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def send(self, line: str) -> None:
+        assert self.p.stdin is not None
+        self.p.stdin.write(line + "\n")
+        self.p.stdin.flush()
+
+    def expect(self, token: str, timeout: float = 120.0) -> str:
+        assert self.p.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.p.stdout.readline()
+            if not line:
+                raise RuntimeError(f"fixture process exited before {token}")
+            if line.startswith(token):
+                return line.strip()
+        raise TimeoutError(token)
+
+    def close(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait(timeout=10)
+
+
+def count(netns: str, *state: str) -> int:
+    return len(run("ss", "-Htan", *state, netns=netns).splitlines())
+
+
+@dataclass
+class Leaks:
+    netns: str
+    leaks: int
+    proxies: list[Proc]
+
+
+@contextlib.contextmanager
+def leaked_pairs(n: int, prefix: str = "hct") -> Iterator[Leaks]:
+    """A netns named ``<prefix>-<hex>-leaks`` with ``n`` leaked pairs; removed on exit."""
+    ns = f"{prefix}-{secrets.token_hex(3)}-leaks"
+    procs: list[Proc] = []
+    run(IP, "netns", "add", ns)
+    try:
+        for argv in (
+            ["ip", "link", "set", "lo", "up"],
+            ["ip", "addr", "add", "192.0.2.10/24", "dev", "lo"],
+            ["ip", "addr", "add", "203.0.113.10/32", "dev", "lo"],
+            ["sysctl", "-qw", "net.ipv4.ip_local_port_range=20000 65000"],
+            ["sysctl", "-qw", "net.ipv4.tcp_fin_timeout=1"],
+            ["sysctl", "-qw", "net.core.somaxconn=4096"],
+            [
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-m",
+                "mark",
+                "--mark",
+                hex(MARK),
+                "-j",
+                "RETURN",
+            ],
+            [
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-d",
+                "203.0.113.10",
+                "--dport",
+                "7777",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                "15001",
+            ],
+            ["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_timeout_close_wait=1"],
+        ):
+            run(*argv, netns=ns)
+        proxies = [Proc(ns, PROXY, str(k)) for k in range(-(-n // PER_PROXY))]
+        procs += proxies
+        for p in proxies:
+            p.expect("READY")
+        apps = []
+        for first in range(0, n, PER_APP):
+            apps.append(Proc(ns, APP, str(first), str(min(PER_APP, n - first))))
+        procs += apps
+        for a in apps:
+            a.expect("READY", timeout=300)
+        deadline = time.monotonic() + 300
+        while True:  # every connection relayed (the app's connects outrun the proxies)
+            for p in proxies:
+                p.send("count")
+            if sum(int(p.expect("COUNT").split()[1]) for p in proxies) >= n:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError("fixture: connections not relayed")
+            time.sleep(0.2)
+        for p in proxies:
+            p.send("close")
+        got = sum(int(p.expect("FORWARDED", timeout=300).split()[1]) for p in proxies)
+        if got != n:
+            raise RuntimeError(f"fixture relayed {got} connections, not {n}")
+        time.sleep(1.5)  # the NAT entries (close_wait 1 s) expire
+        for a in apps:
+            a.send("close")
+            a.expect("CLOSED")
+        deadline = time.monotonic() + 60
+        while count(ns, "state", "fin-wait-2", "state", "close-wait") != 2 * n:
+            if time.monotonic() > deadline:
+                raise TimeoutError("fixture: half-closed sockets did not settle")
+            time.sleep(0.5)
+        for a in apps:
+            a.close()
+        yield Leaks(ns, n, proxies)
+    finally:
+        for p in procs:
+            with contextlib.suppress(Exception):
+                p.close()
+        subprocess.run([IP, "netns", "del", ns], check=False, capture_output=True)
+
+
+if __name__ == "__main__":
+    with leaked_pairs(int(sys.argv[1]) if len(sys.argv) > 1 else 1000) as lk:
+        print(
+            lk.netns, count(lk.netns, "state", "fin-wait-2"), count(lk.netns, "state", "close-wait")
+        )
