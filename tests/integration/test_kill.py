@@ -233,7 +233,7 @@ def test_a_socket_gone_between_scan_and_action_is_already_gone(new_lab: Callable
         with pytest.raises(OSError) as again:  # the kernel fact the executor relies on
             scanner.sockdiag.destroy(gone)
         assert again.value.errno == errno.ENOENT
-        outcomes = Executor(scanner.sockdiag, scanner.conntrack).execute(plan)
+        outcomes = Executor(scanner.sockdiag, scanner.conntrack).remediate(plan).outcomes
     assert [(o.outcome, o.reason) for o in outcomes] == [
         (Outcome.SKIPPED, SkipReason.ALREADY_GONE),
         (Outcome.KILLED, None),

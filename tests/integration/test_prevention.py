@@ -95,7 +95,7 @@ def test_extend_conntrack_prevents_the_leak_and_touches_no_other_entry(
         mine = [f for f in result.findings if str(f.socket.peer) in targets]
         assert [f.kind for f in mine] == [Kind.AT_RISK, Kind.AT_RISK]
         plan = make_plan(mine, result.capture_ports, ActionSettings(ActionKind.EXTEND_CONNTRACK))
-        outcomes = Executor(scanner.sockdiag, scanner.conntrack).execute(plan)
+        outcomes = Executor(scanner.sockdiag, scanner.conntrack).remediate(plan).outcomes
         assert [o.outcome for o in outcomes] == [Outcome.EXTENDED, Outcome.EXTENDED]
         assert all(o.timeout_after is not None and o.timeout_after > 3500 for o in outcomes)
 

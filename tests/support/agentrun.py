@@ -16,7 +16,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from halfclose.agent.core.model import Kind, Outcome
-from halfclose.agent.core.plan import FindingOutcome, Plan
+from halfclose.agent.core.outcome import ActionReport
+from halfclose.agent.core.plan import Plan
 from halfclose.agent.daemon.loop import Agent
 from halfclose.agent.daemon.metrics import AgentMetrics
 from halfclose.agent.daemon.remediate import EngineRemediator
@@ -60,19 +61,18 @@ class Acted:
 
 
 class TimedRemediator(EngineRemediator):
-    """Stamps each plan before it runs (execute() itself returns only after it
-    has watched the proxy's upstream sockets close, up to 2 s later)."""
+    """Stamps each plan before it runs (the upstream check comes later, deferred)."""
 
     def __init__(self, state_dir: str) -> None:
         super().__init__(state_dir)
         self.acted: list[Acted] = []
 
-    def execute(self, scanner: Scanner, plan: Plan) -> list[FindingOutcome]:
+    def execute(self, scanner: Scanner, plan: Plan) -> ActionReport:
         acted = Acted(time.monotonic(), tuple(d.finding.kind for d in plan.kills))
         self.acted.append(acted)
-        outcomes = super().execute(scanner, plan)
-        acted.outcomes = tuple((o.finding.kind, o.outcome) for o in outcomes)
-        return outcomes
+        report = super().execute(scanner, plan)
+        acted.outcomes = tuple((o.finding.kind, o.outcome) for o in report.outcomes)
+        return report
 
 
 class Running:

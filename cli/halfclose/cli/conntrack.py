@@ -15,7 +15,8 @@ import json
 import os
 import sys
 
-from halfclose.agent.engine.ctpatch import DEFAULT_STATE_DIR, CloseWaitPatcher, PatchReport
+from halfclose.agent.core.outcome import PatchReport
+from halfclose.agent.engine.ctpatch import DEFAULT_STATE_DIR, CloseWaitPatcher
 from halfclose.cli.scan import open_target
 
 

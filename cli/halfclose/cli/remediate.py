@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
-from typing import Any
 
-from halfclose.agent.core.model import Outcome
+from halfclose.agent.core.outcome import ActionReport
 from halfclose.agent.core.plan import (
     DEFAULT_CLOSE_WAIT_TIMEOUT,
     DEFAULT_MAX_KILLS,
@@ -23,27 +22,13 @@ from halfclose.agent.core.plan import (
     MAX_CLOSE_WAIT_TIMEOUT,
     ActionKind,
     ActionSettings,
-    FindingOutcome,
     make_plan,
 )
-from halfclose.agent.engine import report
-from halfclose.agent.engine.act import Executor
-from halfclose.agent.engine.ctpatch import DEFAULT_STATE_DIR, CloseWaitPatcher, PatchReport
+from halfclose.agent.engine.act import Executor, skipped
+from halfclose.agent.engine.ctpatch import DEFAULT_STATE_DIR, CloseWaitPatcher
 from halfclose.agent.engine.scan import Scanner, ScanResult
 
-
-class ActionOutcomes(dict[int, report.FindingOutcome]):
-    """Outcomes by socket cookie (what the report reads), plus the full records.
-
-    ``details`` keeps the richer per-finding fields (``would``, ``upstream_closed``,
-    timeouts) and ``extra`` what a netns-wide action reports, for the JSON.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.details: dict[int, dict[str, object]] = {}
-        self.extra: dict[str, Any] = {}
-        self.notes: list[str] = []
+ActionRunner = Callable[[Scanner, ScanResult, argparse.Namespace], ActionReport]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -103,80 +88,27 @@ def action_settings(action: ActionKind, args: argparse.Namespace) -> ActionSetti
     )
 
 
-def to_report(o: FindingOutcome) -> report.FindingOutcome:
-    # design.md §4: a skip is action "none" with a reason.
-    action = Outcome.NONE if o.outcome is Outcome.SKIPPED else o.outcome
-    return report.FindingOutcome(
-        action=action, error=o.error, reason=o.reason.value if o.reason else None
-    )
-
-
-def collect(outcomes: list[FindingOutcome]) -> ActionOutcomes:
-    out = ActionOutcomes()
-    for o in outcomes:
-        cookie = o.finding.socket.cookie
-        out[cookie] = to_report(o)
-        out.details[cookie] = o.to_json_fields()
-    return out
-
-
-def _socket_action(
-    action: ActionKind,
-) -> Callable[[Scanner, ScanResult, argparse.Namespace], ActionOutcomes]:
-    def run(scanner: Scanner, result: ScanResult, args: argparse.Namespace) -> ActionOutcomes:
+def _socket_action(action: ActionKind) -> ActionRunner:
+    def run(scanner: Scanner, result: ScanResult, args: argparse.Namespace) -> ActionReport:
         plan = make_plan(result.findings, result.capture_ports, action_settings(action, args))
-        executor = Executor(scanner.sockdiag, scanner.conntrack)
-        out = collect(executor.execute(plan))
-        if action is ActionKind.KILL and not plan.settings.dry_run:
-            out.extra["kill_summary"] = executor.summary.to_json_dict()
-            out.notes.append(executor.summary.describe())
-        return out
+        # The CLI may wait for the proxy to close its upstream legs (bounded).
+        return Executor(scanner.sockdiag, scanner.conntrack).remediate(plan)
 
     return run
 
 
-def patch_conntrack(
-    scanner: Scanner, result: ScanResult, args: argparse.Namespace
-) -> ActionOutcomes:
+def patch_conntrack(scanner: Scanner, result: ScanResult, args: argparse.Namespace) -> ActionReport:
     settings = action_settings(ActionKind.PATCH_CONNTRACK, args)
     plan = make_plan(result.findings, result.capture_ports, settings)
-    out = collect([FindingOutcome(d.finding, Outcome.SKIPPED, d.reason) for d in plan.decisions])
     state_dir = args.state_dir or os.environ.get("HALFCLOSE_STATE_DIR") or DEFAULT_STATE_DIR
-    patch: PatchReport = CloseWaitPatcher(state_dir).patch(
+    patch = CloseWaitPatcher(state_dir).patch(
         scanner.handle, settings.close_wait_timeout, dry_run=settings.dry_run
     )
-    out.extra["conntrack_patch"] = patch.to_json_dict()
-    out.notes.append(patch.describe())
-    if patch.changed:
-        out.notes.append(f"undo with: halfclose conntrack restore --netns {scanner.handle.path}")
-    return out
+    return skipped(plan).replace(patch=patch)
 
 
-ACTIONS: dict[str, Callable[[Scanner, ScanResult, argparse.Namespace], ActionOutcomes]] = {
+ACTIONS: dict[str, ActionRunner] = {
     str(ActionKind.KILL): _socket_action(ActionKind.KILL),
     str(ActionKind.EXTEND_CONNTRACK): _socket_action(ActionKind.EXTEND_CONNTRACK),
     str(ActionKind.PATCH_CONNTRACK): patch_conntrack,
 }
-
-
-def decorate_json(doc: dict[str, Any], result: ScanResult, outcomes: object) -> dict[str, Any]:
-    """Add the remediation's extra fields to ``report.to_json_dict``'s document.
-
-    Additive to design.md §4: per finding ``would``, ``upstream_closed``,
-    ``timeout_before``/``timeout_after``; top level ``conntrack_patch``.  The
-    document lists findings in ``result.findings`` order.
-    """
-    if not isinstance(outcomes, ActionOutcomes):
-        return doc
-    for finding, item in zip(result.findings, doc["findings"], strict=True):
-        item.update(outcomes.details.get(finding.socket.cookie, {}))
-        if finding.reason is not None:
-            # An unproven finding's reason is the proof's missing part (§4).
-            item["reason"] = str(finding.reason)
-    doc.update(outcomes.extra)
-    return doc
-
-
-def notes(outcomes: object) -> list[str]:
-    """Lines a person should read after the table (a netns-wide change, how to undo it)."""
-    return list(outcomes.notes) if isinstance(outcomes, ActionOutcomes) else []

@@ -8,8 +8,9 @@
 Exit 0 when the scan ran (findings or not), 2 with one line on stderr on bad input.
 
 Actions are pluggable: ``ACTIONS`` maps an ``--action`` name to a function run
-after the scan, which returns each finding's outcome (by socket cookie) for the
-report.  ``report`` does nothing; remediation registers ``kill`` and friends.
+after the scan, which returns the engine's ``ActionReport`` (one outcome per
+finding).  ``report`` does nothing; remediation registers ``kill`` and friends.
+JSON is compact (C-encoded) unless ``--indent N`` asks for pretty printing.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
 
-from halfclose.agent.engine.report import Outcomes, render_table, to_json_dict
+from halfclose.agent.core.outcome import ActionReport, report_only
+from halfclose.agent.engine.report import render_notes, render_table, to_json_dict
 from halfclose.agent.engine.scan import Scanner, ScanResult, ScanSettings
 from halfclose.agent.kernel.netns import (
     NetnsHandle,
@@ -31,14 +32,12 @@ from halfclose.agent.kernel.netns import (
 from halfclose.cli import remediate
 from halfclose.errors import UserError
 
-ActionRunner = Callable[[Scanner, ScanResult, argparse.Namespace], Outcomes]
+
+def _report(_scanner: Scanner, result: ScanResult, _args: argparse.Namespace) -> ActionReport:
+    return report_only(result.findings)
 
 
-def _report(_scanner: Scanner, _result: ScanResult, _args: argparse.Namespace) -> Outcomes:
-    return {}
-
-
-ACTIONS: dict[str, ActionRunner] = {"report": _report}
+ACTIONS: dict[str, remediate.ActionRunner] = {"report": _report}
 ACTIONS.update(remediate.ACTIONS)  # kill, extend-conntrack, patch-conntrack
 
 
@@ -72,6 +71,12 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _indent(text: str) -> int:
+    if not text.isdigit() or int(text) > 16:
+        raise argparse.ArgumentTypeError(f"invalid indent {text!r} (want 0..16)")
+    return int(text)
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("scan", help="find leaked and at-risk half-closed sidecar sockets")
     target = p.add_mutually_exclusive_group(required=True)
@@ -96,6 +101,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--action", choices=sorted(ACTIONS), default="report")
     remediate.add_arguments(p)
     p.add_argument("--output", choices=("table", "json"), default="table")
+    p.add_argument(
+        "--indent",
+        type=_indent,
+        default=None,
+        metavar="N",
+        help="pretty-print --output json with N spaces (default: compact, fast at 20k findings)",
+    )
     p.set_defaults(func=run)
 
 
@@ -140,13 +152,19 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"cannot open netlink sockets in {handle.label}: {exc}") from None
         with scanner:
             result = scanner.scan(settings)
-            outcomes = ACTIONS[args.action](scanner, result, args)
+            report = ACTIONS[args.action](scanner, result, args)
+            undo = handle.path
     if args.output == "json":
-        doc = remediate.decorate_json(to_json_dict(result, outcomes), result, outcomes)
-        json.dump(doc, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        doc = to_json_dict(result, report)
+        if args.indent is None:
+            text = json.dumps(doc, separators=(",", ":"))
+        else:
+            text = json.dumps(doc, indent=args.indent)
+        sys.stdout.write(text + "\n")
     else:
-        print(render_table(result, outcomes))
-        for note in remediate.notes(outcomes):
+        print(render_table(result, report))
+        for note in render_notes(report):
             print(note)
+        if report.patch is not None and report.patch.changed:
+            print(f"undo with: halfclose conntrack restore --netns {undo}")
     return 0

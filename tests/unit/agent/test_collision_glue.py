@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -19,11 +18,14 @@ from halfclose.agent.core.model import (
     UnprovenReason,
 )
 from halfclose.agent.daemon.hostnetns import PROC_NET_INIT_INO, host_netns_inodes
-from halfclose.agent.daemon.loop import Agent, WatchedNetns, collision_text
+from halfclose.agent.daemon.loop import Agent
 from halfclose.agent.daemon.metrics import AgentMetrics
+from halfclose.agent.daemon.record import collision_text
 from halfclose.agent.daemon.settings import AgentSettings
+from halfclose.agent.daemon.watched import WatchedNetns
 from halfclose.agent.kernel.ctevents import ConntrackEvent
 from halfclose.agent.kube.fake import FakeReports, FakeWorld
+from support.fakekernel import FakeKernel
 
 ip = ipaddress.ip_address
 
@@ -43,25 +45,6 @@ def reply(port: int) -> FlowTuple:
     return FlowTuple(ip("127.0.0.1"), 15001, ip("192.0.2.10"), port)
 
 
-class FakeEvents:
-    def __init__(self) -> None:
-        self.queued: list[ConntrackEvent] = []
-        self.watching: list[bool] = []
-
-    def drain(self) -> tuple[list[ConntrackEvent], bool]:
-        out, self.queued = self.queued, []
-        return out, False
-
-    def watch_new(self, on: bool) -> None:
-        self.watching.append(on)
-
-    def fileno(self) -> int:
-        return -1
-
-    def close(self) -> None:
-        pass
-
-
 class Clock:
     def __init__(self) -> None:
         self.now = 100.0
@@ -70,28 +53,24 @@ class Clock:
         return self.now
 
 
-def agent(tmp: Path, clock: Clock) -> Agent:
+def agent(tmp: Path, clock: Clock, kernel: FakeKernel) -> Agent:
     settings = AgentSettings(node_name="n", state_dir=str(tmp))
     return Agent(
         settings,
         AgentMetrics(CollectorRegistry(), "n"),
         FakeWorld(),
         FakeReports(),
-        remediator=Any,  # type: ignore[arg-type]  # never reached here
+        kernel,
         clock=clock,
         wall=clock,
     )
 
 
-def watched(events: FakeEvents) -> WatchedNetns:
+def watched(kernel: FakeKernel) -> WatchedNetns:
+    kernel.add("c", 4242)
+    kernel.open_netns(4242, "/fake")
     return WatchedNetns(
-        inode=4242,
-        handle=None,  # type: ignore[arg-type]
-        scanner=None,  # type: ignore[arg-type]
-        events=events,  # type: ignore[arg-type]
-        pods=[("shop", "web")],
-        next_scan=1000.0,
-        capture_ports=frozenset({15001}),
+        inode=4242, path="/fake", pods=[("shop", "web")], capture_ports=frozenset({15001})
     )
 
 
@@ -100,26 +79,21 @@ def new(port: int) -> ConntrackEvent:
 
 
 def test_a_new_entry_under_a_stale_reply_tuple_scans_at_once(tmp_path: Path) -> None:
-    clock = Clock()
-    a, events = agent(tmp_path, clock), FakeEvents()
-    w = watched(events)
-    w.remember_stale([Finding(Kind.LEAKED, sock(51920), None)])
-    assert w.stale_replies == {reply(51920)} and events.watching == [True]
-    events.queued = [new(40000), new(40001)]  # other connections of a busy pod
-    a._on_events(w)
-    assert w.trigger_at is None
-    events.queued = [new(51920)]
-    a._on_events(w)
-    assert w.trigger_at == clock.now  # no debounce: the app is hanging
+    clock, kernel = Clock(), FakeKernel()
+    a = agent(tmp_path, clock, kernel)
+    w = watched(kernel)
+    assert w.remember_stale([Finding(Kind.LEAKED, sock(51920), None)])
+    assert w.stale_replies == {reply(51920)}
+    kernel.netns[4242].events = [new(40000), new(40001)]  # other connections of a busy pod
+    assert a.reconciler.on_events(w) == []
+    kernel.netns[4242].events = [new(51920)]
+    assert a.reconciler.on_events(w) == [(4242, 0.0)]  # no debounce: the app is hanging
 
 
-def test_stale_tuples_follow_the_last_scan_and_new_events_stop_without_them(
-    tmp_path: Path,
-) -> None:
-    events = FakeEvents()
-    w = watched(events)
+def test_stale_tuples_follow_the_last_scan_and_new_events_stop_without_them() -> None:
+    w = watched(FakeKernel())
     entry = ConntrackEntry(reply(3), reply(3), "CLOSE_WAIT", 30)
-    w.remember_stale(
+    assert w.remember_stale(
         [
             Finding(Kind.LEAKED, sock(1), None),
             Finding(Kind.COLLISION, sock(2), None),
@@ -130,9 +104,8 @@ def test_stale_tuples_follow_the_last_scan_and_new_events_stop_without_them(
     )
     # Not the at-risk one: its live entry holds the tuple, no NEW entry can take it.
     assert w.stale_replies == {reply(1), reply(2), reply(4)}
-    w.remember_stale([])
+    assert not w.remember_stale([])  # NEW events are no longer worth watching
     assert w.stale_replies == frozenset()
-    assert events.watching == [True, False]
 
 
 def test_collision_text_names_the_stale_socket_and_the_blocked_connect() -> None:

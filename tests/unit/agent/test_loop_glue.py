@@ -10,13 +10,41 @@ import pytest
 from halfclose.agent.core.plan import ActionKind
 from halfclose.agent.daemon.loop import action_settings, error_reason, new_warnings, wants_sysctl
 from halfclose.api.policy import parse_policy
-from halfclose.errors import UserError
+from halfclose.errors import (
+    ApiConflict,
+    ConntrackUnavailable,
+    NetnsGone,
+    PermissionDenied,
+    RulesUnreadable,
+    UserError,
+)
+
+
+def _wrapped(cause: OSError) -> UserError:
+    """An untyped UserError raised ``from None`` while handling ``cause`` (older code)."""
+    try:
+        raise cause
+    except OSError:
+        try:
+            raise UserError("cannot enter netns") from None
+        except UserError as exc:
+            return exc
+    raise AssertionError
 
 
 @pytest.mark.parametrize(
     ("exc", "reason"),
     [
-        (UserError("netns path does not exist"), "netns_gone"),
+        # Typed faults say what they are; an untyped UserError is never "gone".
+        (NetnsGone("netns path does not exist"), "netns_gone"),
+        (PermissionDenied("cannot enter netns: Operation not permitted"), "permission"),
+        (RulesUnreadable("cannot read NAT rules"), "rules_unreadable"),
+        (ConntrackUnavailable("no conntrack"), "conntrack_unavailable"),
+        (ApiConflict("409"), "api_conflict"),
+        (UserError("--close-wait-timeout must be > 0"), "user"),
+        (_wrapped(OSError(errno.EPERM, "no")), "permission"),
+        (_wrapped(OSError(errno.ENOENT, "gone")), "netns_gone"),
+        (PermissionError(errno.EPERM, "no"), "permission"),
         (OSError(errno.ENOENT, "gone"), "netns_gone"),
         (OSError(errno.ESRCH, "no process"), "netns_gone"),
         (OSError(errno.EPERM, "no"), "permission"),

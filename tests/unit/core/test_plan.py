@@ -20,12 +20,12 @@ from halfclose.agent.core.model import (
     TcpState,
     UnprovenReason,
 )
+from halfclose.agent.core.outcome import FindingOutcome
 from halfclose.agent.core.plan import (
     DEFAULT_MIN_IDLE_SECONDS,
     ActionKind,
     ActionSettings,
     Decision,
-    FindingOutcome,
     Op,
     SkipReason,
     make_plan,

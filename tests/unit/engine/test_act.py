@@ -96,7 +96,7 @@ def kill(diag: FakeDiag, ct: FakeConntrack, **kw: object) -> list[tuple[Outcome,
     settings = ActionSettings(action=ActionKind.KILL, min_idle_seconds=0, **kw)  # type: ignore[arg-type]
     plan = make_plan(findings, PORTS, settings)
     ex = Executor(diag, ct, ExecSettings(upstream_wait_seconds=0.0))  # type: ignore[arg-type]
-    return [(o.outcome, o.error or o.reason) for o in ex.execute(plan)]
+    return [(o.outcome, o.error or o.reason) for o in ex.remediate(plan).outcomes]
 
 
 @pytest.mark.parametrize(
@@ -153,12 +153,12 @@ def test_extend_failure_is_reported_with_its_errno() -> None:
         ActionSettings(action=ActionKind.EXTEND_CONNTRACK),
     )
     assert [d.op for d in plan.decisions] == [Op.EXTEND]
-    (o,) = Executor(FakeDiag({1: rec}), ct).execute(plan)  # type: ignore[arg-type]
+    (o,) = Executor(FakeDiag({1: rec}), ct).remediate(plan).outcomes  # type: ignore[arg-type]
     assert (o.outcome, o.error, o.timeout_before) == (Outcome.FAILED, "EPERM", 30)
 
 
 def test_kill_summary_claims_no_proxy_where_no_upstream_was_watched() -> None:
-    from halfclose.agent.engine.act import KillSummary
+    from halfclose.agent.core.outcome import KillSummary
 
     assert KillSummary().describe() == "killed nothing"
     # A plain server's sockets: nothing paired, no CLOSE_WAIT leg of the holder.
@@ -195,5 +195,6 @@ def test_the_killed_connections_own_peers_are_no_upstream_legs() -> None:
     findings = [Finding(Kind.LEAKED, server, None, capture=Capture.RULE, min_silence_seconds=1.0)]
     plan = make_plan(findings, PORTS, ActionSettings(action=ActionKind.KILL, min_idle_seconds=0))
     ex = Executor(diag, FakeConntrack(), ExecSettings(upstream_wait_seconds=0.0))  # type: ignore[arg-type]
-    ex.execute(plan)
-    assert ex.summary.killed == 1 and ex.summary.unpaired_candidates == 1  # `other` only
+    kills = ex.remediate(plan).kills
+    assert kills is not None
+    assert kills.killed == 1 and kills.unpaired_candidates == 1  # `other` only

@@ -15,7 +15,9 @@ from halfclose.agent.core.model import (
     TcpState,
     UnprovenReason,
 )
-from halfclose.agent.engine.report import FindingOutcome, render_table, to_json_dict
+from halfclose.agent.core.outcome import ActionReport, FindingOutcome
+from halfclose.agent.core.plan import ActionKind, SkipReason
+from halfclose.agent.engine.report import render_table, to_json_dict
 from halfclose.agent.engine.scan import ScanResult
 
 FINDING_KEYS = {
@@ -95,7 +97,9 @@ def test_json_contract_shape_and_spelling() -> None:
 
 
 def test_outcomes_fill_action_and_error_by_cookie() -> None:
-    doc = to_json_dict(_result(), {1: FindingOutcome(Outcome.FAILED, error="EPERM")})
+    r = _result()
+    failed = FindingOutcome(r.findings[0], Outcome.FAILED, error="EPERM")
+    doc = to_json_dict(r, ActionReport(ActionKind.KILL, False, (failed,)))
     assert doc["findings"][0]["action"] == "failed" and doc["findings"][0]["error"] == "EPERM"
     assert doc["findings"][1]["action"] == "none" and "error" not in doc["findings"][1]
 
@@ -128,7 +132,8 @@ def test_unproven_findings_carry_the_missing_part_as_reason() -> None:
     f = Finding(Kind.UNPROVEN, s, None, reason=UnprovenReason.NOT_NAT_CAPTURED)
     r = ScanResult("x", (8080,), 1, 0.001, [f], timeouts=HalfClosedTimeouts(60, 120))
     # Even when an action skipped it with its own reason, the proof's reason shows.
-    doc = to_json_dict(r, {5: FindingOutcome(Outcome.NONE, reason="unproven")})
+    skipped = FindingOutcome(f, Outcome.SKIPPED, SkipReason.UNPROVEN)
+    doc = to_json_dict(r, ActionReport(ActionKind.KILL, False, (skipped,)))
     (item,) = doc["findings"]
     assert (item["kind"], item["reason"], item["action"]) == (
         "unproven",

@@ -30,7 +30,6 @@ from halfclose.agent.core.model import (
     ConntrackEntry,
     Finding,
     Kind,
-    Outcome,
     SocketRecord,
     TcpState,
 )
@@ -145,41 +144,23 @@ class Plan:
     def extends(self) -> list[Decision]:
         return [d for d in self.decisions if d.op is Op.EXTEND]
 
+    def capped(self, limit: int) -> Plan:
+        """This plan with at most ``limit`` kills, by the same priority as ``max_kills``.
 
-@dataclass(frozen=True, slots=True)
-class FindingOutcome:
-    """What happened to one finding.  ``would`` is the op a dry run held back."""
-
-    finding: Finding
-    outcome: Outcome
-    reason: SkipReason | None = None
-    error: str | None = None  # errno name when outcome is FAILED
-    would: Op | None = None
-    timeout_before: int | None = None  # extend: entry timeout before/after, seconds
-    timeout_after: int | None = None
-    upstream_closed: bool | None = None  # kill: did the paired CLOSE_WAIT go away?
-
-    @property
-    def json_action(self) -> str:
-        """design.md §4 ``action``: none|killed|extended|failed (a skip is "none")."""
-        return str(Outcome.NONE if self.outcome is Outcome.SKIPPED else self.outcome)
-
-    def to_json_fields(self) -> dict[str, object]:
-        """The fields this adds to a finding's JSON object (additive to §4)."""
-        out: dict[str, object] = {"action": self.json_action}
-        if self.reason is not None:
-            out["reason"] = self.reason.value
-        if self.would is not None:
-            out["would"] = self.would.value
-        if self.error is not None:
-            out["error"] = self.error
-        if self.timeout_before is not None:
-            out["timeout_before"] = self.timeout_before
-        if self.timeout_after is not None:
-            out["timeout_after"] = self.timeout_after
-        if self.upstream_closed is not None:
-            out["upstream_closed"] = self.upstream_closed
-        return out
+        The agent plans once, asks its node-wide budget for ``len(kills)``, and
+        caps the plan at what was granted: the rest waits for the next scan.
+        """
+        kills = self.kills
+        if len(kills) <= limit:
+            return self
+        keep = {id(d) for d in sorted(kills, key=lambda d: _kill_priority(d.finding))[:limit]}
+        decisions = tuple(
+            d
+            if d.op is not Op.KILL or id(d) in keep
+            else Decision(d.finding, Op.NONE, SkipReason.OVER_MAX_KILLS)
+            for d in self.decisions
+        )
+        return Plan(self.settings, self.capture_ports, decisions)
 
 
 def _socket_guard(
@@ -252,6 +233,11 @@ def _entry_guard(entry: ConntrackEntry) -> SkipReason | None:
     return None
 
 
+def _kill_priority(f: Finding) -> tuple[bool, float]:
+    """Collisions first (an app hangs on each), then the leaks idle longest."""
+    return (f.kind is not Kind.COLLISION, -(f.socket.idle_seconds or 0.0))
+
+
 def make_plan(
     findings: Iterable[Finding], capture_ports: Collection[int], settings: ActionSettings
 ) -> Plan:
@@ -266,7 +252,7 @@ def make_plan(
     decisions: list[Decision] = []
     if settings.action is ActionKind.KILL:
         eligible = [f for f in items if _kill_reason(f, ports, settings) is None]
-        eligible.sort(key=lambda f: (f.kind is not Kind.COLLISION, -(f.socket.idle_seconds or 0.0)))
+        eligible.sort(key=_kill_priority)
         chosen = {id(f) for f in eligible[: settings.max_kills]}
         for f in items:
             reason = _kill_reason(f, ports, settings)

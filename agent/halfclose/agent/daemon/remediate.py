@@ -1,4 +1,4 @@
-"""The remediation engine, as the agent loop uses it.
+"""The remediation engine, as the agent's kernel side (``LocalKernel``) uses it.
 
 Thin glue over ``halfclose.agent.engine``: kills and conntrack extensions go
 through its ``Executor`` (which re-checks each socket against the kernel
@@ -13,7 +13,8 @@ import contextlib
 import logging
 import os
 
-from halfclose.agent.core.plan import FindingOutcome, Plan
+from halfclose.agent.core.outcome import ActionReport, PatchReport
+from halfclose.agent.core.plan import Plan
 from halfclose.agent.engine.act import ExecSettings, Executor
 from halfclose.agent.engine.ctpatch import CloseWaitPatcher
 from halfclose.agent.engine.scan import Scanner
@@ -28,26 +29,31 @@ class EngineRemediator:
     ) -> None:
         self.host_proc = host_proc
         self.patcher = CloseWaitPatcher(os.path.join(state_dir, "conntrack"), proc_root=host_proc)
-        # The agent loop must not sit for seconds watching upstream sockets
-        # close: a short bound keeps the other netns on schedule.
-        self.exec_settings = exec_settings or ExecSettings(upstream_wait_seconds=0.3)
+        # Never waited on here: the agent verifies upstream legs later, in one
+        # dump (``verify``), so its loop never sleeps for a proxy.
+        self.exec_settings = exec_settings or ExecSettings(upstream_wait_seconds=0.0)
 
-    def execute(self, scanner: Scanner, plan: Plan) -> list[FindingOutcome]:
-        executor = Executor(scanner.sockdiag, scanner.conntrack, self.exec_settings)
-        outcomes: list[FindingOutcome] = executor.execute(plan)
-        return outcomes
+    def execute(self, scanner: Scanner, plan: Plan) -> ActionReport:
+        """Re-check and act; a kill's upstream check comes back pending."""
+        return Executor(scanner.sockdiag, scanner.conntrack, self.exec_settings).execute(plan)
 
-    def patch_sysctl(self, handle: NetnsHandle, timeout: int) -> bool:
+    def verify(self, scanner: Scanner, report: ActionReport) -> ActionReport:
+        """The pending upstream check of ``report``, in one look."""
+        return Executor(scanner.sockdiag, scanner.conntrack, self.exec_settings).verify(report)
+
+    def patch_sysctl(self, handle: NetnsHandle, timeout: int) -> PatchReport:
         report = self.patcher.patch(handle, timeout)
         if report.changed:
-            log.info("%s", report.describe())
-        return bool(report.changed)
+            log.info("action=patch-sysctl netns=%d outcome=ok %s", handle.inode, report.describe())
+        return report
 
-    def restore_sysctl(self, handle: NetnsHandle) -> bool:
+    def restore_sysctl(self, handle: NetnsHandle) -> PatchReport:
         report = self.patcher.restore(handle)
         if report.changed:
-            log.info("%s", report.describe())
-        return bool(report.changed)
+            log.info(
+                "action=restore-sysctl netns=%d outcome=ok %s", handle.inode, report.describe()
+            )
+        return report
 
     def restore_inode(self, inode: int) -> bool:
         """Restore a record whose netns the agent no longer watches.
@@ -65,7 +71,7 @@ class EngineRemediator:
         with NetnsHandle.from_path(path) as handle:
             if handle.inode != inode:
                 return False  # the process moved on between stat and open: next pass
-            return self.restore_sysctl(handle)
+            return self.restore_sysctl(handle).changed
 
     def patched_inodes(self) -> set[int]:
         return {r.netns_inode for r in self.patcher.records()}

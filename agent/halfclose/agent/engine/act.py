@@ -21,15 +21,17 @@ module only asks the kernel and applies them.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from halfclose.agent.core.model import ConntrackEntry, Outcome, SocketRecord, TcpState
+from halfclose.agent.core.model import ConntrackEntry, Endpoint, Outcome, SocketRecord, TcpState
+from halfclose.agent.core.outcome import ActionReport, FindingOutcome, KillSummary, UpstreamCheck
 from halfclose.agent.core.plan import (
+    ActionKind,
     Decision,
-    FindingOutcome,
     Op,
     Plan,
     SkipReason,
@@ -55,61 +57,28 @@ def errno_name(err: int | None) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class KillSummary:
-    """Kills in one plan and what became of the proxy's upstream legs.
-
-    Pairing a downstream socket with its upstream leg is best-effort (the
-    scan says None rather than guess), so for kills without a known pair the
-    check is by count: the CLOSE_WAIT sockets off the capture ports, of the
-    killed sockets' uids (the proxy's), before and after the kills.
-    """
-
-    killed: int = 0
-    paired: int = 0  # killed with a known upstream leg
-    paired_closed: int = 0  # ... whose leg closed
-    unpaired_closed: int = 0  # the proxy's CLOSE_WAIT sockets that closed, for the others
-    # CLOSE_WAIT sockets that could be upstream legs of the unpaired kills
-    # (same holder uid, off the capture ports) before the kills: 0 means there
-    # is no proxy upstream to speak of (e.g. a server's own sockets).
-    unpaired_candidates: int = 0
-
-    @property
-    def upstream_closed(self) -> int:
-        return self.paired_closed + self.unpaired_closed
-
-    @property
-    def upstream_watched(self) -> int:
-        """Upstream legs that could close: the known pairs, plus candidates for the rest."""
-        return self.paired + min(self.unpaired_candidates, self.killed - self.paired)
-
-    def describe(self) -> str:
-        if not self.killed:
-            return "killed nothing"
-        what = f"killed {self.killed} leaked socket(s)"
-        if not self.upstream_watched:
-            # Nothing paired and no CLOSE_WAIT socket of the holder: claiming
-            # "the proxy closed N upstream sockets" would describe no proxy.
-            return f"{what}; no CLOSE-WAIT upstream socket of their holder was found to watch"
-        return (
-            f"{what}; the proxy closed {self.upstream_closed} of its CLOSE-WAIT upstream "
-            f"socket(s) ({self.upstream_watched} watched)"
-        )
-
-    def to_json_dict(self) -> dict[str, int]:
-        return {
-            "killed": self.killed,
-            "paired": self.paired,
-            "upstream_closed": self.upstream_closed,
-            "upstream_watched": self.upstream_watched,
-        }
-
-
-@dataclass(frozen=True, slots=True)
 class ExecSettings:
     """How long to watch paired upstream sockets go after kills (all of them together)."""
 
     upstream_wait_seconds: float = 2.0
     poll_seconds: float = 0.05
+
+
+def _ends(plan: Plan) -> frozenset[tuple[Endpoint, Endpoint]]:
+    """Both ends of each connection being killed (a local peer is no upstream leg)."""
+    return frozenset(
+        (d.finding.socket.peer.normalized(), d.finding.socket.local.normalized())
+        for d in plan.kills
+    )
+
+
+def skipped(plan: Plan) -> ActionReport:
+    """The report of a plan that touches no socket (report-only, patch-conntrack)."""
+    return ActionReport(
+        plan.settings.action,
+        plan.settings.dry_run,
+        tuple(FindingOutcome(d.finding, Outcome.SKIPPED, d.reason) for d in plan.decisions),
+    )
 
 
 class Executor:
@@ -129,14 +98,31 @@ class Executor:
         self._settings = settings or ExecSettings()
         self._clock = clock
         self._sleep = sleep
-        self.summary = KillSummary()
 
-    def execute(self, plan: Plan) -> list[FindingOutcome]:
-        """One outcome per decision, in the plan's order (``summary`` tells the kills)."""
+    def remediate(self, plan: Plan) -> ActionReport:
+        """Execute, then watch the upstream legs go for up to ``upstream_wait_seconds``.
+
+        For a caller that may wait (the CLI).  The agent calls ``execute`` and
+        ``verify`` itself, later, so its loop never sleeps here.
+        """
+        report = self.execute(plan)
+        deadline = self._clock() + self._settings.upstream_wait_seconds
+        while report.pending is not None:
+            report = self.verify(report, final=self._clock() >= deadline)
+            if report.pending is not None:
+                self._sleep(self._settings.poll_seconds)
+        return report
+
+    def execute(self, plan: Plan) -> ActionReport:
+        """One outcome per decision, in the plan's order; kills' upstream check pending."""
         outcomes: list[FindingOutcome] = []
         unpaired = [d for d in plan.kills if d.finding.upstream is None]
         uids = frozenset(d.finding.socket.uid for d in unpaired)
-        baseline = self._close_waits(plan, uids) if unpaired and not plan.settings.dry_run else None
+        baseline = (
+            self._close_waits(plan.capture_ports, uids, _ends(plan))
+            if unpaired and not plan.settings.dry_run
+            else None
+        )
         for decision in plan.decisions:
             if decision.op is Op.KILL:
                 outcomes.append(self._kill(plan, decision))
@@ -144,10 +130,62 @@ class Executor:
                 outcomes.append(self._extend(plan, decision))
             else:
                 outcomes.append(FindingOutcome(decision.finding, Outcome.SKIPPED, decision.reason))
-        outcomes = self._verify_upstreams(outcomes, plan, uids, baseline)
-        return outcomes
+        report = ActionReport(plan.settings.action, plan.settings.dry_run, tuple(outcomes))
+        killed = [i for i, o in enumerate(outcomes) if o.outcome is Outcome.KILLED]
+        if plan.settings.action is not ActionKind.KILL or plan.settings.dry_run:
+            return report
+        if not killed:
+            return report.replace(kills=KillSummary())
+        paired = tuple((i, up) for i in killed if (up := outcomes[i].finding.upstream) is not None)
+        check = UpstreamCheck(
+            paired=paired,
+            unpaired_kills=len(killed) - len(paired),
+            uids=uids,
+            baseline=baseline,
+            capture_ports=plan.capture_ports,
+            ends=_ends(plan),
+        )
+        return report.replace(pending=check)
 
-    def _close_waits(self, plan: Plan, uids: frozenset[int]) -> frozenset[int] | None:
+    def verify(self, report: ActionReport, *, final: bool = True) -> ActionReport:
+        """One look at the killed sockets' upstream legs (no sleeping).
+
+        With ``final`` False, a check that is not complete yet stays pending.
+        """
+        check = report.pending
+        if check is None:
+            return report
+        closed = {i for i, up in check.paired if not self._upstream_open(up)}
+        paired_cookies = {up.cookie for _, up in check.paired}
+        unpaired_closed = 0
+        if check.unpaired_kills and check.baseline is not None:
+            now = self._close_waits(check.capture_ports, check.uids, check.ends)
+            if now is not None:
+                unpaired_closed = len(check.baseline - now - paired_cookies)
+        done = len(closed) == len(check.paired) and unpaired_closed >= check.unpaired_kills
+        if not done and not final:
+            return report
+        summary = KillSummary(
+            killed=report.killed,
+            paired=len(check.paired),
+            paired_closed=len(closed),
+            # Closed legs beyond the unpaired kills belong to something else.
+            unpaired_closed=min(unpaired_closed, check.unpaired_kills),
+            unpaired_candidates=(
+                len(check.baseline - paired_cookies) if check.baseline is not None else 0
+            ),
+        )
+        outcomes = list(report.outcomes)
+        for i, _up in check.paired:
+            outcomes[i] = dataclasses.replace(outcomes[i], upstream_closed=i in closed)
+        return report.replace(outcomes=tuple(outcomes), kills=summary, pending=None)
+
+    def _close_waits(
+        self,
+        capture_ports: frozenset[int],
+        uids: frozenset[int],
+        ends: frozenset[tuple[Endpoint, Endpoint]],
+    ) -> frozenset[int] | None:
         """Cookies of the CLOSE_WAIT sockets that may be the proxy's upstream legs."""
         try:
             _, socks = self._diag.dump([TcpState.CLOSE_WAIT])
@@ -156,15 +194,11 @@ class Executor:
         # The other end of a connection being killed, when it lives in this
         # netns (a client of a plain server), is no upstream leg: its going
         # away after the kill says nothing about a proxy.
-        ends = {
-            (d.finding.socket.peer.normalized(), d.finding.socket.local.normalized())
-            for d in plan.kills
-        }
         return frozenset(
             s.cookie
             for s in socks
             if s.uid in uids
-            and s.local.port not in plan.capture_ports
+            and s.local.port not in capture_ports
             and not s.orphan
             and (s.local.normalized(), s.peer.normalized()) not in ends
         )
@@ -207,49 +241,6 @@ class Executor:
         except OSError:
             return True  # unknown: report it as still there rather than claim success
         return current is not None and current.state is TcpState.CLOSE_WAIT
-
-    def _verify_upstreams(
-        self,
-        outcomes: list[FindingOutcome],
-        plan: Plan,
-        uids: frozenset[int],
-        baseline: frozenset[int] | None,
-    ) -> list[FindingOutcome]:
-        """Wait (bounded, for all together) for the killed sockets' upstream legs to close."""
-        killed = [i for i, o in enumerate(outcomes) if o.outcome is Outcome.KILLED]
-        pending = {i: up for i in killed if (up := outcomes[i].finding.upstream) is not None}
-        expected_unpaired = len(killed) - len(pending)
-        paired_cookies = {up.cookie for up in pending.values()}
-        closed: set[int] = set()
-        unpaired_closed = 0
-        deadline = self._clock() + self._settings.upstream_wait_seconds
-        while killed:
-            for i, up in pending.items():
-                if i not in closed and not self._upstream_open(up):
-                    closed.add(i)
-            if expected_unpaired and baseline is not None:
-                now = self._close_waits(plan, uids)
-                if now is not None:
-                    unpaired_closed = len(baseline - now - paired_cookies)
-            done = len(closed) == len(pending) and unpaired_closed >= expected_unpaired
-            if done or self._clock() >= deadline:
-                break
-            self._sleep(self._settings.poll_seconds)
-        self.summary = KillSummary(
-            killed=len(killed),
-            paired=len(pending),
-            paired_closed=len(closed),
-            # Closed legs beyond the unpaired kills belong to something else.
-            unpaired_closed=min(unpaired_closed, expected_unpaired),
-            unpaired_candidates=len(baseline - paired_cookies) if baseline is not None else 0,
-        )
-        result = list(outcomes)
-        for i in pending:
-            o = result[i]
-            result[i] = FindingOutcome(
-                o.finding, o.outcome, o.reason, o.error, o.would, upstream_closed=i in closed
-            )
-        return result
 
     # -- extend ---------------------------------------------------------------
 

@@ -22,6 +22,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
+from halfclose.agent.core.outcome import PatchReport
 from halfclose.agent.kernel import sysctl
 from halfclose.agent.kernel.netns import NetnsHandle
 from halfclose.errors import UserError
@@ -40,44 +41,6 @@ class PatchRecord:
     original: int
     patched: int
     patched_at: float  # unix time
-
-
-@dataclass(frozen=True, slots=True)
-class PatchReport:
-    """Before/after of one patch, restore or status call."""
-
-    netns: str
-    netns_inode: int
-    operation: str  # patch | restore | status
-    before: int
-    after: int
-    original: int | None  # the value recorded before the first patch (None: not patched)
-    changed: bool
-    dry_run: bool
-    state_file: str
-
-    def to_json_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-    def describe(self) -> str:
-        what = {"patch": "patched", "restore": "restored", "status": "is"}[self.operation]
-        if self.operation == "status":
-            state = (
-                f"patched (original {self.original} s)"
-                if self.original is not None
-                else "not patched by halfclose"
-            )
-            return f"{self.netns}: close_wait timeout {self.before} s, {state}"
-        if self.dry_run:
-            return (
-                f"{self.netns}: dry run: close_wait timeout would go "
-                f"{self.before} -> {self.after} s"
-            )
-        if self.operation == "restore" and self.original is None:
-            return f"{self.netns}: nothing to restore (no patch recorded); {self.after} s"
-        if not self.changed:
-            return f"{self.netns}: close_wait timeout already {self.after} s (nothing to do)"
-        return f"{self.netns}: close_wait timeout {what} {self.before} -> {self.after} s"
 
 
 class CloseWaitPatcher:

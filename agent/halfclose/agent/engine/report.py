@@ -1,4 +1,4 @@
-"""ScanResult -> the JSON contract of design.md §4, and a table for people (like ``ss``).
+"""ScanResult -> the JSON contract of docs/detection.md, and a table for people (like ``ss``).
 
 JSON shape (a contract: users' scripts read it)::
 
@@ -11,7 +11,11 @@ JSON shape (a contract: users' scripts read it)::
      "warnings": [str]}
 
 Endpoints and states are spelled as ``ss`` prints them.  Actions are the
-remediation's business: it passes each finding's outcome in by socket cookie.
+remediation's business: its ``ActionReport`` (one outcome per finding) is
+read here as it is everywhere else; its fields are additive (``would``,
+``upstream_closed``, ``timeout_before``/``timeout_after``; top level
+``kill_summary``, ``conntrack_patch``).  The document is plain dicts and
+lists, built once: ``json.dumps`` without indent encodes it in C.
 An unproven finding's ``reason`` is always the proof's (``not-nat-captured``,
 ``entry-removed-early``, ...): nothing acts on it, so no action reason is due.
 Additive fields: ``capture`` (how part 2 was shown: rule, conntrack, tproxy)
@@ -21,24 +25,11 @@ and ``silence_seconds`` (part 4's measure) per finding; ``min_silence_seconds``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from halfclose.agent.core.model import Finding, Kind, Outcome, SocketRecord
+from halfclose.agent.core.outcome import ActionReport, FindingOutcome
 from halfclose.agent.engine.scan import ScanResult
-
-
-@dataclass(frozen=True, slots=True)
-class FindingOutcome:
-    """What an action did to one finding (absent: ``action`` is "none")."""
-
-    action: Outcome
-    error: str | None = None
-    reason: str | None = None
-
-
-Outcomes = Mapping[int, FindingOutcome]  # keyed by the finding's socket cookie
 
 
 def _idle(sock: SocketRecord) -> float | None:
@@ -53,43 +44,49 @@ def _silence(sock: SocketRecord) -> float | None:
 
 def finding_dict(f: Finding, outcome: FindingOutcome | None = None) -> dict[str, Any]:
     up = f.upstream
+    sock = f.socket
+    owner = f.owner
     out: dict[str, Any] = {
-        "kind": str(f.kind),
-        "state": f.socket.state.ss_name,
-        "local": str(f.socket.local),
-        "peer": str(f.socket.peer),
-        "idle_seconds": _idle(f.socket),
-        "pid": f.owner.pid if f.owner else None,
-        "process": f.owner.process if f.owner else None,
+        "kind": f.kind.value,
+        "state": sock.state.ss_name,
+        "local": str(sock.local),
+        "peer": str(sock.peer),
+        "idle_seconds": _idle(sock),
+        "pid": owner.pid if owner else None,
+        "process": owner.process if owner else None,
         "upstream": (
             {"local": str(up.local), "peer": str(up.peer), "state": up.state.ss_name}
             if up is not None
             else None
         ),
-        "action": str(outcome.action) if outcome else str(Outcome.NONE),
-        "capture": str(f.capture) if f.capture is not None else None,
-        "silence_seconds": _silence(f.socket),
+        "action": _NONE,
+        "capture": f.capture.value if f.capture is not None else None,
+        "silence_seconds": _silence(sock),
     }
-    if outcome and outcome.error:
-        out["error"] = outcome.error
+    if outcome is not None:
+        out.update(outcome.to_json_fields())
     if f.reason is not None:
-        out["reason"] = str(f.reason)
-    elif outcome and outcome.reason:
-        out["reason"] = outcome.reason
+        out["reason"] = f.reason.value  # an unproven finding: the proof's missing part
     return out
 
 
-def to_json_dict(result: ScanResult, outcomes: Outcomes | None = None) -> dict[str, Any]:
-    outcomes = outcomes or {}
-    return {
+_NONE = Outcome.NONE.value
+
+
+def to_json_dict(result: ScanResult, report: ActionReport | None = None) -> dict[str, Any]:
+    of = report.by_cookie if report is not None else {}
+    doc: dict[str, Any] = {
         "netns": result.netns,
         "capture_ports": list(result.capture_ports),
         "sockets_examined": result.sockets_examined,
         "duration_seconds": round(result.duration_seconds, 6),
-        "findings": [finding_dict(f, outcomes.get(f.socket.cookie)) for f in result.findings],
+        "findings": [finding_dict(f, of.get(f.socket.cookie)) for f in result.findings],
         "warnings": list(result.warnings),
         "min_silence_seconds": result.timeouts.shortest if result.timeouts else None,
     }
+    if report is not None:
+        doc.update(report.extra_json())
+    return doc
 
 
 def counts(result: ScanResult) -> dict[Kind, int]:
@@ -111,9 +108,9 @@ def _idle_text(sock: SocketRecord) -> str:
     return "-" if idle is None else f"{idle:.1f}s"
 
 
-def render_table(result: ScanResult, outcomes: Outcomes | None = None) -> str:
-    """A summary line, then one row per finding in ``ss`` spelling."""
-    outcomes = outcomes or {}
+def render_table(result: ScanResult, report: ActionReport | None = None) -> str:
+    """A summary line, then one row per finding in ``ss`` spelling (then the report's notes)."""
+    outcomes = report.by_cookie if report is not None and report.action != "report" else {}
     n = counts(result)
     ports = ",".join(map(str, result.capture_ports)) or "none"
     tally = f"{n[Kind.LEAKED]} leaked, {n[Kind.AT_RISK]} at-risk"
@@ -153,11 +150,11 @@ def render_table(result: ScanResult, outcomes: Outcomes | None = None) -> str:
         ]
         if show_action:
             o = outcomes.get(f.socket.cookie)
-            text = str(o.action) if o else str(Outcome.NONE)
+            text = o.action.value if o else _NONE
             if o and o.error:
                 text += f" ({o.error})"
             elif o and o.reason and f.reason is None:
-                text += f" ({o.reason})"
+                text += f" ({o.reason.value})"
             row.append(text)
         rows.append(row)
     cols = [*header, "Action"] if show_action else list(header)
@@ -166,3 +163,10 @@ def render_table(result: ScanResult, outcomes: Outcomes | None = None) -> str:
     lines.append(fmt.format(*cols).rstrip())
     lines.extend(fmt.format(*r).rstrip() for r in rows)
     return "\n".join(lines)
+
+
+def render_notes(report: ActionReport | None) -> list[str]:
+    """Lines a person should read after the table (a netns-wide change, how to undo it)."""
+    if report is None:
+        return []
+    return report.notes()
