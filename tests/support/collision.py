@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from halfclose.agent.core.classify import DELAYED_ACK_MARGIN_SECONDS
 from support.scratchnet import Holder, run, scratch_netns
 
 APP_IP = "192.0.2.10"
@@ -38,7 +39,7 @@ PROXY_PORT = 15001
 MARK = 0x539
 # The netns's CLOSE_WAIT timeout: the leak forms this long after the upstream
 # closes.  design.md §2 part 4 wants silence >= min(close_wait, fin_wait) of
-# the netns, which the leak's own formation guarantees (>= this many seconds).
+# the netns plus DELAYED_ACK_MARGIN_SECONDS, waited out below.
 CLOSE_WAIT = 2
 
 PROXY = r"""
@@ -243,6 +244,8 @@ def form_leak(ns: str, proxy: Holder, app: Holder) -> Collision:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the NAT entry of :{port} did not expire")
         time.sleep(0.1)
+    # Part 4's bar is the timeout plus the delayed-ACK margin: wait that out too.
+    time.sleep(DELAYED_ACK_MARGIN_SECONDS)
     app.send("close")
     app.expect("OK")
     found = Collision(ns, proxy, app, port)

@@ -41,6 +41,7 @@ from typing import Any
 
 from pyroute2.conntrack import AsyncConntrack
 
+from halfclose.agent.core.classify import DELAYED_ACK_MARGIN_SECONDS
 from halfclose.agent.kernel.conntrack import Conntrack
 from halfclose.agent.kernel.netns import NetnsHandle
 from halfclose.lab import control, daemon
@@ -115,6 +116,10 @@ class App:
             # it is an ordinary, early close and nothing leaks.
             for conn in conns:
                 conn.close()
+        # Part 4 of the proof needs the shortest timeout *plus* the delayed-ACK
+        # margin of silence (agent/core/classify.py): answer once that has
+        # passed too, so a caller may scan at once and see the leaks proven.
+        await asyncio.sleep(DELAYED_ACK_MARGIN_SECONDS)
         self.leaked_total += count
         return {"pairs": [c.pair() for c in conns]}
 
