@@ -80,6 +80,10 @@ def _up_keys(up: SocketRecord) -> tuple[tuple[int, int], ...]:
 
 def _unique(socks: Iterable[SocketRecord]) -> list[SocketRecord]:
     """Deduplicated by cookie (hashing whole records is slow: ipaddress hashes)."""
+    if not isinstance(socks, list):
+        socks = list(socks)
+    if len(socks) < 2:  # the usual answer: one exact match (no dict needed)
+        return socks
     seen: dict[int, SocketRecord] = {}
     for sock in socks:
         seen.setdefault(sock.cookie, sock)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from halfclose.agent.core.classify import Evidence, classify, is_candidate
@@ -22,6 +22,7 @@ from halfclose.agent.core.model import (
     Endpoint,
     Finding,
     HalfClosedTimeouts,
+    Owner,
     SocketRecord,
     TcpState,
     UnprovenReason,
@@ -56,6 +57,12 @@ class ScanSettings:
     # The netns's half-closed conntrack timeouts (part 4) are re-read when
     # older than this.  Short: a raised timeout must raise the bar soon.
     timeouts_max_age_seconds: float = 5.0
+    # Look up each finding's owning process in /proc during the scan.  A walk
+    # reads one link per fd of the holders (40,000 at 20k leaks, the scan's
+    # largest stage), so a caller that reports only some findings (the agent)
+    # turns this off and calls ``attach_owners`` for those it reports, for all
+    # its netns in one pass.  Without owners, pairing groups by socket uid.
+    owners: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +78,24 @@ class ScanResult:
     warnings: tuple[str, ...] = ()
     # Part 4's bar in this netns at scan time (None: unknown).
     timeouts: HalfClosedTimeouts | None = None
+    # Seconds spent per stage (rules, dump+decode, conntrack, owners,
+    # classify, pairing, ...): the profile docs/performance.md tabulates.
+    stages: dict[str, float] = field(default_factory=dict, compare=False)
+
+
+class Laps:
+    """Stage timer: ``lap(name)`` adds the time since the previous lap to ``name``."""
+
+    __slots__ = ("_at", "stages")
+
+    def __init__(self, started: float) -> None:
+        self._at = started
+        self.stages: dict[str, float] = {}
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.stages[name] = self.stages.get(name, 0.0) + now - self._at
+        self._at = now
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +171,9 @@ class Scanner:
     def scan(self, settings: ScanSettings | None = None) -> ScanResult:
         settings = settings or ScanSettings()
         started = time.perf_counter()
+        lap = Laps(started)
         rules = self.rules(settings)
+        lap("rules")
         warnings: list[str] = []
         nat_eps: frozenset[Endpoint] | None = None
         if settings.capture_ports is not None:
@@ -175,7 +202,8 @@ class Scanner:
             return sport not in dump_ports
 
         examined, sockets = self._diag.dump(DUMP_STATES, keep)
-        findings, more = self._judge(sockets, ports, capture, nat_eps, settings)
+        lap("dump+decode")
+        findings, more = self._judge(sockets, ports, capture, nat_eps, settings, lap=lap)
         warnings.extend(more)
         if rules.found is None:
             warnings.insert(
@@ -201,6 +229,7 @@ class Scanner:
             port_origins=rules.found,
             warnings=tuple(warnings),
             timeouts=timeouts,
+            stages=lap.stages,
         )
 
     def _nat_endpoints(
@@ -235,8 +264,11 @@ class Scanner:
         capture: CaptureEvidence,
         nat_eps: frozenset[Endpoint] | None,
         settings: ScanSettings,
+        *,
+        lap: Laps,
     ) -> tuple[list[Finding], tuple[str, ...]]:
         candidates = [s for s in sockets if is_candidate(s, ports, capture)]
+        lap("classify")
         if not candidates:
             return [], ()
         unshown = [s for s in candidates if capture.proves(s) is None]
@@ -245,11 +277,14 @@ class Scanner:
             # DST_NAT entries may (one filtered dump, only when needed).
             found = self._nat_endpoints(settings.rules_max_age_seconds, unshown)
             capture = dataclasses.replace(capture, nat_endpoints=found)
+            lap("dst-nat")
         proven = [s for s in candidates if capture.proves(s) is not None]
         # One GET per proven candidate, many per send(), keyed back by cookie.
         by_cookie = self._ct.lookup_sockets(proven)
+        lap("conntrack")
         warnings: tuple[str, ...] = ()
         timeouts = self.timeouts(settings)
+        lap("timeouts")
         if isinstance(timeouts, HalfClosedTimeouts):
             evidence = Evidence(capture, timeouts=timeouts, by_cookie=by_cookie)
         else:
@@ -258,16 +293,21 @@ class Scanner:
                 f"the conntrack timeouts of {self.handle.label} could not be read "
                 f"({timeouts}): no leak can be proven",
             )
-        # Owners for the candidates and for the CLOSE_WAIT sockets they may pair with.
-        wanted = [s for s in sockets if not s.orphan]
-        owners = procfs.find_owners(
-            [s.inode for s in wanted],
-            self.handle.inode,
-            proc_root=settings.proc_root,
-            uid_hint={s.uid for s in candidates},
-        )
+        owners: dict[int, Owner] = {}
+        if settings.owners:
+            # Owners for the candidates and for the CLOSE_WAIT sockets they may pair with.
+            owners = procfs.find_owners(
+                [s.inode for s in sockets if not s.orphan],
+                self.handle.inode,
+                proc_root=settings.proc_root,
+                uid_hint={s.uid for s in candidates},
+            )
+            lap("owners")
         findings = classify(candidates, ports, evidence, owners, settings.min_idle_seconds)
-        return pair(findings, sockets, ports, owners), warnings
+        lap("classify")
+        paired = pair(findings, sockets, ports, owners)
+        lap("pairing")
+        return paired, warnings
 
     def close(self) -> None:
         self._diag.close()
@@ -319,6 +359,34 @@ def _capture_evidence(
         drops_invalid=rules.drops_invalid,
         tproxy_examined=tproxy,
     )
+
+
+def attach_owners(
+    results: Sequence[ScanResult], proc_root: str = "/proc", limit: int | None = None
+) -> list[ScanResult]:
+    """``results`` with each finding's owner filled in, one pass over /proc for all.
+
+    For scans run with ``ScanSettings(owners=False)``.  Socket inodes are
+    unique on the host, so one search serves every netns.  ``limit`` fills
+    only each result's first findings (the ones a bounded report shows).
+    """
+    wanted: list[int] = []
+    for r in results:
+        wanted.extend(f.socket.inode for f in r.findings[:limit] if f.owner is None)
+    if not wanted:
+        return list(results)
+    owners = procfs.find_owners(wanted, proc_root=proc_root)
+    out = []
+    for r in results:
+        head = r.findings[:limit] if limit is not None else r.findings
+        filled = [
+            f.with_owner(owners[f.socket.inode])
+            if f.owner is None and f.socket.inode in owners
+            else f
+            for f in head
+        ]
+        out.append(dataclasses.replace(r, findings=filled + r.findings[len(head) :]))
+    return out
 
 
 def scan(handle: NetnsHandle, settings: ScanSettings | None = None) -> ScanResult:
