@@ -66,8 +66,25 @@ class FakeDiag:
         self.destroyed.append(rec.cookie)
         del self.sockets[rec.cookie]
 
-    def dump(self, states: list[TcpState]) -> tuple[int, list[SocketRecord]]:
+    def get_many(self, records: list[SocketRecord]) -> list[SocketRecord | int | None]:
+        if self.get_errno:
+            raise OSError(self.get_errno, "injected")
+        return [self.sockets.get(r.cookie) for r in records]
+
+    def destroy_many(self, records: list[SocketRecord]) -> list[int]:
+        out = []
+        for rec in records:
+            try:
+                self.destroy(rec)
+                out.append(0)
+            except OSError as exc:
+                out.append(exc.errno or 0)
+        return out
+
+    def dump(self, states: list[TcpState], keep: object = None) -> tuple[int, list[SocketRecord]]:
         found = [s for s in self.sockets.values() if s.state in states]
+        if callable(keep):
+            found = [s for s in found if keep(int(s.state), s.local.port, s.peer.port)]
         return len(found), found
 
 
@@ -78,6 +95,9 @@ class FakeConntrack:
 
     def get_by_reply(self, reply: FlowTuple) -> ConntrackEntry | None:
         return self.entries.get(reply)
+
+    def lookup_sockets(self, sockets: list[SocketRecord]) -> dict[int, ConntrackEntry | None]:
+        return {s.cookie: self.entries.get(s.nat_reply_tuple) for s in sockets}
 
     def update(self, entry: ConntrackEntry, *, timeout: int | None = None) -> None:
         if self.update_errno:

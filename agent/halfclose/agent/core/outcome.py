@@ -16,7 +16,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from halfclose.agent.core.model import Endpoint, Finding, Outcome, SocketRecord
+from halfclose.agent.core.model import Finding, Outcome, SocketRecord
 from halfclose.agent.core.plan import ActionKind, Op, SkipReason
 
 
@@ -162,8 +162,6 @@ class UpstreamCheck:
     # None when that dump failed (then nothing is claimed closed).
     baseline: frozenset[int] | None
     capture_ports: frozenset[int] = frozenset()
-    # (peer, local) of each killed socket: a local client's end is no upstream leg.
-    ends: frozenset[tuple[Endpoint, Endpoint]] = frozenset()
     due_after_seconds: float = 0.1
 
 

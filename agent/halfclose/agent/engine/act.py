@@ -6,12 +6,14 @@ close, or an entry vanish, between the scan and the action.  The rules for
 what may be touched live in the pure ``halfclose.agent.core.plan``; this
 module only asks the kernel and applies them.
 
-- kill: ``SOCK_DESTROY`` keyed by the cookie from the re-read.  ENOENT/ESTALE
-  mean the socket went by itself ("already-gone"), not a failure.  Then the
-  proxy's paired upstream CLOSE_WAIT socket is watched for a bounded moment:
-  a proxy that closes its upstream when the downstream errors (Envoy, HAProxy)
-  makes it go; any that stay are reported (per finding when the scan paired
-  it, else by count in ``KillSummary``).
+- kill: the batched path of ``engine.kill`` (``SOCK_DESTROY`` keyed by the
+  cookie from the re-read; ENOENT/ESTALE mean the socket went by itself,
+  "already-gone", not a failure).  The proxy's paired upstream CLOSE_WAIT
+  sockets are checked *later* (``verify``, one dump): a proxy that closes its
+  upstream when the downstream errors (Envoy, HAProxy) makes them go; any that
+  stay are reported (per finding when the scan paired it, else by count in
+  ``KillSummary``).  The CLI waits for that (``remediate``, bounded); the agent
+  schedules it, so its loop never sleeps for a proxy.
 - extend: a ctnetlink update of that one entry's timeout, *without*
   IPS_FIXED_TIMEOUT (measured on 6.18: a fixed timeout survives the
   connection's close and can never be changed or cleared again; a plain one
@@ -27,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from halfclose.agent.core.model import ConntrackEntry, Endpoint, Outcome, SocketRecord, TcpState
+from halfclose.agent.core.model import ConntrackEntry, Outcome, SocketRecord
 from halfclose.agent.core.outcome import ActionReport, FindingOutcome, KillSummary, UpstreamCheck
 from halfclose.agent.core.plan import (
     ActionKind,
@@ -36,24 +38,17 @@ from halfclose.agent.core.plan import (
     Plan,
     SkipReason,
     recheck_extend,
-    recheck_kill,
+)
+from halfclose.agent.engine.kill import (
+    UPSTREAM_DUE_SECONDS,
+    UpstreamStatus,
+    close_wait_baseline,
+    errno_name,
+    kill,
+    verify_upstreams,
 )
 from halfclose.agent.kernel.conntrack import Conntrack
 from halfclose.agent.kernel.sockdiag import SockDiag
-
-# The socket is gone already: the kernel has nothing to destroy.
-_GONE = frozenset({errno.ENOENT, errno.ESTALE})
-
-
-# On Linux ENOTSUP == EOPNOTSUPP; the kernel's name for what SOCK_DESTROY
-# answers without CONFIG_INET_DIAG_DESTROY is EOPNOTSUPP.
-_PREFERRED_NAMES = {errno.EOPNOTSUPP: "EOPNOTSUPP"}
-
-
-def errno_name(err: int | None) -> str:
-    if err is None:
-        return "EUNKNOWN"
-    return _PREFERRED_NAMES.get(err) or errno.errorcode.get(err, f"errno {err}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,14 +57,6 @@ class ExecSettings:
 
     upstream_wait_seconds: float = 2.0
     poll_seconds: float = 0.05
-
-
-def _ends(plan: Plan) -> frozenset[tuple[Endpoint, Endpoint]]:
-    """Both ends of each connection being killed (a local peer is no upstream leg)."""
-    return frozenset(
-        (d.finding.socket.peer.normalized(), d.finding.socket.local.normalized())
-        for d in plan.kills
-    )
 
 
 def skipped(plan: Plan) -> ActionReport:
@@ -114,133 +101,93 @@ class Executor:
         return report
 
     def execute(self, plan: Plan) -> ActionReport:
-        """One outcome per decision, in the plan's order; kills' upstream check pending."""
-        outcomes: list[FindingOutcome] = []
-        unpaired = [d for d in plan.kills if d.finding.upstream is None]
-        uids = frozenset(d.finding.socket.uid for d in unpaired)
+        """One outcome per decision, in the plan's order; kills' upstream check pending.
+
+        Kills go through the batched kill path (``engine.kill``: re-reads,
+        conntrack GETs and destroys many per ``send``), extensions one by one.
+        """
+        dry_run = plan.settings.dry_run
+        kills = plan.kills
+        unpaired = [d for d in kills if d.finding.upstream is None]
         baseline = (
-            self._close_waits(plan.capture_ports, uids, _ends(plan))
-            if unpaired and not plan.settings.dry_run
+            close_wait_baseline(self._diag, unpaired, plan.capture_ports)
+            if unpaired and not dry_run
             else None
         )
+        killed = iter(
+            kill(self._diag, self._ct, kills, plan.capture_ports, dry_run=dry_run) if kills else ()
+        )
+        outcomes: list[FindingOutcome] = []
         for decision in plan.decisions:
             if decision.op is Op.KILL:
-                outcomes.append(self._kill(plan, decision))
+                r = next(killed)
+                would = Op.KILL if r.reason is SkipReason.DRY_RUN else None
+                outcomes.append(
+                    FindingOutcome(decision.finding, r.outcome, r.reason, r.error, would)
+                )
             elif decision.op is Op.EXTEND:
                 outcomes.append(self._extend(plan, decision))
             else:
                 outcomes.append(FindingOutcome(decision.finding, Outcome.SKIPPED, decision.reason))
-        report = ActionReport(plan.settings.action, plan.settings.dry_run, tuple(outcomes))
-        killed = [i for i, o in enumerate(outcomes) if o.outcome is Outcome.KILLED]
-        if plan.settings.action is not ActionKind.KILL or plan.settings.dry_run:
+        report = ActionReport(plan.settings.action, dry_run, tuple(outcomes))
+        if plan.settings.action is not ActionKind.KILL or dry_run:
             return report
-        if not killed:
+        done = [i for i, o in enumerate(outcomes) if o.outcome is Outcome.KILLED]
+        if not done:
             return report.replace(kills=KillSummary())
-        paired = tuple((i, up) for i in killed if (up := outcomes[i].finding.upstream) is not None)
+        paired = tuple((i, up) for i in done if (up := outcomes[i].finding.upstream) is not None)
         check = UpstreamCheck(
             paired=paired,
-            unpaired_kills=len(killed) - len(paired),
-            uids=uids,
+            unpaired_kills=len(done) - len(paired),
+            uids=frozenset(d.finding.socket.uid for d in unpaired),
             baseline=baseline,
             capture_ports=plan.capture_ports,
-            ends=_ends(plan),
+            due_after_seconds=UPSTREAM_DUE_SECONDS,
         )
         return report.replace(pending=check)
 
     def verify(self, report: ActionReport, *, final: bool = True) -> ActionReport:
-        """One look at the killed sockets' upstream legs (no sleeping).
+        """One CLOSE_WAIT dump: have the killed sockets' upstream legs closed? (no sleeping)
 
         With ``final`` False, a check that is not complete yet stays pending.
         """
         check = report.pending
         if check is None:
             return report
-        closed = {i for i, up in check.paired if not self._upstream_open(up)}
-        paired_cookies = {up.cookie for _, up in check.paired}
-        unpaired_closed = 0
-        if check.unpaired_kills and check.baseline is not None:
-            now = self._close_waits(check.capture_ports, check.uids, check.ends)
-            if now is not None:
-                unpaired_closed = len(check.baseline - now - paired_cookies)
-        done = len(closed) == len(check.paired) and unpaired_closed >= check.unpaired_kills
+        try:
+            status = verify_upstreams(
+                self._diag,
+                paired_legs=[up for _, up in check.paired],
+                unpaired_kills=check.unpaired_kills,
+                uids=check.uids,
+                baseline=check.baseline,
+                capture_ports=check.capture_ports,
+            )
+        except OSError:
+            if not final:
+                return report
+            # Nothing verified: nothing may be claimed closed.
+            status = UpstreamStatus(frozenset(), 0, 0)
+        closed = {i for i, up in check.paired if up.cookie in status.closed}
+        done = len(closed) == len(check.paired) and status.unpaired_closed >= check.unpaired_kills
         if not done and not final:
             return report
         summary = KillSummary(
             killed=report.killed,
             paired=len(check.paired),
             paired_closed=len(closed),
-            # Closed legs beyond the unpaired kills belong to something else.
-            unpaired_closed=min(unpaired_closed, check.unpaired_kills),
-            unpaired_candidates=(
-                len(check.baseline - paired_cookies) if check.baseline is not None else 0
-            ),
+            unpaired_closed=status.unpaired_closed,
+            unpaired_candidates=status.unpaired_candidates,
         )
         outcomes = list(report.outcomes)
         for i, _up in check.paired:
             outcomes[i] = dataclasses.replace(outcomes[i], upstream_closed=i in closed)
         return report.replace(outcomes=tuple(outcomes), kills=summary, pending=None)
 
-    def _close_waits(
-        self,
-        capture_ports: frozenset[int],
-        uids: frozenset[int],
-        ends: frozenset[tuple[Endpoint, Endpoint]],
-    ) -> frozenset[int] | None:
-        """Cookies of the CLOSE_WAIT sockets that may be the proxy's upstream legs."""
-        try:
-            _, socks = self._diag.dump([TcpState.CLOSE_WAIT])
-        except OSError:
-            return None  # then the count is unknown, and reported as none closed
-        # The other end of a connection being killed, when it lives in this
-        # netns (a client of a plain server), is no upstream leg: its going
-        # away after the kill says nothing about a proxy.
-        return frozenset(
-            s.cookie
-            for s in socks
-            if s.uid in uids
-            and s.local.port not in capture_ports
-            and not s.orphan
-            and (s.local.normalized(), s.peer.normalized()) not in ends
-        )
-
-    # -- kill ----------------------------------------------------------------
-
     def _current(self, sock: SocketRecord) -> SocketRecord | None:
         """The socket as the kernel has it now, by tuple *and cookie* (None: gone)."""
         current: SocketRecord | None = self._diag.get(sock)
         return current
-
-    def _kill(self, plan: Plan, decision: Decision) -> FindingOutcome:
-        finding = decision.finding
-        try:
-            current = self._current(finding.socket)
-            entry_now = self._ct.get_by_reply(finding.socket.nat_reply_tuple) if current else None
-        except OSError as exc:
-            # A failed re-check must never read as "safe to kill".
-            return FindingOutcome(finding, Outcome.FAILED, error=errno_name(exc.errno))
-        reason = recheck_kill(decision, current, entry_now, plan.capture_ports)
-        if reason is not None:
-            return FindingOutcome(finding, Outcome.SKIPPED, reason)
-        assert current is not None  # recheck_kill returns ALREADY_GONE otherwise
-        if plan.settings.dry_run:
-            return FindingOutcome(finding, Outcome.SKIPPED, SkipReason.DRY_RUN, would=Op.KILL)
-        try:
-            # The re-read record carries the same cookie (the re-check proved
-            # it): SOCK_DESTROY can only hit this socket, never the listener.
-            self._diag.destroy(current)
-        except OSError as exc:
-            if exc.errno in _GONE:
-                return FindingOutcome(finding, Outcome.SKIPPED, SkipReason.ALREADY_GONE)
-            return FindingOutcome(finding, Outcome.FAILED, error=errno_name(exc.errno))
-        return FindingOutcome(finding, Outcome.KILLED)
-
-    def _upstream_open(self, up: SocketRecord) -> bool:
-        """Is the proxy's upstream socket still waiting in CLOSE_WAIT?"""
-        try:
-            current = self._current(up)
-        except OSError:
-            return True  # unknown: report it as still there rather than claim success
-        return current is not None and current.state is TcpState.CLOSE_WAIT
 
     # -- extend ---------------------------------------------------------------
 
