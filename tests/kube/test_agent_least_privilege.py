@@ -184,10 +184,16 @@ def test_leak_lab_end_to_end_under_the_default_chart_privileges(
         }
         # Owners by uid only: no host PIDs, no ptrace, so no pid or process name.
         assert all(f.get("pid") is None for f in killed)
-        caps = _capabilities(proc.pid)
-        assert caps["CapBnd"] == CHART_MASK
+        # Privilege separation: the process with the API client and the HTTP
+        # server holds no capability; its one child, the kernel worker, exactly
+        # the chart's, and no TCP socket at all (no listener, no API connection).
+        main = capabilities_of(proc.pid)
+        assert main["CapBnd"] == CHART_MASK
+        assert main["CapEff"] == main["CapPrm"] == main["CapInh"] == main["CapAmb"] == 0
+        (worker,) = _children(proc.pid)
+        held = capabilities_of(worker)
+        assert held["CapEff"] == held["CapPrm"] == CHART_MASK
+        tcp = _tcp_socket_inodes(proc.pid)
+        assert _held_sockets(proc.pid) & tcp, "the main process talks to the API and listens"
+        assert not _held_sockets(worker) & tcp, "the worker holds a TCP socket"
     assert "Traceback" not in log.read_text()
-
-
-def _capabilities(pid: int) -> dict[str, int]:
-    return capabilities_of(pid)

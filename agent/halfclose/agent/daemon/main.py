@@ -3,6 +3,14 @@
 The environment is read here and nowhere else (``AgentSettings.from_env``);
 everything below receives typed settings.  SIGTERM/SIGINT stop the loop, let
 buffered report writes drain for a few seconds, and exit 0.
+
+Privilege separation (issue 13): ``main`` first forks the kernel worker
+(``daemon.worker``: it keeps the capabilities, holds every netns and netlink
+socket, has no listener and no API credentials), then drops every capability
+of this process, and only then creates the Kubernetes client and the HTTP
+server.  The code that parses what comes from the network runs with none.
+``Daemon.build`` without a ``kernel`` (tests, in-process) keeps it all in one
+process.
 """
 
 from __future__ import annotations
@@ -19,13 +27,17 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from halfclose.agent.daemon.http import HealthServer
+from halfclose.agent.daemon.kernel import LocalKernel
 from halfclose.agent.daemon.loop import Agent
 from halfclose.agent.daemon.metrics import AgentMetrics
+from halfclose.agent.daemon.ports import Kernel
 from halfclose.agent.daemon.remediate import EngineRemediator
 from halfclose.agent.daemon.settings import AgentSettings
+from halfclose.agent.daemon.worker import WorkerKernel, start_kernel_worker
 from halfclose.agent.kernel.mountns import MountedNetnsResolver
 from halfclose.agent.kernel.netns import require_root
 from halfclose.agent.kernel.podnetns import PodNetnsResolver, PodNetnsSource
+from halfclose.agent.kernel.privsep import drop_capabilities
 from halfclose.agent.kube.client import RawClient, load_api_client
 from halfclose.agent.kube.reports import ReportWriter
 from halfclose.agent.kube.world import KubeWorld
@@ -40,6 +52,28 @@ def pod_netns_source(settings: AgentSettings) -> PodNetnsSource:
     if settings.netns_dir is not None:
         return MountedNetnsResolver(settings.netns_dir)
     return PodNetnsResolver(settings.host_proc)
+
+
+def local_kernel(settings: AgentSettings) -> LocalKernel:
+    """The kernel side in this process (in the worker, or in-process for tests)."""
+    return LocalKernel(
+        EngineRemediator(settings.state_dir, settings.sysctl_root),
+        pod_netns_source(settings),
+        settings.host_proc,
+    )
+
+
+def privileged_kernel(settings: AgentSettings) -> WorkerKernel:
+    """Fork the kernel worker, then drop every capability of this process."""
+    kernel = start_kernel_worker(lambda: local_kernel(settings))
+    try:
+        drop_capabilities()
+    except OSError as exc:
+        kernel.close()
+        raise UserError(
+            f"cannot drop capabilities after forking the kernel worker: {exc}"
+        ) from None
+    return kernel
 
 
 def metrics_auth(settings: AgentSettings, client: RawClient) -> MetricsAuth | None:
@@ -65,7 +99,12 @@ class Daemon:
     http: HealthServer
 
     @classmethod
-    def build(cls, settings: AgentSettings, registry: CollectorRegistry | None = None) -> Daemon:
+    def build(
+        cls,
+        settings: AgentSettings,
+        registry: CollectorRegistry | None = None,
+        kernel: Kernel | None = None,
+    ) -> Daemon:
         registry = registry or CollectorRegistry()
         metrics = AgentMetrics(registry, settings.node_name)
         try:
@@ -83,8 +122,7 @@ class Daemon:
             metrics,
             world,
             writer,
-            EngineRemediator(settings.state_dir, settings.sysctl_root),
-            resolver=pod_netns_source(settings),
+            kernel if kernel is not None else local_kernel(settings),
         )
         holder.append(agent)
         http = HealthServer(
@@ -126,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream=sys.stderr,
         )
         require_root()
-        daemon = Daemon.build(settings)
+        kernel = privileged_kernel(settings)
+        daemon = Daemon.build(settings, kernel=kernel)
         try:
             daemon.start()
         except OSError as exc:
@@ -144,8 +183,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-    log.info("halfclose-agent on node %s, metrics on :%d", settings.node_name, daemon.http.port)
-    daemon.run()
+    log.info(
+        "halfclose-agent on node %s, metrics on :%d, kernel worker pid %d",
+        settings.node_name,
+        daemon.http.port,
+        kernel.client.pid,
+    )
+    try:
+        daemon.run()
+    finally:
+        kernel.close()  # the worker sees its socket close and exits
     log.info("stopped")
     return 0
 
