@@ -25,6 +25,7 @@ import enum
 import ipaddress
 import types
 import typing
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -38,36 +39,56 @@ _ADDRESS_TYPES = (
 )
 
 
+_NOT_AN_ADDRESS = object()
+_ADDRESS_MEMO_SIZE = 65536
+
+
 class WireError(ValueError):
     """A value that cannot cross, or data that is not what the type says."""
 
 
+Codec = Callable[[Any], Any]
+
+
 def encode(value: Any) -> Any:
     """``value`` as JSON-ready data (lists, dicts with string keys, scalars)."""
-    if value is None or isinstance(value, bool | str):
-        return value
-    if isinstance(value, enum.Enum):
-        return encode(value.value)
-    if isinstance(value, int | float):
-        return value
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, _ADDRESS_TYPES):
-        return str(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
-    if isinstance(value, tuple | list):
-        return [encode(v) for v in value]
-    if isinstance(value, set | frozenset):
-        return [encode(v) for v in value]
-    if isinstance(value, collections.abc.Mapping):
-        return [[encode(k), encode(v)] for k, v in value.items()]
-    raise WireError(f"cannot encode a {type(value).__name__}")
+    kind = type(value)
+    encoder = _ENCODERS.get(kind)
+    if encoder is None:
+        encoder = _ENCODERS[kind] = _encoder_for(kind)
+    return encoder(value)
 
 
-@cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def _same(value: Any) -> Any:
+    return value
+
+
+def _encoder_for(kind: type) -> Codec:
+    if kind in (type(None), bool, str, int, float):
+        return _same
+    if issubclass(kind, enum.Enum):
+        return lambda v: encode(v.value)
+    if issubclass(kind, bool | str | int | float):  # subclasses of scalars
+        return _same
+    if issubclass(kind, bytes):
+        return bytes.hex
+    if issubclass(kind, _ADDRESS_TYPES):
+        return str
+    if dataclasses.is_dataclass(kind):
+        names = tuple(f.name for f in dataclasses.fields(kind) if f.init)
+        return lambda v: {n: encode(getattr(v, n)) for n in names}
+    if issubclass(kind, tuple | list | set | frozenset):
+        return lambda v: [encode(x) for x in v]
+    if issubclass(kind, collections.abc.Mapping):
+        return lambda v: [[encode(k), encode(x)] for k, x in v.items()]
+
+    def refuse(value: Any) -> Any:
+        raise WireError(f"cannot encode a {type(value).__name__}")
+
+    return refuse
+
+
+_ENCODERS: dict[type, Codec] = {}
 
 
 def _fail(tp: Any, data: Any) -> WireError:
@@ -79,113 +100,206 @@ def _fail(tp: Any, data: Any) -> WireError:
 
 def decode(tp: Any, data: Any) -> Any:
     """``data`` (from ``encode``) as a value of type ``tp``; ``WireError`` if it is not one."""
+    return _decoder(tp)(data)
+
+
+@cache
+def _decoder(tp: Any) -> Codec:
+    """A decoding function for ``tp``, built once per type (the hot path is its calls)."""
     if tp is Any or tp is object:
-        return data
+        return _same
     if tp is None or tp is type(None):
-        if data is not None:
-            raise _fail(tp, data)
-        return None
+
+        def none(data: Any) -> Any:
+            if data is not None:
+                raise _fail(tp, data)
+            return None
+
+        return none
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is typing.Union or origin is types.UnionType:
-        if data is None and type(None) in args:
-            return None
-        for option in args:
-            if option is type(None):
-                continue
-            try:
-                return decode(option, data)
-            except WireError:
-                continue
-        raise _fail(tp, data)
+        nullable = type(None) in args
+        options = [_decoder(a) for a in args if a is not type(None)]
+
+        def union(data: Any) -> Any:
+            if data is None and nullable:
+                return None
+            for option in options:
+                try:
+                    return option(data)
+                except WireError:
+                    continue
+            raise _fail(tp, data)
+
+        return union
     if origin is typing.Literal:
-        if data not in args:
-            raise _fail(tp, data)
-        return data
-    if origin in (tuple,):
-        if not isinstance(data, list):
-            raise _fail(tp, data)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(decode(args[0], v) for v in data)
-        if len(args) != len(data):
-            raise _fail(tp, data)
-        return tuple(decode(a, v) for a, v in zip(args, data, strict=True))
-    if origin in (list, collections.abc.Sequence, collections.abc.Iterable):
-        if not isinstance(data, list):
-            raise _fail(tp, data)
-        item = args[0] if args else Any
-        out = [decode(item, v) for v in data]
-        return tuple(out) if origin is not list else out
-    if origin in (frozenset, set, collections.abc.Set):
-        if not isinstance(data, list):
-            raise _fail(tp, data)
-        item = args[0] if args else Any
-        values = (decode(item, v) for v in data)
-        return set(values) if origin is set else frozenset(values)
-    if origin in (dict, collections.abc.Mapping):
-        if not isinstance(data, list):
-            raise _fail(tp, data)
-        key, value = args if args else (Any, Any)
-        pairs = {}
-        for pair in data:
-            if not isinstance(pair, list) or len(pair) != 2:
+        allowed = args
+
+        def literal(data: Any) -> Any:
+            if data not in allowed:
                 raise _fail(tp, data)
-            pairs[decode(key, pair[0])] = decode(value, pair[1])
-        return pairs
+            return data
+
+        return literal
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            item = _decoder(args[0])
+
+            def variadic(data: Any) -> Any:
+                if type(data) is not list:
+                    raise _fail(tp, data)
+                return tuple([item(v) for v in data])
+
+            return variadic
+        items = [_decoder(a) for a in args]
+
+        def fixed(data: Any) -> Any:
+            if type(data) is not list or len(data) != len(items):
+                raise _fail(tp, data)
+            return tuple([d(v) for d, v in zip(items, data, strict=True)])
+
+        return fixed
+    if origin in (list, collections.abc.Sequence, collections.abc.Iterable):
+        item = _decoder(args[0]) if args else _same
+        as_list = origin is list
+
+        def sequence(data: Any) -> Any:
+            if type(data) is not list:
+                raise _fail(tp, data)
+            out = [item(v) for v in data]
+            return out if as_list else tuple(out)
+
+        return sequence
+    if origin in (frozenset, set, collections.abc.Set):
+        item = _decoder(args[0]) if args else _same
+        build: Callable[[Any], Any] = set if origin is set else frozenset
+
+        def aset(data: Any) -> Any:
+            if type(data) is not list:
+                raise _fail(tp, data)
+            return build(item(v) for v in data)
+
+        return aset
+    if origin in (dict, collections.abc.Mapping):
+        key, value = (_decoder(args[0]), _decoder(args[1])) if args else (_same, _same)
+
+        def mapping(data: Any) -> Any:
+            if type(data) is not list:
+                raise _fail(tp, data)
+            out = {}
+            for pair in data:
+                if type(pair) is not list or len(pair) != 2:
+                    raise _fail(tp, data)
+                out[key(pair[0])] = value(pair[1])
+            return out
+
+        return mapping
     if not isinstance(tp, type):
         raise WireError(f"cannot decode into {tp!r}")
     if issubclass(tp, enum.Enum):
-        try:
-            return tp(data)
-        except ValueError:
-            raise _fail(tp, data) from None
-    if tp is bool:
-        if not isinstance(data, bool):
-            raise _fail(tp, data)
-        return data
+
+        def member(data: Any) -> Any:
+            try:
+                return tp(data)
+            except ValueError:
+                raise _fail(tp, data) from None
+
+        return member
+    if tp in (bool, str):
+
+        def exact(data: Any) -> Any:
+            if type(data) is not tp:
+                raise _fail(tp, data)
+            return data
+
+        return exact
     if tp is int:
-        if not isinstance(data, int) or isinstance(data, bool):
-            raise _fail(tp, data)
-        return data
+
+        def integer(data: Any) -> Any:
+            if type(data) is not int:
+                raise _fail(tp, data)
+            return data
+
+        return integer
     if tp is float:
-        if not isinstance(data, int | float) or isinstance(data, bool):
-            raise _fail(tp, data)
-        return float(data)
-    if tp is str:
-        if not isinstance(data, str):
-            raise _fail(tp, data)
-        return data
+
+        def number(data: Any) -> Any:
+            if type(data) is float:
+                return data
+            if type(data) is not int:
+                raise _fail(tp, data)
+            return float(data)
+
+        return number
     if tp is bytes:
-        if not isinstance(data, str):
-            raise _fail(tp, data)
-        try:
-            return bytes.fromhex(data)
-        except ValueError:
-            raise _fail(tp, data) from None
+
+        def blob(data: Any) -> Any:
+            if type(data) is not str:
+                raise _fail(tp, data)
+            try:
+                return bytes.fromhex(data)
+            except ValueError:
+                raise _fail(tp, data) from None
+
+        return blob
     if issubclass(tp, _ADDRESS_TYPES):
-        if not isinstance(data, str):
-            raise _fail(tp, data)
-        try:
-            return tp(data)
-        except ValueError:
-            raise _fail(tp, data) from None
+        # A scan names the same few addresses thousands of times, and parsing
+        # one costs more than the rest of its socket: parse each text once
+        # (the objects are immutable; failures are remembered too).
+        memo: dict[str, Any] = {}
+
+        def address(data: Any) -> Any:
+            found = memo.get(data) if type(data) is str else None
+            if found is None:
+                if type(data) is not str:
+                    raise _fail(tp, data)
+                try:
+                    found = tp(data)
+                except ValueError:
+                    found = _NOT_AN_ADDRESS
+                if len(memo) >= _ADDRESS_MEMO_SIZE:
+                    memo.clear()
+                memo[data] = found
+            if found is _NOT_AN_ADDRESS:
+                raise _fail(tp, data)
+            return found
+
+        return address
     if dataclasses.is_dataclass(tp):
-        if not isinstance(data, dict):
-            raise _fail(tp, data)
-        hints = _hints(tp)
-        kwargs = {}
-        for f in dataclasses.fields(tp):
-            if not f.init:
-                continue
-            if f.name in data:
-                kwargs[f.name] = decode(hints[f.name], data[f.name])
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise WireError(f"{tp.__name__}: missing field {f.name!r}")
-        unknown = set(data) - {f.name for f in dataclasses.fields(tp)}
-        if unknown:
-            raise WireError(f"{tp.__name__}: unknown fields {sorted(unknown)}")
-        try:
-            return tp(**kwargs)
-        except (TypeError, ValueError) as exc:
-            raise WireError(f"{tp.__name__}: {exc}") from None
+        return _dataclass_decoder(tp)
     raise WireError(f"cannot decode into {tp.__name__}")
+
+
+def _dataclass_decoder(cls: type) -> Codec:
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    known = frozenset(f.name for f in fields)
+    required = frozenset(
+        f.name
+        for f in fields
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    )
+    # Field decoders are looked up lazily: a dataclass may refer to itself.
+    decoders: dict[str, Codec] = {}
+
+    def instance(data: Any) -> Any:
+        if type(data) is not dict:
+            raise _fail(cls, data)
+        keys = data.keys()
+        if not keys <= known:
+            raise WireError(f"{cls.__name__}: unknown fields {sorted(keys - known)}")
+        if not required <= keys:
+            raise WireError(f"{cls.__name__}: missing fields {sorted(required - keys)}")
+        kwargs = {}
+        for name, value in data.items():
+            decoder = decoders.get(name)
+            if decoder is None:
+                decoder = decoders[name] = _decoder(hints[name])
+            kwargs[name] = decoder(value)
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise WireError(f"{cls.__name__}: {exc}") from None
+
+    return instance
