@@ -7,17 +7,67 @@ policies have been listed at least once.  With ``auth`` (chart value
 ``metrics.auth.enabled``) ``/metrics`` answers only a bearer token that the API
 server says may ``get /metrics`` (``halfclose.metricsauth``); the probes stay
 open for the kubelet.
+
+Bounded: at most ``max_connections`` requests are served at once (one thread
+each); a connection beyond that is closed at once rather than given a thread,
+and a connection that sends nothing for ``idle_timeout`` seconds is closed
+(the handler's socket timeout), so idle or slow clients cannot pile up threads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from halfclose.metricsauth import MetricsAuth
+
+# Scrapers, probes and a person with curl: a handful at once.  More are refused.
+MAX_CONNECTIONS = 16
+# A scrape sends its request at once; a connection silent this long is closed.
+IDLE_TIMEOUT_SECONDS = 10.0
+
+
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer that never runs more than ``max_connections`` threads."""
+
+    daemon_threads = True
+    # The listen backlog: a burst of connects is accepted (and refused) at
+    # once instead of waiting in SYN retries.
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], handler: Any, max_connections: int) -> None:
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.refused = 0
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            # Over the bound: no thread for it.  The client sees a closed connection.
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def shutdown_request(self, request: Any) -> None:
+        with contextlib.suppress(OSError):
+            request.shutdown(socket.SHUT_RDWR)
+        super().shutdown_request(request)
 
 
 class HealthServer:
@@ -30,12 +80,13 @@ class HealthServer:
         ready: Callable[[], bool],
         *,
         auth: MetricsAuth | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        idle_timeout: float = IDLE_TIMEOUT_SECONDS,
     ) -> None:
         def handler_factory(*args: object) -> BaseHTTPRequestHandler:
-            return _Handler(registry, healthy, ready, auth, *args)
+            return _Handler(registry, healthy, ready, auth, idle_timeout, *args)
 
-        self.server = ThreadingHTTPServer((host, port), handler_factory)
-        self.server.daemon_threads = True
+        self.server = BoundedHTTPServer((host, port), handler_factory, max_connections)
         self._thread = threading.Thread(
             target=self.server.serve_forever,
             name="http",
@@ -63,8 +114,12 @@ class _Handler(BaseHTTPRequestHandler):
         healthy: Callable[[], bool],
         ready: Callable[[], bool],
         auth: MetricsAuth | None,
+        idle_timeout: float,
         *args: object,
     ) -> None:
+        # StreamRequestHandler.setup() gives the socket this timeout: a client
+        # silent that long gets its connection closed (and its thread back).
+        self.timeout = idle_timeout
         self.registry = registry
         self.healthy = healthy
         self.ready = ready
