@@ -117,14 +117,17 @@ class _Handler(BaseHTTPRequestHandler):
         idle_timeout: float,
         *args: object,
     ) -> None:
-        # StreamRequestHandler.setup() gives the socket this timeout: a client
-        # silent that long gets its connection closed (and its thread back).
-        self.timeout = idle_timeout
+        self.idle_timeout = idle_timeout
         self.registry = registry
         self.healthy = healthy
         self.ready = ready
         self.auth = auth
         super().__init__(*args)  # type: ignore[arg-type]
+
+    def setup(self) -> None:
+        super().setup()
+        # A client silent this long gets its connection closed (and its thread back).
+        self.connection.settimeout(self.idle_timeout)
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
