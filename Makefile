@@ -68,8 +68,8 @@ crds: $(STAMP) ## regenerate crds/*.yaml (and the chart's copy) from the Python 
 chart: $(STAMP) ## regenerate the chart's README values table and files/alerts.yaml
 	$(BIN)/python charts/halfclose/hack/generate.py
 
-bench: $(STAMP) ## scan benchmark against ss + conntrack on the same netns (root)
-	$(BIN)/python -m bench.scan
+bench: $(STAMP) ## scan benchmark vs ss + conntrack, then the 20k-leak scale vs ss / ss -K (root)
+	$(BIN)/python -m bench.scan; rc=$$?; $(BIN)/python -m bench.scale && exit $$rc
 
 bench-agent: $(STAMP) ## leak lifetime and agent footprint (root)
 	$(BIN)/python -m bench.agent

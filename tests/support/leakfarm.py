@@ -231,9 +231,11 @@ def leaked_pairs(n: int, prefix: str = "hct") -> Iterator[Leaks]:
             a.send("close")
             a.expect("CLOSED")
         deadline = time.monotonic() + 60
-        while count(ns, "state", "fin-wait-2", "state", "close-wait") != 2 * n:
+        while (got := count(ns, "state", "fin-wait-2", "state", "close-wait")) != 2 * n:
             if time.monotonic() > deadline:
-                raise TimeoutError("fixture: half-closed sockets did not settle")
+                summary = run("ss", "-Htan", netns=ns).split()[0::5]
+                states = {st: summary.count(st) for st in set(summary)}
+                raise TimeoutError(f"fixture: {got} half-closed sockets, not {2 * n}: {states}")
             time.sleep(0.5)
         for a in apps:
             a.close()

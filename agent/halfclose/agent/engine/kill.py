@@ -4,11 +4,15 @@ Each kill is preceded by the re-check ``plan.recheck_kill`` holds (the proof's
 parts again, on the socket and entry as they are *now*): the socket re-read by
 tuple and cookie, its NAT entry looked up again by the normalized reply tuple.
 Only then ``SOCK_DESTROY``, keyed by the re-read cookie, so it can only hit that
-socket (design.md §3).  What changes is the transport: per chunk of a few
-hundred sockets, all re-reads go out in one ``send()``, then all conntrack GETs,
-then all destroys, and the answers are matched by sequence number.  Three
-round trips per chunk instead of three per socket.  The window between a
-socket's re-check and its destroy is one chunk (milliseconds).
+socket (design.md §3).  What changes is the transport: the sockets are
+re-read by one state-filtered dump (matched by cookie; a socket the dump does
+not show is asked for alone, so "gone" and "state changed" stay apart), then
+per chunk of a few hundred, all conntrack GETs go out in one ``send()`` and all
+destroys in another (answers matched by sequence number).  The NAT entry is
+re-read within one chunk of the destroy (milliseconds); the socket's own
+state within one kill call (measured: 0.4 s for 20,000) -- its cookie keeps
+the destroy on that very socket, and a packet that moved in between revives
+the entry (loose pickup), which the per-chunk GET sees.
 
 The proxy's upstream legs are not waited for here: a proxy closes them a
 moment after its downstream goes, and a sleep in the agent's loop thread
@@ -68,25 +72,30 @@ def kill(
     if any(d.op is not Op.KILL for d in decisions):
         raise ValueError("kill() takes Op.KILL decisions only")
     ports = frozenset(capture_ports)
+    try:
+        # The sockets as they are now: one dump for all (by cookie).
+        now = diag.reread([d.finding.socket for d in decisions])
+    except OSError as exc:
+        # A failed re-check must never read as "safe to kill".
+        return [KillResult(Outcome.FAILED, error=errno_name(exc.errno))] * len(decisions)
     out: list[KillResult] = []
     for start in range(0, len(decisions), chunk):
-        out.extend(_kill_chunk(diag, conntrack, decisions[start : start + chunk], ports, dry_run))
+        end = start + chunk
+        out.extend(
+            _kill_chunk(diag, conntrack, decisions[start:end], now[start:end], ports, dry_run)
+        )
     return out
 
 
-def _kill_chunk(
+def _kill_chunk(  # noqa: PLR0917 (private; the chunk's parts)
     diag: SockDiag,
     conntrack: Conntrack,
     decisions: Sequence[Decision],
+    now: Sequence[SocketRecord | int | None],
     ports: frozenset[int],
     dry_run: bool,
 ) -> list[KillResult]:
     results: list[KillResult | None] = [None] * len(decisions)
-    try:
-        now = diag.get_many([d.finding.socket for d in decisions])
-    except OSError as exc:
-        # A failed re-check must never read as "safe to kill".
-        return [KillResult(Outcome.FAILED, error=errno_name(exc.errno))] * len(decisions)
     present: list[tuple[int, SocketRecord]] = []
     for i, current in enumerate(now):
         if isinstance(current, int):

@@ -218,11 +218,13 @@ class NetlinkSocket:
         """Send many NLM_F_ACK requests in one send(); seq -> (errno, replies).
 
         Every request must carry NLM_F_ACK, so each is answered with zero or
-        more messages and then exactly one NLMSG_ERROR (0 = done).  Replies are
+        more messages and then exactly one NLMSG_ERROR (0 = done); or, for
+        ``transact_quiet``, only the last one, which ends the wait.  Replies are
         copied (the receive buffer is reused).  Answers to other sequence
         numbers (late ones of an abandoned request) are skipped.
         """
         pending: dict[int, list[bytes]] = {seq: [] for seq, _ in requests}
+        last = requests[-1][0] if requests else None
         out: dict[int, tuple[int, list[bytes]]] = {}
         self.send(b"".join(data for _, data in requests))
         unpack = NLMSG_HDR.unpack_from
@@ -240,10 +242,28 @@ class NetlinkSocket:
                         err = -ERRNO.unpack_from(buf, offset + hdr)[0]
                         out[seq] = (err, replies)
                         del pending[seq]
+                        if seq == last and not err:
+                            # The final ACK: the kernel handled every request
+                            # before it, so those still pending got no answer.
+                            pending.clear()
                     elif msg_type != NLMSG_DONE:
                         replies.append(bytes(buf[offset + hdr : offset + length]))
                 offset += (length + 3) & ~3
         return out
+
+    def transact_quiet(self, requests: Sequence[tuple[int, bytes]]) -> dict[int, int]:
+        """Send requests *without* NLM_F_ACK, then a NOOP barrier with one; seq -> errno.
+
+        Without the flag the kernel answers a request only when it fails, so
+        an absent answer is a success, once the barrier's ACK (processed after
+        every request of the same send) has arrived.  An overrun of the
+        receive buffer drops answers: recv raises ENOBUFS, and the caller must
+        then find out what happened another way.
+        """
+        barrier = self.next_seq()
+        noop = pack_message(NLMSG_NOOP, NLM_F_REQUEST | NLM_F_ACK, barrier, b"")
+        answers = self.transact([*requests, (barrier, noop)])
+        return {seq: err for seq, (err, _) in answers.items() if seq != barrier and err}
 
     def close(self) -> None:
         self.sock.close()

@@ -116,7 +116,7 @@ def encode_dump(family: int, states: int, seq: int, *, with_info: bool = True) -
     return nl.pack_message(SOCK_DIAG_BY_FAMILY, nl.NLM_F_REQUEST | nl.NLM_F_DUMP, seq, payload)
 
 
-def encode_destroy(record: SocketRecord, seq: int) -> bytes:
+def encode_destroy(record: SocketRecord, seq: int, *, ack: bool = True) -> bytes:
     """SOCK_DESTROY for exactly this socket: its tuple, its state and its cookie.
 
     The cookie is what makes this safe (design.md §3): without it a stale tuple
@@ -136,7 +136,8 @@ def encode_destroy(record: SocketRecord, seq: int) -> bytes:
         )
         + SOCKID_TAIL.pack(record.ifindex, record.cookie & 0xFFFFFFFF, record.cookie >> 32)
     )
-    return nl.pack_message(SOCK_DESTROY, nl.NLM_F_REQUEST | nl.NLM_F_ACK, seq, payload)
+    flags = nl.NLM_F_REQUEST | (nl.NLM_F_ACK if ack else 0)
+    return nl.pack_message(SOCK_DESTROY, flags, seq, payload)
 
 
 def encode_get(record: SocketRecord, seq: int, *, with_info: bool = True) -> bytes:
@@ -378,23 +379,68 @@ class SockDiag:
                     out.append(None)
         return out
 
+    def reread(self, records: Sequence[SocketRecord]) -> list[SocketRecord | int | None]:
+        """``get_many``'s answers, from one state-filtered dump instead of a GET each.
+
+        A dump packs ~100 sockets per datagram where GETs answer one per
+        datagram: this is how a kill re-reads thousands of sockets at ``ss``'s
+        speed.  Matched by cookie (a socket's tuple never changes).  Sockets
+        the dump does not show (gone, or in another state now) are asked for
+        one by one, so the caller still learns which.
+        """
+        if not records:
+            return []
+        ports = frozenset(r.local.port for r in records)
+        families = sorted({socket.AF_INET if r.local.ip.version == 4 else socket.AF_INET6
+                           for r in records})  # fmt: skip
+
+        def keep(_state: int, sport: int, _dport: int) -> bool:
+            return sport in ports
+
+        _, socks = self.dump({r.state for r in records}, keep, families)
+        now = {s.cookie: s for s in socks}
+        out: list[SocketRecord | int | None] = []
+        for r in records:
+            got = now.get(r.cookie)
+            # The cookie *and* the tuple, as a GET checks them: a cookie alone
+            # could name another socket (a stale or wrong record).
+            if got is not None and (got.local != r.local or got.peer != r.peer):
+                got = None
+            out.append(got)
+        missing = [i for i, got in enumerate(out) if got is None]
+        if missing:
+            for i, got in zip(missing, self.get_many([records[i] for i in missing]), strict=True):
+                out[i] = got
+        return out
+
     def destroy_many(self, records: Sequence[SocketRecord]) -> list[int]:
         """``destroy`` for many sockets (each by its cookie), many per send().
 
         One errno per record, in order: 0 destroyed, ENOENT/ESTALE gone already,
         anything else a failure.  ``encode_destroy`` refuses a record without a
-        cookie before anything is sent.
+        cookie before anything is sent.  The destroys carry no NLM_F_ACK (the
+        kernel then answers only failures) and a NOOP with an ACK closes each
+        batch: one datagram per batch instead of one per socket.  If the
+        receive buffer overran (answers lost), the outcome is read back from a
+        dump instead of assumed.
         """
-        reqs = []
-        for record in records:
-            seq = self._nl.next_seq()
-            reqs.append((seq, encode_destroy(record, seq)))
         out: list[int] = []
-        step = self._nl.batch_size(1024)  # an ACK is all a destroy gets back
-        for start in range(0, len(reqs), step):
-            chunk = reqs[start : start + step]
-            answers = self._nl.transact(chunk)
-            out.extend(answers[seq][0] for seq, _ in chunk)
+        step = self._nl.batch_size(1024)
+        for start in range(0, len(records), step):
+            chunk = records[start : start + step]
+            reqs = []
+            for record in chunk:
+                seq = self._nl.next_seq()
+                reqs.append((seq, encode_destroy(record, seq, ack=False)))
+            try:
+                errors = self._nl.transact_quiet(reqs)
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                still = self.reread(chunk)
+                out.extend(0 if s is None else errno.ENOBUFS for s in still)
+                continue
+            out.extend(errors.get(seq, 0) for seq, _ in reqs)
         return out
 
     def close(self) -> None:
