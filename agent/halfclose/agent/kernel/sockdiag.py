@@ -407,10 +407,11 @@ class SockDiag:
             if got is not None and (got.local != r.local or got.peer != r.peer):
                 got = None
             out.append(got)
-        missing = [i for i, got in enumerate(out) if got is None]
+        missing = [i for i, found in enumerate(out) if found is None]
         if missing:
-            for i, got in zip(missing, self.get_many([records[i] for i in missing]), strict=True):
-                out[i] = got
+            answers = self.get_many([records[i] for i in missing])
+            for i, answer in zip(missing, answers, strict=True):
+                out[i] = answer
         return out
 
     def destroy_many(self, records: Sequence[SocketRecord]) -> list[int]:
