@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from halfclose.agent.core.model import ConntrackEntry, Outcome, SocketRecord, TcpState
 from halfclose.agent.core.plan import Decision, Op, SkipReason, recheck_kill
+from halfclose.agent.engine.nogc import gc_paused
 from halfclose.agent.kernel.conntrack import Conntrack
 from halfclose.agent.kernel.sockdiag import SockDiag
 
@@ -71,7 +72,18 @@ def kill(
     """Re-check and destroy every decision's socket; one result per decision, in order."""
     if any(d.op is not Op.KILL for d in decisions):
         raise ValueError("kill() takes Op.KILL decisions only")
-    ports = frozenset(capture_ports)
+    with gc_paused():
+        return _kill(diag, conntrack, decisions, frozenset(capture_ports), dry_run, chunk)
+
+
+def _kill(  # noqa: PLR0917 (private)
+    diag: SockDiag,
+    conntrack: Conntrack,
+    decisions: Sequence[Decision],
+    ports: frozenset[int],
+    dry_run: bool,
+    chunk: int,
+) -> list[KillResult]:
     try:
         # The sockets as they are now: one dump for all (by cookie).
         now = diag.reread([d.finding.socket for d in decisions])

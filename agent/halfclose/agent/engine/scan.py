@@ -28,6 +28,7 @@ from halfclose.agent.core.model import (
     UnprovenReason,
 )
 from halfclose.agent.core.pairing import pair
+from halfclose.agent.engine.nogc import gc_paused
 from halfclose.agent.kernel import natrules, procfs, sysctl
 from halfclose.agent.kernel.conntrack import Conntrack
 from halfclose.agent.kernel.natrules import CapturePorts
@@ -169,7 +170,10 @@ class Scanner:
         return self._timeouts
 
     def scan(self, settings: ScanSettings | None = None) -> ScanResult:
-        settings = settings or ScanSettings()
+        with gc_paused():
+            return self._scan(settings or ScanSettings())
+
+    def _scan(self, settings: ScanSettings) -> ScanResult:
         started = time.perf_counter()
         lap = Laps(started)
         rules = self.rules(settings)
