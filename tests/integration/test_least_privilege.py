@@ -1,8 +1,9 @@
 """The scan and kill under exactly the agent's capabilities in the Helm chart.
 
-The chart gives the agent NET_ADMIN, SYS_ADMIN and SYS_PTRACE and nothing else
-(charts/halfclose/templates/agent/daemonset.yaml).  These tests run the CLI as
-root with its bounding set cut to those three (`setpriv`), so they check the
+The default chart gives the agent NET_ADMIN and SYS_ADMIN and nothing else
+(charts/halfclose/templates/agent/daemonset.yaml; SYS_PTRACE only comes with the
+agent.hostPID opt-in).  These tests run the CLI as root with its bounding set
+cut to those two (`setpriv`), so they check the
 chart's claims on the real kernel: what works, and what is reported rather
 than silently missed when a capability is absent (NET_RAW for iptables-legacy,
 DAC_READ_SEARCH for another user's /proc/<pid>/fd).
@@ -22,7 +23,7 @@ from support.scratchnet import skip_unless_root
 
 pytestmark = pytest.mark.kernel
 
-CHART_CAPS = "-all,+net_admin,+sys_admin,+sys_ptrace"
+CHART_CAPS = "-all,+net_admin,+sys_admin"
 
 
 def scan_as_agent(*args: str) -> dict[str, Any]:
@@ -53,7 +54,7 @@ def test_legacy_rules_unreadable_without_net_raw_is_reported(make_lab: Any) -> N
     assert any("iptables-legacy" in w and "could not be read" in w for w in doc["warnings"])
 
 
-def test_given_ports_find_pair_and_kill_with_the_three_capabilities(make_lab: Any) -> None:
+def test_given_ports_find_pair_and_kill_with_the_charts_capabilities(make_lab: Any) -> None:
     skip_unless_root("ip", "iptables-legacy")
     lab = make_lab(style="linkerd", backend="iptables-legacy")
     leaks = lab.leak(count=2)
