@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from halfclose.agent.daemon.metrics import AgentMetrics
+from halfclose.agent.daemon.metrics import AgentMetrics, PodGauges
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "metrics.md"
 
@@ -39,14 +39,12 @@ def test_registry_matches_the_contract() -> None:
     registry = CollectorRegistry()
     metrics = AgentMetrics(registry, node="n1")
     # Touch every labelled series so its label names show in the samples.
-    metrics.leaked.labels("ns", "p").set(1)
-    metrics.at_risk.labels("ns", "p").set(1)
+    metrics.state.publish("ns", "p", PodGauges(1, 1, (("entry-removed-early", 1),)))
     metrics.killed.labels("ns", "p").inc()
     metrics.kill_failures.labels("ns", "p", "EPERM").inc()
     metrics.extended.labels("ns", "p").inc()
     metrics.scan_errors.labels("netns_gone").inc()
     metrics.collisions.labels("ns", "p").inc()
-    metrics.unproven.labels("ns", "p", "entry-removed-early").set(1)
     documented = documented_agent_metrics()
     assert len(documented) == 14
     assert live_metrics(registry) == documented
@@ -56,12 +54,12 @@ def test_forget_pod_removes_its_series_only() -> None:
     registry = CollectorRegistry()
     metrics = AgentMetrics(registry, node="n1")
     for pod in ("a", "b"):
-        metrics.leaked.labels("ns", pod).set(3)
+        metrics.state.publish(
+            "ns", pod, PodGauges(3, 0, (("not-nat-captured", 2), ("idle-unknown", 1)))
+        )
         metrics.killed.labels("ns", pod).inc()
         metrics.kill_failures.labels("ns", pod, "EPERM").inc()
         metrics.collisions.labels("ns", pod).inc()
-        metrics.unproven.labels("ns", pod, "not-nat-captured").set(2)
-        metrics.unproven.labels("ns", pod, "idle-unknown").set(1)
     metrics.forget_pod("ns", "a")
     metrics.forget_pod("ns", "never-seen")  # harmless
     pods = {
@@ -71,3 +69,20 @@ def test_forget_pod_removes_its_series_only() -> None:
         if "pod" in s.labels
     }
     assert pods == {"b"}
+
+
+def test_gauges_are_read_at_scrape_time_and_a_reason_at_zero_has_no_series() -> None:
+    registry = CollectorRegistry()
+    metrics = AgentMetrics(registry, node="n1")
+    metrics.state.publish("ns", "a", PodGauges(2, 1, (("idle-unknown", 1),)))
+    metrics.state.watched_netns = 3
+    assert (
+        registry.get_sample_value("halfclose_leaked_sockets", {"namespace": "ns", "pod": "a"}) == 2
+    )
+    assert registry.get_sample_value("halfclose_watched_netns") == 3
+    metrics.state.publish("ns", "a", PodGauges(0, 0))  # the next scan: nothing unproven
+    labels = {"namespace": "ns", "pod": "a", "reason": "idle-unknown"}
+    assert registry.get_sample_value("halfclose_unproven_sockets", labels) is None
+    assert (
+        registry.get_sample_value("halfclose_leaked_sockets", {"namespace": "ns", "pod": "a"}) == 0
+    )

@@ -9,9 +9,13 @@ kept every pod that ever existed would be a slow memory leak of its own.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 try:
     VERSION = version("halfclose")
@@ -29,18 +33,6 @@ class AgentMetrics:
     def __init__(self, registry: CollectorRegistry, node: str) -> None:
         self.registry = registry
         pod = ("namespace", "pod")
-        self.leaked = Gauge(
-            "halfclose_leaked_sockets",
-            "Leaked FIN_WAIT2 proxy sockets seen in the last scan",
-            pod,
-            registry=registry,
-        )
-        self.at_risk = Gauge(
-            "halfclose_at_risk_sockets",
-            "At-risk FIN_WAIT2 proxy sockets seen in the last scan",
-            pod,
-            registry=registry,
-        )
         self.killed = Counter(
             "halfclose_sockets_killed",
             "Leaked sockets destroyed with SOCK_DESTROY",
@@ -54,13 +46,6 @@ class AgentMetrics:
             pod,
             registry=registry,
         )
-        self.unproven = Gauge(
-            "halfclose_unproven_sockets",
-            "FIN_WAIT2 proxy sockets of the last scan that miss a part of the leak proof "
-            "(reason = the part); never acted on",
-            (*pod, "reason"),
-            registry=registry,
-        )
         self.kill_failures = Counter(
             "halfclose_kill_failures",
             "SOCK_DESTROY attempts that failed (reason = errno name)",
@@ -71,11 +56,6 @@ class AgentMetrics:
             "halfclose_conntrack_entries_extended",
             "Conntrack entries extended (PerEntry strategy)",
             pod,
-            registry=registry,
-        )
-        self.patched_pods = Gauge(
-            "halfclose_conntrack_patched_pods",
-            "Pods whose netns close_wait sysctl the agent has patched",
             registry=registry,
         )
         self.scan_duration = Histogram(
@@ -96,11 +76,6 @@ class AgentMetrics:
             buckets=LIFETIME_BUCKETS,
             registry=registry,
         )
-        self.watched_netns = Gauge(
-            "halfclose_watched_netns",
-            "Pod network namespaces the agent watches",
-            registry=registry,
-        )
         self.pending_reports = Gauge(
             "halfclose_pending_report_updates",
             "Report writes buffered while the API is unreachable",
@@ -113,18 +88,90 @@ class AgentMetrics:
             registry=registry,
         )
         self.info.labels(version=VERSION, node=node).set(1)
+        # The last scan's state, read at scrape time (see StateCollector).
+        self.state = StateCollector()
+        registry.register(self.state)
 
     def forget_pod(self, namespace: str, pod: str) -> None:
         """Drop every per-pod series of a pod that no longer exists or matches."""
-        for metric in (self.leaked, self.at_risk, self.killed, self.extended, self.collisions):
+        self.state.forget(namespace, pod)
+        for metric in (self.killed, self.extended, self.collisions):
             with contextlib.suppress(KeyError):
                 metric.remove(namespace, pod)
-        # These carry a third label: remove each reason seen for the pod.
-        for with_reason in (self.kill_failures, self.unproven):
+        # This one carries a third label: remove each reason seen for the pod.
+        for with_reason in (self.kill_failures,):
             for labels in _label_sets(with_reason):
                 if labels[:2] == (namespace, pod):
                     with contextlib.suppress(KeyError):
                         with_reason.remove(*labels)
+
+
+@dataclass(frozen=True, slots=True)
+class PodGauges:
+    """One pod's counts from its netns's last scan (after that scan's kills)."""
+
+    leaked: int  # leaked + collision, still there
+    at_risk: int
+    unproven: tuple[tuple[str, int], ...] = ()  # (reason, count), counts above 0 only
+
+
+class StateCollector(Collector):
+    """The agent's gauges, computed at scrape time from the last published state.
+
+    The loop thread replaces whole immutable values (``publish``); a scrape
+    copies the dict and reads them, so there is no lock and no per-series
+    bookkeeping: a pod that is forgotten simply stops being yielded, and an
+    unproven reason at 0 has no series.
+    """
+
+    def __init__(self) -> None:
+        self.pods: dict[tuple[str, str], PodGauges] = {}
+        self.watched_netns = 0
+        self.patched_pods = 0
+
+    def publish(self, namespace: str, pod: str, gauges: PodGauges) -> None:
+        self.pods[(namespace, pod)] = gauges
+
+    def forget(self, namespace: str, pod: str) -> None:
+        self.pods.pop((namespace, pod), None)
+
+    def collect(self) -> Iterator[Metric]:
+        pods = dict(self.pods)  # one C-level copy: safe against the loop's writes
+        labels = ["namespace", "pod"]
+        leaked = GaugeMetricFamily(
+            "halfclose_leaked_sockets",
+            "Leaked FIN_WAIT2 proxy sockets seen in the last scan",
+            labels=labels,
+        )
+        at_risk = GaugeMetricFamily(
+            "halfclose_at_risk_sockets",
+            "At-risk FIN_WAIT2 proxy sockets seen in the last scan",
+            labels=labels,
+        )
+        unproven = GaugeMetricFamily(
+            "halfclose_unproven_sockets",
+            "FIN_WAIT2 proxy sockets of the last scan that miss a part of the leak proof "
+            "(reason = the part); never acted on",
+            labels=[*labels, "reason"],
+        )
+        for (ns, pod), g in sorted(pods.items()):
+            leaked.add_metric([ns, pod], g.leaked)
+            at_risk.add_metric([ns, pod], g.at_risk)
+            for reason, n in g.unproven:
+                unproven.add_metric([ns, pod, reason], n)
+        yield leaked
+        yield at_risk
+        yield unproven
+        yield GaugeMetricFamily(
+            "halfclose_watched_netns",
+            "Pod network namespaces the agent watches",
+            value=self.watched_netns,
+        )
+        yield GaugeMetricFamily(
+            "halfclose_conntrack_patched_pods",
+            "Pods whose netns close_wait sysctl the agent has patched",
+            value=self.patched_pods,
+        )
 
 
 def _label_sets(metric: Counter | Gauge) -> set[tuple[str, ...]]:

@@ -159,7 +159,7 @@ class PodReconciler:
             owner = self.states[keys[0]].target.policy
             if watched.sysctl_patched and not wants_sysctl(owner):
                 self.restore_sysctl(watched)  # the policy changed action or strategy
-        self.metrics.watched_netns.set(len(self.netns))
+        self.metrics.state.watched_netns = len(self.netns)
         self._restore_orphan_sysctls()
 
     def _open(self, inode: int, path: str, keys: list[PodKey]) -> WatchedNetns | None:
@@ -245,7 +245,7 @@ class PodReconciler:
                 exc,
             )
             self.metrics.scan_errors.labels(reason=reason).inc()
-        self.metrics.patched_pods.set(len(self.kernel.patched_inodes()))
+        self.metrics.state.patched_pods = len(self.kernel.patched_inodes())
 
     def _restore_orphan_sysctls(self) -> None:
         """Patch records no watched netns accounts for: restore them.
@@ -277,4 +277,4 @@ class PodReconciler:
         for watched in self.netns.values():
             if watched.inode in mine and watched.inode in patched:
                 watched.sysctl_patched = True  # adopted from an earlier run
-        self.metrics.patched_pods.set(len(patched))
+        self.metrics.state.patched_pods = len(patched)

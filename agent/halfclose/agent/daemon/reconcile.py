@@ -216,7 +216,7 @@ class NetnsReconciler:
                 "the pod's network namespace",
             )
         watched.sysctl_patched = True
-        self.metrics.patched_pods.set(len(self.kernel.patched_inodes()))
+        self.metrics.state.patched_pods = len(self.kernel.patched_inodes())
 
     def _watch_new(self, watched: WatchedNetns, on: bool) -> None:
         if on == watched.watching_new or watched.events_fd is None:

@@ -9,15 +9,14 @@ shows the agent is alive.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from halfclose.agent.core.model import Finding, Kind, Outcome, UnprovenReason
+from halfclose.agent.core.model import Finding, Kind, Outcome
 from halfclose.agent.core.outcome import ActionReport, FindingOutcome
-from halfclose.agent.daemon.metrics import AgentMetrics
+from halfclose.agent.daemon.metrics import AgentMetrics, PodGauges
 from halfclose.agent.daemon.ports import ReportSink
 from halfclose.agent.daemon.targets import PodTarget
 from halfclose.agent.daemon.watched import WatchedNetns
@@ -92,6 +91,15 @@ def report_finding(finding: Finding, outcome: FindingOutcome | None, at: str) ->
     )
 
 
+def _unproven_counts(findings: list[Finding]) -> tuple[tuple[str, int], ...]:
+    """``halfclose_unproven_sockets{reason}``: one series per reason seen, none at 0."""
+    counts: dict[str, int] = {}
+    for f in findings:
+        if f.kind is Kind.UNPROVEN and f.reason is not None:
+            counts[f.reason.value] = counts.get(f.reason.value, 0) + 1
+    return tuple(sorted(counts.items()))
+
+
 def fingerprint(status: ReportStatus, policy: str) -> tuple[object, ...]:
     """What makes a report worth rewriting (the timestamps do not)."""
     return (
@@ -143,7 +151,6 @@ class Recorder:
         scanned_at = dt.datetime.fromtimestamp(wall, dt.UTC)
         stamp = scanned_at.strftime("%Y-%m-%dT%H:%M:%SZ")
         findings = result.findings
-        self._record_unproven(ns, pod, findings)
         collisions = [f for f in findings if f.kind is Kind.COLLISION]
         fresh = [f for f in collisions if f.socket.cookie not in watched.collisions_seen]
         if fresh:
@@ -181,8 +188,15 @@ class Recorder:
         for f in findings:
             if f.socket.cookie not in gone:
                 left[f.kind] += 1
-        self.metrics.leaked.labels(ns, pod).set(left[Kind.LEAKED] + left[Kind.COLLISION])
-        self.metrics.at_risk.labels(ns, pod).set(left[Kind.AT_RISK])
+        self.metrics.state.publish(
+            ns,
+            pod,
+            PodGauges(
+                leaked=left[Kind.LEAKED] + left[Kind.COLLISION],
+                at_risk=left[Kind.AT_RISK],
+                unproven=_unproven_counts(findings),
+            ),
+        )
         self._log_actions(watched, state, report)
         self._events(
             state, report, unblocked, [f for f in fresh if f not in unblocked], killed_ports
@@ -223,20 +237,6 @@ class Recorder:
             report.dry_run,
             "failed" if failures else "ok",
         )
-
-    def _record_unproven(self, ns: str, pod: str, findings: list[Finding]) -> None:
-        """``halfclose_unproven_sockets{reason}``: one series per reason seen, none at 0."""
-        counts: dict[UnprovenReason, int] = {}
-        for f in findings:
-            if f.kind is Kind.UNPROVEN and f.reason is not None:
-                counts[f.reason] = counts.get(f.reason, 0) + 1
-        for reason in UnprovenReason:
-            n = counts.get(reason, 0)
-            if n:
-                self.metrics.unproven.labels(ns, pod, reason.value).set(n)
-            else:
-                with contextlib.suppress(KeyError):
-                    self.metrics.unproven.remove(ns, pod, reason.value)
 
     def _events(
         self,
