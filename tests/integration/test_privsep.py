@@ -8,7 +8,9 @@ directory), drops its own capabilities, and then does the agent's kernel work
 only through the worker: resolve the pod by IP, open its netns (the conntrack
 event socket comes back as a passed fd), scan it.  /proc/<pid>/status shows the
 two processes' capability sets; the worker's own guards refuse a netns it did
-not resolve for a pod, and the parent can no longer enter any netns itself.
+not resolve for a pod, the parent can no longer enter any netns itself, and the
+service-account token mount (a tmpfs stand-in) is gone from the worker's mount
+namespace only.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ PROGRAM = """
 import json, os, sys
 from halfclose.agent.daemon.kernel import LocalKernel
 from halfclose.agent.daemon.remediate import EngineRemediator
+from halfclose.agent.daemon import worker as worker_module
 from halfclose.agent.daemon.worker import start_kernel_worker
 from halfclose.agent.engine.scan import ScanSettings
 from halfclose.agent.kernel.mountns import MountedNetnsResolver
@@ -41,13 +44,20 @@ from halfclose.agent.kernel.netns import NetnsHandle
 from halfclose.agent.kernel.privsep import capabilities_of, drop_capabilities
 from halfclose.errors import PermissionDenied, UserError
 
-netns_dir, pod_ip, state = sys.argv[1:4]
+netns_dir, pod_ip, state, token_dir = sys.argv[1:5]
+worker_module.SERVICE_ACCOUNT_DIR = token_dir  # a stand-in for the pod's token mount
+os.environ["KUBECONFIG"] = "/nonexistent/kubeconfig"
 kernel = start_kernel_worker(
     lambda: LocalKernel(EngineRemediator(state, "/proc"), MountedNetnsResolver(netns_dir))
 )
 drop_capabilities()
 out = {"parent": capabilities_of(), "worker": capabilities_of(kernel.client.pid),
        "worker_pid": kernel.client.pid}
+def mounted(pid):
+    with open(f"/proc/{pid}/mountinfo") as f:
+        return any(line.split()[4] == token_dir for line in f)
+where = kernel.resolve(frozenset(), [pod_ip])  # a first round trip: the worker is set up
+out["token_mount"] = {"parent": mounted("self"), "worker": mounted(kernel.client.pid)}
 where = kernel.resolve(frozenset(), [pod_ip])
 opened = kernel.open_netns(where.inode, where.path)
 out["events_fd_is_netlink"] = opened.events_fd is not None and os.readlink(
@@ -90,13 +100,28 @@ def netns_dir(lab: Any, tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(entry)], check=False, timeout=10)
 
 
+@pytest.fixture
+def token_dir(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs standing in for the pod's service-account token mount."""
+    path = tmp_path / "serviceaccount"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "none", str(path)],
+                   check=True, timeout=10)  # fmt: skip
+    (path / "token").write_text("not-a-real-token")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False, timeout=10)
+
+
 def test_network_side_holds_no_capability_and_the_worker_exactly_the_charts(
-    lab: Any, netns_dir: Path, tmp_path: Path
+    lab: Any, netns_dir: Path, tmp_path: Path, token_dir: Path
 ) -> None:
     lab.leak(count=2)
     proc = subprocess.run(
         ["setpriv", "--bounding-set", CHART_CAPS, "--inh-caps", "-all",
-         sys.executable, "-c", PROGRAM, str(netns_dir), lab.pod_ip(0), str(tmp_path / "state")],
+         sys.executable, "-c", PROGRAM, str(netns_dir), lab.pod_ip(0), str(tmp_path / "state"),
+         str(token_dir)],
         capture_output=True, text=True, timeout=120, check=False,
         env={**os.environ},
     )  # fmt: skip
@@ -111,3 +136,6 @@ def test_network_side_holds_no_capability_and_the_worker_exactly_the_charts(
     assert out["events_fd_is_netlink"] is True
     assert out["refused"] == {"own": "PermissionDenied", "unresolved": "PermissionDenied"}
     assert "cannot enter" in out["parent_setns"]
+    # The worker has no API credentials: the token mount is gone from its mount
+    # namespace (and only from its own: the network side still reads it).
+    assert out["token_mount"] == {"parent": True, "worker": False}
