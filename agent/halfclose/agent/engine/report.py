@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from halfclose.agent.core.model import Finding, Kind, Outcome, SocketRecord
+from halfclose.agent.core.model import Endpoint, Finding, Kind, Outcome, SocketRecord
 from halfclose.agent.core.outcome import ActionReport, FindingOutcome
 from halfclose.agent.engine.scan import ScanResult
 
@@ -42,20 +42,44 @@ def _silence(sock: SocketRecord) -> float | None:
     return None if silence is None else round(silence, 3)
 
 
-def finding_dict(f: Finding, outcome: FindingOutcome | None = None) -> dict[str, Any]:
+class _Spell:
+    """Endpoint spellings, memoised per address for one document.
+
+    At 20k findings ``str(Endpoint)`` (``ipaddress`` formatting) was most of
+    the JSON's build time; a pod's sockets share a handful of addresses.
+    """
+
+    __slots__ = ("_hosts",)
+
+    def __init__(self) -> None:
+        self._hosts: dict[object, str] = {}
+
+    def __call__(self, ep: Endpoint) -> str:
+        host = self._hosts.get(ep.ip)
+        if host is None:
+            full = str(ep)  # the one spelling rule (model.Endpoint.__str__)
+            host = full[: full.rfind(":")]
+            self._hosts[ep.ip] = host
+        return f"{host}:{ep.port}"
+
+
+def finding_dict(
+    f: Finding, outcome: FindingOutcome | None = None, spell: _Spell | None = None
+) -> dict[str, Any]:
+    ep = spell or _Spell()
     up = f.upstream
     sock = f.socket
     owner = f.owner
     out: dict[str, Any] = {
         "kind": f.kind.value,
         "state": sock.state.ss_name,
-        "local": str(sock.local),
-        "peer": str(sock.peer),
+        "local": ep(sock.local),
+        "peer": ep(sock.peer),
         "idle_seconds": _idle(sock),
         "pid": owner.pid if owner else None,
         "process": owner.process if owner else None,
         "upstream": (
-            {"local": str(up.local), "peer": str(up.peer), "state": up.state.ss_name}
+            {"local": ep(up.local), "peer": ep(up.peer), "state": up.state.ss_name}
             if up is not None
             else None
         ),
@@ -75,12 +99,13 @@ _NONE = Outcome.NONE.value
 
 def to_json_dict(result: ScanResult, report: ActionReport | None = None) -> dict[str, Any]:
     of = report.by_cookie if report is not None else {}
+    spell = _Spell()
     doc: dict[str, Any] = {
         "netns": result.netns,
         "capture_ports": list(result.capture_ports),
         "sockets_examined": result.sockets_examined,
         "duration_seconds": round(result.duration_seconds, 6),
-        "findings": [finding_dict(f, of.get(f.socket.cookie)) for f in result.findings],
+        "findings": [finding_dict(f, of.get(f.socket.cookie), spell) for f in result.findings],
         "warnings": list(result.warnings),
         "min_silence_seconds": result.timeouts.shortest if result.timeouts else None,
     }
