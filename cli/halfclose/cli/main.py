@@ -23,7 +23,7 @@ SUBCOMMANDS = ("scan", "lab", "demo", "conntrack")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        # argparse prints usage + message; keep it to one line as design.md §4 asks.
+        # argparse prints usage + message; keep it to one line (bad input: one line, exit 2).
         raise UserError(f"{self.prog}: {message}")
 
 

@@ -19,7 +19,7 @@ GONE = "(gone)"
 
 
 def reply_tuple(pair: ProxiedPair) -> FlowTuple:
-    """The NAT entry's reply direction: proxy downstream -> app (design.md §2)."""
+    """The NAT entry's reply direction: proxy downstream -> app (docs/detection.md)."""
     down, app = pair.proxy_downstream, pair.app
     return FlowTuple(down.ip, down.port, app.ip, app.port)
 

@@ -1,4 +1,4 @@
-"""The halfclose.io API: HalfClosePolicy and HalfCloseReport (design.md §4).
+"""The halfclose.io API: HalfClosePolicy and HalfCloseReport (docs/api.md).
 
 One typed model is the source of truth for the CRDs (``crds/*.yaml`` are
 generated from it by ``python -m halfclose.api.generate``) and for the code

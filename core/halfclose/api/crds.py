@@ -1,4 +1,4 @@
-"""The two CustomResourceDefinitions, built from the model (design.md §4).
+"""The two CustomResourceDefinitions, built from the model (docs/api.md).
 
 ``python -m halfclose.api.generate`` writes these to ``crds/``; a test fails
 when the files and this module disagree.

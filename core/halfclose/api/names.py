@@ -1,4 +1,4 @@
-"""Names of the halfclose.io API (design.md §4): group, version, kinds, plurals."""
+"""Names of the halfclose.io API (docs/api.md): group, version, kinds, plurals."""
 
 from __future__ import annotations
 

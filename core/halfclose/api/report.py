@@ -29,13 +29,13 @@ from halfclose.api.schema import (
 from halfclose.errors import UserError
 
 # Findings kept in a report's status: enough to see what is going on, small
-# enough that a pod with 19,000 leaks (ztunnel, design.md §1) stays a small object.
+# enough that a pod with 19,000 leaks (ztunnel, docs/detection.md) stays a small object.
 FINDINGS_CAP = 20
 
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
 FindingKind = Literal["leaked", "collision", "at-risk", "unproven"]
-# design.md §2: the part of the proof an ``unproven`` finding misses (the
+# docs/detection.md: the part of the proof an ``unproven`` finding misses (the
 # agent's UnprovenReason; the API does not import the agent).
 UnprovenReason = Literal[
     "not-nat-captured",

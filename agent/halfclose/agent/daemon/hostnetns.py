@@ -2,7 +2,7 @@
 
 A pod whose containers resolve to the host's netns (a hostNetwork pod whose
 API object does not say so, a runtime that reports a host process as the
-container) would make the agent judge every socket of the node: design.md §4
+container) would make the agent judge every socket of the node: docs/agent.md
 refuses that.  Two sources, either sufficient:
 
 - ``<HOST_PROC>/1/ns/net``: the netns of the host's init (the agent runs with

@@ -1,6 +1,6 @@
 """patch-conntrack: raise one netns's CLOSE_WAIT conntrack timeout, and put it back.
 
-``nf_conntrack_tcp_timeout_close_wait`` is per network namespace (design.md §3):
+``nf_conntrack_tcp_timeout_close_wait`` is per network namespace (docs/remediation.md):
 writing it inside a pod's netns changes that pod only.  The value found before
 the first patch is recorded in a state file, ``<state dir>/<netns inode>.json``
 (default /run/halfclose/conntrack), written atomically *before* the sysctl is

@@ -1,7 +1,7 @@
 """conntrack DESTROY, UPDATE and NEW events (ctnetlink multicast) from one network namespace.
 
 A leak forms at one precise moment: the NAT entry of a proxied connection,
-sitting in CLOSE_WAIT, expires (design.md §1).  The kernel announces that on
+sitting in CLOSE_WAIT, expires (docs/detection.md).  The kernel announces that on
 the ctnetlink multicast group NFNLGRP_CONNTRACK_DESTROY, so instead of waiting
 for the next poll the agent scans that netns within milliseconds of the entry
 going.  The socket must be created inside the watched netns (a netlink socket
@@ -21,7 +21,7 @@ carries the entry's timeout, i.e. the moment the leak will form, and the
 agent schedules a scan for just after it.  A scan's own conntrack lookups
 reap the expired entry at once (an expired entry is never returned).
 
-NEW events serve the port-reuse collision (istio#43301, design.md §2): when
+NEW events serve the port-reuse collision (istio#43301, docs/detection.md): when
 the app connects again from a leaked socket's port, its SYN is NATed to the
 proxy port and conntrack creates an entry whose *reply* tuple is the leaked
 socket's; the app hangs until the stale socket goes.  NEW events come for

@@ -1,4 +1,4 @@
-"""Capture ports from a netns's own interception rules (design.md §2).
+"""Capture ports from a netns's own interception rules (docs/detection.md, part 2).
 
 A sidecar is fed by REDIRECT or DNAT-to-a-local-port rules (nat) or TPROXY
 rules (mangle); their target ports are the ports whose half-closed sockets we
@@ -95,7 +95,7 @@ class CapturePorts:
     # then that rule style cannot be in use there either.
     sources_missing: tuple[str, ...] = ()
     # TCP TPROXY target ports (mangle): no NAT, so only a proof together with
-    # ``drops_invalid`` (design.md §2 part 2: the late FIN is dropped as INVALID).
+    # ``drops_invalid`` (docs/detection.md part 2: the late FIN is dropped as INVALID).
     tproxy_ports: frozenset[int] = frozenset()
     # A rule drops conntrack-INVALID TCP packets (Istio's DROP_INVALID).
     drops_invalid: bool = False

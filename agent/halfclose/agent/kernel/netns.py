@@ -3,7 +3,7 @@
 ``setns(2)`` changes the namespace of the calling *thread* only.  We switch the
 current thread in, create the socket, and switch back in a ``finally``: a socket
 stays bound to the netns it was created in, so the rest of the program may use
-it from any thread (design.md §3).  Python 3.11 has no ``os.setns``; libc's is
+it from any thread (docs/detection.md, codec notes).  Python 3.11 has no ``os.setns``; libc's is
 called through ctypes.
 """
 
