@@ -243,3 +243,47 @@ def test_the_host_pid_resolver_finds_the_same_netns_by_container(mounts: Mounts)
     finally:
         sleeper.kill()
         sleeper.wait(10)
+
+
+CLOSE_WAIT = "net.netfilter.nf_conntrack_tcp_timeout_close_wait"
+
+
+def _close_wait(name: str) -> int:
+    out = subprocess.run([IP, "netns", "exec", name, "sysctl", "-n", CLOSE_WAIT],
+                         capture_output=True, text=True, check=True, timeout=10)  # fmt: skip
+    return int(out.stdout)
+
+
+@pytest.mark.parametrize("with_netns_dir", [True, False])
+def test_a_restarted_agent_restores_a_patched_sysctl_found_by_mount(
+    mounts: Mounts, tmp_path: Path, with_netns_dir: bool
+) -> None:
+    """Sysctl patching without host PIDs: the record of a netns the agent no longer
+    watches is restored through the bind mount; without NETNS_DIR the netns cannot
+    be found (no /proc/<pid> to go through) and the record would be dropped with
+    the pod's sysctl still raised."""
+    from halfclose.agent.daemon.remediate import EngineRemediator
+
+    b = mounts.netns("b", "192.0.2.11")
+    # conntrack's sysctls exist in a netns once a nat table needs it.
+    subprocess.run([IP, "netns", "exec", b, "iptables", "-t", "nat", "-A", "OUTPUT", "-p",
+                    "tcp", "--dport", "9", "-j", "REDIRECT", "--to-ports", "15001"],
+                   check=True, timeout=10)  # fmt: skip
+    before = _close_wait(b)
+    no_host_pids = tmp_path / "empty-proc"  # the container's view: no pod processes
+    no_host_pids.mkdir()
+    state = tmp_path / "state"
+    first = EngineRemediator(str(state), "/proc")
+    with NetnsHandle.from_path(str(mounts.dir / "cni-b")) as handle:
+        first.patch_sysctl(handle, before + 100)
+    assert _close_wait(b) == before + 100
+    # A new agent (restart) whose pod is no longer selected: restore by inode.
+    again = EngineRemediator(
+        str(state), str(no_host_pids), netns_dir=str(mounts.dir) if with_netns_dir else None
+    )
+    again.patcher.proc_root = "/proc"  # sysctls through this host's /proc, as SYSCTL_PROC would
+    restored = again.restore_inode(mounts.inode(b))
+    if with_netns_dir:
+        assert restored and _close_wait(b) == before
+    else:
+        assert not restored and _close_wait(b) == before + 100  # the bug the mount lookup fixes

@@ -57,7 +57,7 @@ def pod_netns_source(settings: AgentSettings) -> PodNetnsSource:
 def local_kernel(settings: AgentSettings) -> LocalKernel:
     """The kernel side in this process (in the worker, or in-process for tests)."""
     return LocalKernel(
-        EngineRemediator(settings.state_dir, settings.sysctl_root),
+        EngineRemediator(settings.state_dir, settings.sysctl_root, netns_dir=settings.netns_dir),
         pod_netns_source(settings),
         settings.host_proc,
     )

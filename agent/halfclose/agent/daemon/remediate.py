@@ -18,6 +18,7 @@ from halfclose.agent.core.plan import Plan
 from halfclose.agent.engine.act import ExecSettings, Executor
 from halfclose.agent.engine.ctpatch import CloseWaitPatcher
 from halfclose.agent.engine.scan import Scanner
+from halfclose.agent.kernel.mountns import find_mount_by_inode
 from halfclose.agent.kernel.netns import NetnsHandle
 
 log = logging.getLogger(__name__)
@@ -25,9 +26,17 @@ log = logging.getLogger(__name__)
 
 class EngineRemediator:
     def __init__(
-        self, state_dir: str, host_proc: str = "/proc", exec_settings: ExecSettings | None = None
+        self,
+        state_dir: str,
+        host_proc: str = "/proc",
+        exec_settings: ExecSettings | None = None,
+        *,
+        netns_dir: str | None = None,
     ) -> None:
         self.host_proc = host_proc
+        # Without host PIDs (the chart's default) a patched netns is found again
+        # among the runtime's bind mounts, not through /proc/<pid>/ns/net.
+        self.netns_dir = netns_dir
         self.patcher = CloseWaitPatcher(os.path.join(state_dir, "conntrack"), proc_root=host_proc)
         # Never waited on here: the agent verifies upstream legs later, in one
         # dump (``verify``), so its loop never sleeps for a proxy.
@@ -77,6 +86,10 @@ class EngineRemediator:
         return {r.netns_inode for r in self.patcher.records()}
 
     def _find_netns(self, inode: int) -> str | None:
+        if self.netns_dir is not None:
+            found = find_mount_by_inode(self.netns_dir, inode)
+            if found is not None:
+                return found
         try:
             names = os.listdir(self.host_proc)
         except OSError:
