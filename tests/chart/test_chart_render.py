@@ -58,7 +58,8 @@ _ENDPOINT = {
 }
 
 
-def _monitor(endpoints_key: str) -> dict[str, Any]:
+def _monitor(endpoints_key: str, **endpoint_extra: Any) -> dict[str, Any]:
+    endpoint = {**_ENDPOINT, "properties": {**_ENDPOINT["properties"], **endpoint_extra}}
     return {
         "type": "object",
         "required": ["apiVersion", "kind", "metadata", "spec"],
@@ -80,7 +81,7 @@ def _monitor(endpoints_key: str) -> dict[str, Any]:
                             "matchNames": {"type": "array", "items": {"type": "string"}},
                         },
                     },
-                    endpoints_key: {"type": "array", "minItems": 1, "items": _ENDPOINT},
+                    endpoints_key: {"type": "array", "minItems": 1, "items": endpoint},
                 },
             },
         },
@@ -102,7 +103,7 @@ _RULE = {
     },
 }
 CR_SCHEMAS: dict[str, dict[str, Any]] = {
-    "ServiceMonitor": _monitor("endpoints"),
+    "ServiceMonitor": _monitor("endpoints", bearerTokenFile={"type": "string"}),
     "PodMonitor": _monitor("podMetricsEndpoints"),
     "PrometheusRule": {
         "type": "object",

@@ -459,3 +459,15 @@ def test_services_and_monitors_reach_the_metrics_port(
     assert pod_labels[monitor["spec"]["jobLabel"]] == job  # for the PodMonitor
     honor = monitor["spec"]["endpoints"][0].get("honorLabels", False)
     assert honor is (component == "agent")  # the workload's namespace/pod labels win
+
+
+def test_service_monitors_present_a_token_only_with_metrics_auth(
+    full_manifests: list[chart.Manifest],
+) -> None:
+    token = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    for component in ("agent", "operator"):
+        monitor = chart.one(full_manifests, "ServiceMonitor", f"-{component}")
+        assert monitor["spec"]["endpoints"][0]["bearerTokenFile"] == token
+    plain = chart.render({"metrics": {"serviceMonitor": {"enabled": True}}})
+    for m in chart.of_kind(plain, "ServiceMonitor"):
+        assert "bearerTokenFile" not in m.obj["spec"]["endpoints"][0]
