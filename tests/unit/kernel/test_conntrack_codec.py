@@ -115,6 +115,25 @@ def test_fast_get_encoder_matches_the_generic_one(src: str, dst: str) -> None:
     assert ct.encode_get_by_reply(reply, seq=7) == generic
 
 
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [
+        ("127.0.0.1", "192.0.2.10"),
+        ("2001:db8::1", "2001:db8::2"),
+        ("::ffff:127.0.0.1", "::ffff:192.0.2.10"),  # a dual-stack listener's peer
+    ],
+)
+@pytest.mark.parametrize("seq", [1, 0x01020304, 0xFFFFFFFF])
+def test_socket_get_encoder_is_the_normalized_reply_get(src: str, dst: str, seq: int) -> None:
+    """The scan's per-socket GET (no FlowTuple) is byte for byte the generic one,
+    normalized: a mapped address must go out as IPv4 (design.md §2 part 3)."""
+    reply = FlowTuple(ipaddress.ip_address(src), 15001, ipaddress.ip_address(dst), 40000)
+    norm = reply.normalized()
+    fast = ct.encode_socket_get(norm.src, norm.sport, norm.dst, norm.dport, seq)
+    assert fast == ct.encode_get_by_reply(reply, seq=seq)
+    assert (fast[16] == socket.AF_INET) is (norm.src.version == 4)
+
+
 def test_dst_nat_dump_request_is_the_one_the_kernel_accepted() -> None:
     # capture_proof.py sent these bytes (plain struct code) to a 6.18 kernel and
     # got back only the TCP DST_NAT entries (proof_dst_nat_v4.dump).
