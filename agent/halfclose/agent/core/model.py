@@ -164,8 +164,10 @@ class SocketRecord:
     @property
     def idle_seconds(self) -> float | None:
         """Seconds since the peer last sent anything (data or a bare ACK)."""
-        ages = [a for a in (self.last_data_recv_ms, self.last_ack_recv_ms) if a is not None]
-        return min(ages) / 1000.0 if ages else None
+        recv, ack = self.last_data_recv_ms, self.last_ack_recv_ms
+        if recv is None:
+            return None if ack is None else ack / 1000.0
+        return recv / 1000.0 if ack is None else min(recv, ack) / 1000.0
 
     @property
     def silence_seconds(self) -> float | None:
@@ -174,10 +176,10 @@ class SocketRecord:
         The youngest of the three ages: data received, ACK received, data sent.
         None when any is unknown: silence in one direction is not silence.
         """
-        ages = (self.last_data_recv_ms, self.last_ack_recv_ms, self.last_data_sent_ms)
-        if any(a is None for a in ages):
+        recv, ack, sent = self.last_data_recv_ms, self.last_ack_recv_ms, self.last_data_sent_ms
+        if recv is None or ack is None or sent is None:
             return None
-        return min(a for a in ages if a is not None) / 1000.0
+        return min(recv, ack, sent) / 1000.0
 
     @property
     def nat_reply_tuple(self) -> FlowTuple:
