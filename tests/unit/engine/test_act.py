@@ -71,6 +71,10 @@ class FakeDiag:
             raise OSError(self.get_errno, "injected")
         return [self.sockets.get(r.cookie) for r in records]
 
+    def reread(self, records: list[SocketRecord]) -> list[SocketRecord | int | None]:
+        # The kernel's contract: get_many's answers (one state-filtered dump).
+        return self.get_many(records)
+
     def destroy_many(self, records: list[SocketRecord]) -> list[int]:
         out = []
         for rec in records:
