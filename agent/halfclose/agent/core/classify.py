@@ -1,4 +1,4 @@
-"""The four-part proof of a leak (design.md §2), as pure functions.
+"""The four-part proof of a leak (docs/detection.md), as pure functions.
 
 Inputs are what the kernel layer measured; nothing here does I/O.
 

@@ -1,4 +1,4 @@
-"""Plain data the pure core works on (design.md §2).
+"""Plain data the pure core works on (docs/detection.md).
 
 Everything here is immutable and free of I/O: the kernel layer builds these from
 netlink dumps, the classifier reads them, and the reporting layers serialise
@@ -19,7 +19,7 @@ def normalize_ip(ip: IPAddress) -> IPAddress:
 
     A dual-stack listener (``[::]:15001`` without V6ONLY, as ztunnel binds)
     holds IPv4 peers as mapped addresses, but the packets, and so their
-    conntrack entries, are IPv4 (design.md §2 part 3).
+    conntrack entries, are IPv4 (docs/detection.md part 3).
     """
     if ip.__class__ is _V4:  # the common case, without ipaddress's property calls
         return ip
@@ -131,7 +131,7 @@ class SocketRecord:
     ``inode`` is 0 for an orphan (closed by its process, owned by the kernel,
     which runs tcp_fin_timeout on it): such sockets are never ours to judge.
     ``cookie`` is the 64-bit socket cookie; SOCK_DESTROY must carry it
-    (design.md §3: without it a stale tuple fell through to the listener).
+    (docs/detection.md: without it a stale tuple fell through to the listener).
     The two ``last_*_ms`` values come from tcp_info and are ages in
     milliseconds at dump time; None when tcp_info was not in the dump.
     """
@@ -151,7 +151,7 @@ class SocketRecord:
     bytes_acked: int | None = None
     bytes_received: int | None = None
     # tcp_info age of our last data segment (ms); with the two ``last_*_recv``
-    # ages it proves silence in both directions (design.md §2 part 4).
+    # ages it proves silence in both directions (docs/detection.md part 4).
     last_data_sent_ms: int | None = None
     # IP_TRANSPARENT, inherited from a TPROXY listener (INET_DIAG_SOCKOPT):
     # such a socket holds the connection's original local port.
@@ -171,7 +171,7 @@ class SocketRecord:
 
     @property
     def silence_seconds(self) -> float | None:
-        """Seconds without a packet either way that tcp_info can see (design.md §2 part 4).
+        """Seconds without a packet either way that tcp_info can see (docs/detection.md part 4).
 
         The youngest of the three ages: data received, ACK received, data sent.
         None when any is unknown: silence in one direction is not silence.
@@ -187,7 +187,7 @@ class SocketRecord:
 
         For a proxy socket ``127.0.0.1:15001 <-> app:eport`` reached through
         REDIRECT, the entry's reply direction is ``src=127.0.0.1:15001
-        dst=app:eport`` (design.md §2).  The same holds for inbound
+        dst=app:eport`` (docs/detection.md).  The same holds for inbound
         REDIRECT (pod-ip:15006) and, trivially, for TPROXY where no
         translation happens.  IPv4-mapped addresses of a dual-stack listener
         are spelled as IPv4: the packets, and their entry, are IPv4.
@@ -244,7 +244,7 @@ class ConntrackEntry:
 
         Such an entry under a half-closed socket's reply tuple cannot be that
         socket's connection (it was established long ago): it is a new
-        connection from the same app port (istio#43301), design.md §2 part 3.
+        connection from the same app port (istio#43301), docs/detection.md part 3.
         """
         return self.tcp_state in OPENING_STATES
 
@@ -272,7 +272,7 @@ class Kind(enum.StrEnum):
 
 
 class UnprovenReason(enum.StrEnum):
-    """Why a finding is ``unproven`` (design.md §2): the part of the proof that failed."""
+    """Why a finding is ``unproven`` (docs/detection.md): the part of the proof that failed."""
 
     # Part 2: the local port is listed/seen, but no TCP NAT capture (or TPROXY
     # with an INVALID-drop rule) is shown by rules or DST_NAT entries.
@@ -290,7 +290,7 @@ class UnprovenReason(enum.StrEnum):
 
 
 class Capture(enum.StrEnum):
-    """How part 2 was shown: what makes the socket's local port a capture (design.md §2)."""
+    """How part 2 was shown: what makes the socket's local port a capture (docs/detection.md)."""
 
     # A TCP REDIRECT/DNAT-to-local rule of this netns targets the port.
     RULE = "rule"
@@ -341,7 +341,7 @@ class HalfClosedTimeouts:
 
 
 class Outcome(enum.StrEnum):
-    """What happened to a finding when an action ran (design.md §4 ``action``)."""
+    """What happened to a finding when an action ran (docs/detection.md ``action``)."""
 
     NONE = "none"
     KILLED = "killed"

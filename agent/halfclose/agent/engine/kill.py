@@ -4,7 +4,7 @@ Each kill is preceded by the re-check ``plan.recheck_kill`` holds (the proof's
 parts again, on the socket and entry as they are *now*): the socket re-read by
 tuple and cookie, its NAT entry looked up again by the normalized reply tuple.
 Only then ``SOCK_DESTROY``, keyed by the re-read cookie, so it can only hit that
-socket (design.md §3).  What changes is the transport: the sockets are
+socket (docs/detection.md).  What changes is the transport: the sockets are
 re-read by one state-filtered dump (matched by cookie; a socket the dump does
 not show is asked for alone, so "gone" and "state changed" stay apart), then
 per chunk of a few hundred, all conntrack GETs go out in one ``send()`` and all

@@ -46,7 +46,7 @@ class ScanSettings:
 
     ``capture_ports=None`` means judge the ports the netns's rules (or its
     DST_NAT conntrack entries) show captured; given ports only narrow what is
-    judged, they never stand in for that evidence (design.md §2 part 2).
+    judged, they never stand in for that evidence (docs/detection.md part 2).
     """
 
     capture_ports: frozenset[int] | None = None
@@ -114,7 +114,7 @@ class _Rules:
 class Scanner:
     """Scans one netns; keeps its netlink sockets open across scans.
 
-    The sockets are created inside the target netns once (design.md §3) and
+    The sockets are created inside the target netns once (docs/detection.md) and
     reused, so a periodic agent pays for namespace entry only at start.
     """
 

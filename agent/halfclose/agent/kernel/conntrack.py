@@ -1,7 +1,7 @@
 """ctnetlink (NETLINK_NETFILTER, subsystem CTNETLINK) for TCP entries.
 
 A leak is proven by the *absence* of the entry whose reply tuple is the proxy
-socket's ``local -> peer`` (design.md §2), so the hot path is a batch of
+socket's ``local -> peer`` (docs/detection.md), so the hot path is a batch of
 IPCTNL_MSG_CT_GET requests keyed by CTA_TUPLE_REPLY: the kernel hashes the tuple
 and answers each with the entry or ENOENT.  Cost follows the number of
 candidates, not the size of the table (a dump would read every entry).
@@ -109,7 +109,7 @@ def _family(t: FlowTuple) -> int:
 def encode_tuple(attr_type: int, t: FlowTuple, zone: int | None = None) -> bytes:
     # IPv4-mapped addresses (a dual-stack listener's peers) are IPv4 to
     # conntrack: asking AF_INET6 for them finds nothing, which would read as
-    # "mapping gone" (design.md §2 part 3).
+    # "mapping gone" (docs/detection.md part 3).
     t = t.normalized()
     v4 = t.src.version == 4
     ip = nl.pack_nested(
@@ -265,7 +265,7 @@ def encode_update(
 ) -> bytes:
     """IPCTNL_MSG_CT_NEW without NLM_F_CREATE: change an existing entry.
 
-    The kernel finds the entry by its full *original* tuple (design.md §3), so
+    The kernel finds the entry by its full *original* tuple (docs/detection.md), so
     this takes a decoded entry rather than a tuple the caller assembled.  Only
     the given attributes change.  A new timeout is reset to the state's default
     by the next packet unless ``status`` carries IPS_FIXED_TIMEOUT.
@@ -512,7 +512,7 @@ class Conntrack:
         """The TCP entries of this netns that were destination-NATed (REDIRECT, DNAT).
 
         Their reply sources show which local endpoints a NAT capture feeds
-        (design.md §2 part 2) without reading any rule.  One filtered dump per
+        (docs/detection.md part 2) without reading any rule.  One filtered dump per
         family; a kernel that refuses the filter (EINVAL, EOPNOTSUPP before
         5.19) gets a plain dump, filtered here.
         """

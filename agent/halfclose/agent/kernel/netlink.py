@@ -2,7 +2,7 @@
 
 Only what sock_diag and ctnetlink need.  Parsing works on ``memoryview`` slices so
 a large dump is walked without copying; callers decode payloads themselves with
-``struct.unpack_from`` (design.md §3: a generic attribute decoder is the slow part).
+``struct.unpack_from`` (docs/detection.md: a generic attribute decoder is the slow part).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class SocketFactory(Protocol):
 def open_socket(protocol: int, netns: SocketFactory | None = None) -> socket.socket:
     """A raw netlink socket of ``protocol``, created inside ``netns`` or here.
 
-    Where it is created is where it talks, for its whole life (design.md §3).
+    Where it is created is where it talks, for its whole life (docs/detection.md).
     """
     args = (socket.AF_NETLINK, socket.SOCK_RAW, protocol)
     return socket.socket(*args) if netns is None else netns.socket(*args)
@@ -131,7 +131,7 @@ class NetlinkSocket:
 
     The socket must be created in the target netns (see ``NetnsHandle.socket``):
     a netlink socket talks to the netns it was created in, whatever thread uses
-    it later (design.md §3).
+    it later (docs/detection.md).
     """
 
     def __init__(self, sock: socket.socket) -> None:

@@ -6,7 +6,7 @@ about, and stop as soon as all are found.
 
 The owner need not live in the scanned netns: Istio ambient's ztunnel is a
 process of its own pod that opens its sockets *inside* each app pod's netns
-(design.md §2), and any socket can be passed to another process over
+(docs/detection.md), and any socket can be passed to another process over
 SCM_RIGHTS.  So every process of /proc may be read, from one listing of it,
 in the order most likely to end the search early: processes of the scanned
 netns whose uid is a wanted socket's uid (a socket's uid is its creator's),

@@ -1,7 +1,7 @@
 """sock_diag (NETLINK_SOCK_DIAG) for TCP: a state-filtered dump and SOCK_DESTROY.
 
 The dump asks the kernel to filter by state (``idiag_states``), so its cost follows
-the number of half-closed sockets, not the total (design.md §3).  The parser is
+the number of half-closed sockets, not the total (docs/detection.md).  The parser is
 ours: fixed offsets with ``struct.unpack_from`` over the receive buffer, a port
 filter applied *before* any object is built, and only the ``tcp_info`` fields the
 classifier and pairing use.
@@ -119,7 +119,7 @@ def encode_dump(family: int, states: int, seq: int, *, with_info: bool = True) -
 def encode_destroy(record: SocketRecord, seq: int, *, ack: bool = True) -> bytes:
     """SOCK_DESTROY for exactly this socket: its tuple, its state and its cookie.
 
-    The cookie is what makes this safe (design.md §3): without it a stale tuple
+    The cookie is what makes this safe (docs/detection.md): without it a stale tuple
     fell through to the LISTEN socket and destroyed the listener; with it, a
     socket that is already gone answers ENOENT.  Refuses a record without one.
     """
