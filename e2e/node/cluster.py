@@ -60,6 +60,7 @@ SHADOWED = (
     "/etc/cni/net.d",
 )
 CGROUP_FS = Path("/sys/fs/cgroup")
+RUNS = Path("/run/hcn-e2e-node")  # one record per run in progress (see reap_stale)
 
 
 def log(msg: str) -> None:
@@ -180,6 +181,8 @@ class Node:
             or "kubectl"
         )
         self.work.mkdir(parents=True, exist_ok=True)
+        Node.reap_stale()
+        self.save_record()
         self._check_host()
         self._make_certs()
         self._make_namespaces()
@@ -309,12 +312,14 @@ class Node:
         mounts = []
         for path in SHADOWED:
             p = Path(path)
-            if not p.exists():
-                p.mkdir(parents=True)
-                self.created_dirs.append(p)
+            for d in [*reversed(p.parents), p]:  # each folder made here is removed again
+                if not d.exists():
+                    d.mkdir()
+                    self.created_dirs.append(d)
             private = self.work / "shadow" / path.strip("/").replace("/", "_")
             private.mkdir(parents=True, exist_ok=True)
             mounts.append(f"mount --bind {private} {path}")
+        self.save_record()  # with the folders made on the host, for reap_stale
         # Slave to the host (host mounts still appear), shared below it (the
         # kubelet's HostToContainer volumes, e.g. the agent's view of
         # /run/netns, receive the runtime's later netns mounts).
@@ -709,22 +714,62 @@ state = "{root / "state"}"
         ]
         if left:
             log(f"WARNING: cgroups left: {left}")
+        else:
+            self._record().unlink(missing_ok=True)
 
     def _ns_pids(self) -> list[int]:
         """Processes in the node's netns or mount namespace, except the holder."""
-        if self.holder is None:
-            return []
-        try:
-            mine = {os.stat(f"/proc/{self.holder.pid}/ns/{ns}").st_ino for ns in ("net", "mnt")}
-        except OSError:
+        mine: set[int] = set()
+        with contextlib.suppress(OSError):
+            mine.add(os.stat(f"/run/netns/{self.netns}").st_ino)
+        if self.holder is not None:
+            with contextlib.suppress(OSError):
+                mine |= {
+                    os.stat(f"/proc/{self.holder.pid}/ns/{ns}").st_ino for ns in ("net", "mnt")
+                }
+        if not mine:
             return []
         out = []
         for proc in Path("/proc").iterdir():
-            if proc.name.isdigit() and int(proc.name) != self.holder.pid:
+            if proc.name.isdigit() and (self.holder is None or int(proc.name) != self.holder.pid):
                 with contextlib.suppress(OSError):
                     if {os.stat(proc / "ns" / ns).st_ino for ns in ("net", "mnt")} & mine:
                         out.append(int(proc.name))
         return out
+
+    # --- a runner killed with SIGKILL -----------------------------------------
+    # Its daemons die with it (PDEATHSIG), its containers and netns do not: each
+    # run leaves a record in /run (cleared at boot, like what it describes) and
+    # the next run reaps the records whose runner is gone.
+
+    def _record(self) -> Path:
+        return RUNS / f"{self.id}.json"
+
+    def save_record(self) -> None:
+        RUNS.mkdir(parents=True, exist_ok=True)
+        record = {
+            "id": self.id,
+            "pid": os.getpid(),
+            "work": str(self.work),
+            "created": [str(d) for d in self.created_dirs],
+        }
+        self._record().write_text(json.dumps(record))
+
+    @classmethod
+    def reap_stale(cls) -> None:
+        for path in sorted(RUNS.glob("*.json")) if RUNS.exists() else []:
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                record = json.loads(path.read_text())
+                if Path(f"/proc/{record['pid']}").exists():
+                    continue  # a run in progress
+                log(f"reaping the leftovers of run {record['id']} (runner {record['pid']} gone)")
+                stale = cls(Path(record["work"]), Path("/nonexistent"), Path("/nonexistent"))
+                stale.id = record["id"]
+                stale.netns = f"hcn-{stale.id}"
+                stale.cgroup_root = f"hcn-{stale.id}"
+                stale.created_dirs = [Path(d) for d in record.get("created", [])]
+                stale.teardown()
+                shutil.rmtree(stale.work, ignore_errors=True)
 
     def _stop(self, name: str) -> None:
         proc = self.procs.get(name)
