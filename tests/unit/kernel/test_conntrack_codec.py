@@ -158,3 +158,15 @@ def test_dst_nat_dump_request_is_the_one_the_kernel_accepted() -> None:
     assert ct.encode_dump_dst_nat(socket.AF_INET, 21) == sent[0]
     msg = next(nl.iter_messages(memoryview(sent[0])))
     assert msg.flags & nl.NLM_F_DUMP == nl.NLM_F_DUMP
+
+
+def test_no_nfnetlink_is_conntrack_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from halfclose.errors import ConntrackUnavailable
+
+    def refuse(*_: object) -> None:
+        raise OSError(errno.EPROTONOSUPPORT, "Protocol not supported")
+
+    monkeypatch.setattr(nl, "open_socket", refuse)
+    with pytest.raises(ConntrackUnavailable) as info:
+        ct.Conntrack.open()
+    assert info.value.reason == "conntrack_unavailable"

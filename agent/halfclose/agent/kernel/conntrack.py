@@ -35,6 +35,7 @@ from halfclose.agent.core.model import (
 )
 from halfclose.agent.kernel import netlink as nl
 from halfclose.agent.kernel.netns import NetnsHandle
+from halfclose.errors import ConntrackUnavailable
 
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_NEW = 0
@@ -405,7 +406,14 @@ class Conntrack:
 
     @classmethod
     def open(cls, netns: NetnsHandle | None = None) -> Conntrack:
-        return cls(nl.open_socket(nl.NETLINK_NETFILTER, netns))
+        """A ctnetlink socket in ``netns``; ConntrackUnavailable without nfnetlink."""
+        try:
+            return cls(nl.open_socket(nl.NETLINK_NETFILTER, netns))
+        except OSError as exc:
+            if exc.errno in (errno.EPROTONOSUPPORT, errno.EAFNOSUPPORT):
+                # No nfnetlink in this kernel: no table to prove a leak with.
+                raise ConntrackUnavailable(f"no conntrack netlink here: {exc.strerror}") from exc
+            raise
 
     def lookup_replies(
         self, replies: Sequence[FlowTuple], zone: int = 0
