@@ -265,6 +265,7 @@ def start_worker(
     ``handlers`` is called in the child: whatever it opens (the kernel side's
     state) exists only there.
     """
+    parent = os.getpid()
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:  # the worker
@@ -272,7 +273,9 @@ def start_worker(
         try:
             parent_end.close()
             _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-            if os.getppid() == 1:  # the parent died before PDEATHSIG was armed
+            # The parent died before PDEATHSIG was armed (reparented). Not "== 1":
+            # without hostPID the agent itself is PID 1 of its container.
+            if os.getppid() != parent:
                 os._exit(0)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
