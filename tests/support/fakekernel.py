@@ -108,6 +108,11 @@ class FakeKernel:
             raise item
         return item
 
+    def attach_owners(self, inode: int, result: ScanResult) -> ScanResult:
+        self.calls.append(("owners", inode))
+        self._ns(inode)
+        return result
+
     def remediate(self, inode: int, plan: Plan) -> ActionReport:
         self.calls.append(("remediate", inode))
         self.plans.append((inode, plan))

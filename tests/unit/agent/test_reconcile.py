@@ -262,6 +262,36 @@ def test_upstream_verification_is_deferred_never_in_the_killing_pass(tmp_path: P
     assert due is not None and due - rig.clock.now <= 0.1 + 1e-9  # comes back for it soon
     rig.step(0.1)
     assert rig.calls("verify") == 1
+    assert rig.calls("scan") == 1  # the check is one dump, not another scan
+
+
+def test_owners_are_looked_up_once_and_only_for_sockets_still_there(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, action="KillSockets", thresholds={"minIdleSeconds": 0})
+    rig.scans(result(leaked(1), at_risk(2, 60)))
+    rig.step()
+    assert rig.calls("owners") == 1  # for the at-risk socket; the killed one needs none
+    rig.scans(result(at_risk(2, 59)))
+    rig.step(0.1)  # the upstream check
+    rig.step(30.0)  # the interval
+    assert rig.calls("scan") == 2 and rig.calls("owners") == 1  # cached by cookie
+
+
+def test_a_late_destroy_of_an_entry_the_last_scan_saw_expired_is_no_new_scan(
+    tmp_path: Path,
+) -> None:
+    from halfclose.agent.kernel.ctevents import ConntrackEvent
+
+    rig = Rig(tmp_path, action="KillSockets", thresholds={"minIdleSeconds": 0})
+    rig.scans(result(at_risk(1, 5)), result(leaked(1)))
+    rig.step()
+    rig.step(5.3)  # the scan after the predicted expiry: the leak is seen and killed
+    assert rig.calls("scan") == 2
+    (w,) = rig.agent.netns.values()
+    late = ConntrackEvent(True, reply(1), "CLOSE_WAIT")  # the GC's DESTROY, late
+    rig.ns.events = [late]
+    assert rig.agent.reconciler.on_events(w) == []
+    rig.ns.events = [ConntrackEvent(True, reply(9), "CLOSE_WAIT")]  # nobody predicted it
+    assert rig.agent.reconciler.on_events(w) == [(INODE, 0.15)]
 
 
 def test_report_only_scans_touch_no_socket_and_write_the_report_once(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from halfclose.agent.core.plan import Plan
 from halfclose.agent.daemon.hostnetns import host_netns_inodes
 from halfclose.agent.daemon.ports import EventBatch, OpenedNetns
 from halfclose.agent.daemon.remediate import EngineRemediator
-from halfclose.agent.engine.scan import Scanner, ScanResult, ScanSettings
+from halfclose.agent.engine.scan import Scanner, ScanResult, ScanSettings, attach_owners
 from halfclose.agent.kernel.ctevents import ConntrackEventSocket
 from halfclose.agent.kernel.netlink import NETLINK_NETFILTER, open_socket
 from halfclose.agent.kernel.netns import NetnsHandle
@@ -109,6 +109,10 @@ class LocalKernel:
 
     def scan(self, inode: int, settings: ScanSettings) -> ScanResult:
         return self._get(inode).scanner.scan(settings)
+
+    def attach_owners(self, inode: int, result: ScanResult) -> ScanResult:
+        self._get(inode)  # the netns is still held: its sockets' holders are alive
+        return attach_owners([result], proc_root=self.host_proc)[0]
 
     def remediate(self, inode: int, plan: Plan) -> ActionReport:
         return self.remediator.execute(self._get(inode).scanner, plan)

@@ -155,6 +155,7 @@ class PodReconciler:
                 self.queue.add_after(inode, 0.0, now)  # a new pod may have leaks already
             else:
                 watched.pods = keys
+                watched.scan_at = min(watched.scan_at, now + self.interval(watched))
                 self.queue.add_after(inode, self.interval(watched), now)
             owner = self.states[keys[0]].target.policy
             if watched.sysctl_patched and not wants_sysctl(owner):

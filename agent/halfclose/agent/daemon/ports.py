@@ -76,6 +76,10 @@ class Kernel(Protocol):
 
     def scan(self, inode: int, settings: ScanSettings) -> ScanResult: ...
 
+    def attach_owners(self, inode: int, result: ScanResult) -> ScanResult:
+        """``result`` with its findings' owning processes (one /proc pass); for scans
+        run with ``ScanSettings(owners=False)``, only for the findings to be reported."""
+
     def remediate(self, inode: int, plan: Plan) -> ActionReport:
         """Re-check and carry out the plan; never waits for upstream legs.
 

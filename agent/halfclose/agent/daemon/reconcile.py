@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
+from halfclose.agent.core.model import Outcome
 from halfclose.agent.core.outcome import ActionReport
 from halfclose.agent.core.plan import DEFAULT_MAX_KILLS, ActionKind, Plan, make_plan
 from halfclose.agent.core.reasons import error_reason
@@ -81,8 +83,11 @@ class NetnsReconciler:
                     out.append((watched.inode, 0.0))
                 continue
             if leak_forming(event, watched.capture_ports):
+                known = watched.expired_at.get(event.reply)
                 watched.note_expiry(event.reply, wall)
-                relevant = True
+                # An entry predicted to expire before the last scan began: that
+                # scan saw its leak (the GC's DESTROY is just late).  No rescan.
+                relevant = relevant or known is None or known > watched.scanned_wall
                 continue
             countdown = leak_countdown(event, watched.capture_ports)
             if countdown is not None:
@@ -92,7 +97,9 @@ class NetnsReconciler:
                 out.append((watched.inode, schedule.countdown_delay(countdown)))
         if relevant:
             out.append((watched.inode, self.settings.event_debounce_seconds))
-        log.debug("netns %d: %d events -> %s", watched.inode, len(batch.events), out)
+        if out:
+            now = self.clock()
+            watched.scan_at = min(watched.scan_at, now + min(d for _, d in out))
         return out
 
     # -- one reconcile ---------------------------------------------------------------
@@ -103,9 +110,17 @@ class NetnsReconciler:
         if state is None:
             return interval
         policy = state.target.policy
+        if watched.scan_at > self.clock():
+            # Only a kill's upstream check is due: one dump, no scan.
+            try:
+                self._verify(watched)
+            except Exception as exc:
+                return self._failed(watched, exc, interval)
+            return self._next(watched)
         try:
             self._verify(watched)
             self._sysctl(watched, state, policy)
+            watched.scanned_wall = self.wall()
             result = self.kernel.scan(
                 watched.inode,
                 ScanSettings(
@@ -113,31 +128,18 @@ class NetnsReconciler:
                     min_idle_seconds=0.0,  # the plan applies the threshold; report all
                     proc_root=self.settings.host_proc,
                     rules_max_age_seconds=60.0,
+                    owners=False,  # looked up below, only for what is reported
                 ),
             )
             watched.capture_ports = frozenset(result.capture_ports)
             self._watch_new(watched, watched.remember_stale(result.findings))
             self._note_warnings(watched, result.warnings)
             report = self._act(watched, policy, result)
+            result = self._owners(watched, result, report)
         except Exception as exc:
             return self._failed(watched, exc, interval)
         watched.failures = 0
         self.scans += 1
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "scanned netns=%d findings=%s",
-                watched.inode,
-                [
-                    (
-                        f.kind.value,
-                        f.reason,
-                        f.socket.silence_seconds,
-                        f.min_silence_seconds,
-                        f.entry.timeout if f.entry else None,
-                    )
-                    for f in result.findings
-                ],
-            )
         self.metrics.scan_duration.observe(result.duration_seconds)
         self.recorder.record(watched, state, policy, result, report)
         timing = schedule.Timing(
@@ -145,7 +147,6 @@ class NetnsReconciler:
             min_idle=float(policy.spec.thresholds.min_idle_seconds),
             kills=policy.spec.action == KILL_SOCKETS,
         )
-        delay = schedule.next_delay(result.findings, timing)
         now_w = self.wall()
         for f in result.findings:
             expiry = schedule.expiry_delay(f)
@@ -154,9 +155,39 @@ class NetnsReconciler:
                 # DESTROY event comes late.
                 at = now_w + expiry - schedule.EXPIRY_MARGIN
                 watched.note_expiry(f.socket.nat_reply_tuple, at, predicted=True)
+        watched.scan_at = self.clock() + schedule.next_delay(result.findings, timing)
+        return self._next(watched)
+
+    def _next(self, watched: WatchedNetns) -> float:
+        """Seconds until the netns's next scan or upstream check, whichever is first."""
+        at = watched.scan_at
         if watched.unverified is not None and watched.verify_at is not None:
-            delay = min(delay, max(0.0, watched.verify_at - self.clock()))
-        return delay
+            at = min(at, watched.verify_at)
+        return max(0.0, at - self.clock())
+
+    def _owners(
+        self, watched: WatchedNetns, result: ScanResult, report: ActionReport
+    ) -> ScanResult:
+        """Owners for the findings still there (a killed socket has none to report).
+
+        Cached per netns by cookie: a /proc pass only when new sockets show up.
+        """
+        gone = {o.finding.socket.cookie for o in report.outcomes if o.outcome is Outcome.KILLED}
+        live = [f for f in result.findings if f.socket.cookie not in gone]
+        new = [f for f in live if f.owner is None and f.socket.cookie not in watched.owners]
+        if new:
+            found = self.kernel.attach_owners(watched.inode, replace(result, findings=new))
+            watched.owners.update((f.socket.cookie, f.owner) for f in found.findings)
+        watched.owners = {f.socket.cookie: watched.owners.get(f.socket.cookie) for f in live}
+        if not any(watched.owners.values()):
+            return result
+        return replace(
+            result,
+            findings=[
+                f.with_owner(watched.owners.get(f.socket.cookie)) if f.owner is None else f
+                for f in result.findings
+            ],
+        )
 
     def _failed(self, watched: WatchedNetns, exc: Exception, interval: float) -> float:
         reason = error_reason(exc)
@@ -172,7 +203,9 @@ class NetnsReconciler:
         if reason == "netns_gone":
             self.kernel.invalidate()
             self.pods.wants_pass = True
-        return schedule.backoff(watched.failures, interval)
+        delay = schedule.backoff(watched.failures, interval)
+        watched.scan_at = self.clock() + delay
+        return delay
 
     def _act(self, watched: WatchedNetns, policy: Policy, result: ScanResult) -> ActionReport:
         settings = action_settings(policy, max_kills=MAX_KILLS_PER_SCAN)

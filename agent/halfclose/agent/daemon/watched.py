@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from halfclose.agent.core.model import Finding, FlowTuple, Kind, UnprovenReason
+from halfclose.agent.core.model import Finding, FlowTuple, Kind, Owner, UnprovenReason
 from halfclose.agent.core.outcome import ActionReport
 from halfclose.agent.daemon.targets import PodKey
 
@@ -48,6 +48,13 @@ class WatchedNetns:
     watching_new: bool = False
     # Cookies of the sockets already counted (and announced) as collisions.
     collisions_seen: set[int] = field(default_factory=set)
+    # Owners of reported sockets, by cookie (a /proc pass only for new ones).
+    owners: dict[int, Owner | None] = field(default_factory=dict)
+    # When a scan is due (the queue may also run the netns for a due upstream check).
+    scan_at: float = 0.0
+    # Wall time the last scan started: DESTROYs of entries known expired before
+    # it need no scan of their own (the scan saw their leaks).
+    scanned_wall: float = float("-inf")
     # A kill whose upstream legs are checked later (ActionReport.pending).
     unverified: ActionReport | None = None
     verify_at: float | None = None

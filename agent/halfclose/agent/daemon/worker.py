@@ -212,6 +212,10 @@ class WorkerKernel:
         result: ScanResult = self._call("scan", inode=inode, settings=settings)
         return result
 
+    def attach_owners(self, inode: int, result: ScanResult) -> ScanResult:
+        owned: ScanResult = self._call("attach_owners", inode=inode, result=result)
+        return owned
+
     def remediate(self, inode: int, plan: Plan) -> ActionReport:
         report: ActionReport = self._call("remediate", inode=inode, plan=plan)
         return report
