@@ -71,8 +71,9 @@ chart: $(STAMP) ## regenerate the chart's README values table and files/alerts.y
 bench: $(STAMP) ## scan benchmark vs ss + conntrack, then the 20k-leak scale vs ss / ss -K (root)
 	$(BIN)/python -m bench.scan; rc=$$?; $(BIN)/python -m bench.scale && exit $$rc
 
-bench-agent: $(STAMP) ## leak lifetime and agent footprint (root)
+bench-agent: $(STAMP) ## leak lifetime, agent footprint, 110-pod burst (root)
 	$(BIN)/python -m bench.agent
+	$(BIN)/python -m bench.burst
 
 bench-operator: $(STAMP) kube-assets ## operator start-up at 100/1,000/5,000 pods on the real control plane
 	$(BIN)/python -m bench.operator
