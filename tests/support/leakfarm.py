@@ -142,6 +142,18 @@ class Proc:
         self.p.wait(timeout=10)
 
 
+def _nat_entries(netns: str) -> int:
+    """Live conntrack entries of connections to the redirected service."""
+    out = subprocess.run(
+        [IP, "netns", "exec", netns, "conntrack", "-L", "-p", "tcp", "--dport", "7777"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    ).stdout
+    return len(out.splitlines())
+
+
 def count(netns: str, *state: str) -> int:
     return len(run("ss", "-Htan", *state, netns=netns).splitlines())
 
@@ -226,7 +238,17 @@ def leaked_pairs(n: int, prefix: str = "hct") -> Iterator[Leaks]:
         got = sum(int(p.expect("FORWARDED", timeout=300).split()[1]) for p in proxies)
         if got != n:
             raise RuntimeError(f"fixture relayed {got} connections, not {n}")
-        time.sleep(1.5)  # the NAT entries (close_wait 1 s) expire
+        # The NAT entries (close_wait 1 s) must all have expired before the
+        # app closes, or its FIN still reaches the proxy.  Under load the last
+        # FIN/ACK exchange can land well after FORWARDED: wait for the table
+        # (a dump skips expired entries), then the delayed-ACK margin.
+        time.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while _nat_entries(ns):
+            if time.monotonic() > deadline:
+                raise TimeoutError("fixture: the NAT entries did not expire")
+            time.sleep(0.2)
+        time.sleep(0.3)
         for a in apps:
             a.send("close")
             a.expect("CLOSED")
