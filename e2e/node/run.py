@@ -562,6 +562,7 @@ def main() -> int:
         return 2
     # SIGTERM (a CI timeout) tears the node down like Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in background
     t0 = time.monotonic()
     with phase("build"):
         kube_bin, node_bin, images = build()
