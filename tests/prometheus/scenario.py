@@ -78,7 +78,7 @@ VAULT_LEAKS = 12  # the alert's default threshold is 10
 # netns fails at every reconcile (at least every 5 s); the alert needs a
 # 10-minute rate above 0.05/s, i.e. more than 30 errors (about 10 s here).
 SCAN_ERRORS_TIMEOUT = 90.0
-ALERT_TIMEOUT = 60.0  # from when the situation is made; 10-26 s measured
+ALERT_TIMEOUT = 60.0  # per alert, once its situation is made (it fired 1-26 s after)
 
 
 class Cluster(Protocol):
