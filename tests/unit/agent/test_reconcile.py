@@ -378,3 +378,16 @@ def test_dry_run_kills_nothing_and_spends_no_budget(tmp_path: Path) -> None:
     assert rig.sample("halfclose_sockets_killed_total", namespace="shop", pod="web") == 0
     bucket = rig.agent.pods.bucket
     assert bucket is not None and bucket.available(rig.clock.now) == 1
+
+
+def test_a_bug_in_one_reconcile_is_counted_and_the_loop_goes_on(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, action="Report")
+    rig.scans(result(leaked(1)))
+
+    def broken(*_a: object, **_k: object) -> None:
+        raise RuntimeError("a bug")
+
+    rig.agent.reconciler.recorder.record = broken  # type: ignore[method-assign]
+    rig.step()
+    assert rig.sample("halfclose_scan_errors_total", reason="internal") == 1
+    assert rig.agent.queue.due_at(INODE) is not None  # still scheduled

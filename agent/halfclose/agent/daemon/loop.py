@@ -173,7 +173,14 @@ class Agent:
             watched = self.netns.get(inode)
             if watched is None or self._stop.is_set():
                 continue
-            delay = self.reconciler.reconcile(watched)
+            try:
+                delay = self.reconciler.reconcile(watched)
+            except Exception:
+                # A bug, not a kernel or API fault (those are handled inside):
+                # keep the loop, and every other netns, going.
+                log.exception("reconcile of netns %d failed", inode)
+                self.metrics.scan_errors.labels(reason="internal").inc()
+                delay = RECONCILE_SECONDS
             self.queue.add_after(inode, delay, self.clock())
         self._wait(max_wait)
 
