@@ -74,7 +74,7 @@ def known_series() -> set[str]:
 def test_standalone_rule_file_passes_promtool_check() -> None:
     result = chart.run_promtool("check", "rules", str(ALERTS))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 6 rules found" in result.stdout
+    assert "SUCCESS: 7 rules found" in result.stdout
 
 
 @needs_promtool
@@ -143,6 +143,7 @@ def test_every_alert_has_a_unit_test_that_fires_it() -> None:
         "HalfCloseAgentAbsent",
         "HalfCloseKillFailures",
         "HalfCloseScanErrors",
+        "HalfCloseScanIncomplete",
     }
 
 

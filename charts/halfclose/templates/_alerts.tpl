@@ -124,4 +124,23 @@ groups:
             for 15 minutes (threshold {{ $a.scanErrorsPerSecond }}/s). Pods
             whose scans fail are not protected.
           runbook_url: {{ printf "%s#halfclosescanerrors" $a.runbookBaseUrl }}
+      - alert: HalfCloseScanIncomplete
+        # A gauge, not a rate: scans that run but may miss leaks (unreadable NAT
+        # rules) do not fail, so the error counter rises once per netns; the
+        # state lasts as long as its cause, whatever the scan interval.
+        expr: max by (namespace, pod) (halfclose_scan_incomplete) > 0
+        for: 15m
+        labels:
+          severity: warning
+          {{- with $extra }}
+          {{- toYaml . | nindent 10 }}
+          {{- end }}
+        annotations:
+          summary: {{`halfclose cannot fully scan {{ $labels.namespace }}/{{ $labels.pod }}.`}}
+          description: >-
+            {{`The halfclose agent's scans of {{ $labels.namespace }}/{{ $labels.pod }} have run`}}
+            for 15 minutes without everything a leak proof needs (a NAT rule
+            source it cannot read, or no conntrack to prove with): leaks there
+            may go unseen.
+          runbook_url: {{ printf "%s#halfclosescanincomplete" $a.runbookBaseUrl }}
 {{- end }}

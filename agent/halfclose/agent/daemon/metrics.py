@@ -113,6 +113,10 @@ class PodGauges:
     leaked: int  # leaked + collision, still there
     at_risk: int
     unproven: tuple[tuple[str, int], ...] = ()  # (reason, count), counts above 0 only
+    # The scan ran but may miss leaks (unreadable NAT rules, no conntrack to
+    # prove a leak with): a state, not an event, so the alert holds as long as
+    # the cause does, whatever the scan interval.
+    incomplete: bool = False
 
 
 class StateCollector(Collector):
@@ -154,14 +158,22 @@ class StateCollector(Collector):
             "(reason = the part); never acted on",
             labels=[*labels, "reason"],
         )
+        incomplete = GaugeMetricFamily(
+            "halfclose_scan_incomplete",
+            "1 when the pod's last scan ran but may miss leaks (a NAT rule source could "
+            "not be read, or conntrack could prove nothing); see the scan warnings in the log",
+            labels=labels,
+        )
         for (ns, pod), g in sorted(pods.items()):
             leaked.add_metric([ns, pod], g.leaked)
             at_risk.add_metric([ns, pod], g.at_risk)
+            incomplete.add_metric([ns, pod], 1 if g.incomplete else 0)
             for reason, n in g.unproven:
                 unproven.add_metric([ns, pod, reason], n)
         yield leaked
         yield at_risk
         yield unproven
+        yield incomplete
         yield GaugeMetricFamily(
             "halfclose_watched_netns",
             "Pod network namespaces the agent watches",

@@ -195,6 +195,7 @@ class Recorder:
                 leaked=left[Kind.LEAKED] + left[Kind.COLLISION],
                 at_risk=left[Kind.AT_RISK],
                 unproven=_unproven_counts(findings),
+                incomplete=bool(result.warnings),
             ),
         )
         self._log_actions(watched, state, report)
