@@ -460,6 +460,13 @@ class Stack:
             ALERT_TIMEOUT,
         )
         self._expect(
+            "HalfCloseScanIncomplete",
+            "agent A without NET_RAW cannot read legacy/old's iptables-legacy rules",
+            made["scan"],
+            lambda a: a["labels"].get("namespace") == OLD[0] and a["labels"].get("pod") == OLD[1],
+            ALERT_TIMEOUT,
+        )
+        self._expect(
             "HalfCloseScanErrors",
             "agent B without CAP_SYS_ADMIN cannot enter its pods' netns",
             made["scan"],
@@ -497,7 +504,7 @@ class Stack:
         rec.incomplete_alerts = [
             a["labels"]
             for a in self.prom.alerts()
-            if a["labels"].get("reason") == "incomplete" or a["labels"].get("pod") == OLD[1]
+            if a["labels"].get("pod") == OLD[1] and a["state"] == "firing"
         ]
 
     def _expect(

@@ -76,6 +76,7 @@ def test_alerts_fire_only_where_their_situation_is(monitored: Stack) -> None:
             ("HalfCloseKillFailures", scenario.PAY[0], scenario.PAY[1]),
             ("HalfCloseLeakedSockets", scenario.VAULT[0], scenario.VAULT[1]),
             ("HalfCloseScanErrors", scenario.RELEASE_NS, agent_b),
+            ("HalfCloseScanIncomplete", scenario.OLD[0], scenario.OLD[1]),
         ]
     )
 
@@ -100,16 +101,12 @@ def test_the_phases_did_what_they_say(monitored: Stack) -> None:
     assert facts["operator: killed under kill"] == facts["killed in cart"], facts
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scan_errors_total{reason='incomplete'} counts once per netns, and "
-    "HalfCloseScanErrors needs a 10-minute rate above 0.05/s: a pod whose NAT rules the "
-    "agent cannot read raises no alert (reported to the lead)",
-)
 def test_an_unreadable_rule_source_raises_an_alert(monitored: Stack) -> None:
     _ok(monitored)
     assert monitored.record.facts["incomplete scans (agent A)"] >= 1
-    assert monitored.record.incomplete_alerts, "no alert for legacy/old's unreadable rules"
+    assert [a["alertname"] for a in monitored.record.incomplete_alerts] == [
+        "HalfCloseScanIncomplete"
+    ], "legacy/old's unreadable rules raise exactly the incomplete-scan alert"
 
 
 # --- the dashboard ---------------------------------------------------------------------
