@@ -48,7 +48,8 @@ RUN /opt/build/bin/pip wheel --no-cache-dir --no-build-isolation --no-deps \
 # Each program's virtualenv: its pinned dependencies, then its wheels without
 # dependencies (they are all in place already): `pip check` proves the set is
 # complete, the import proves the entry points load, and the last check proves
-# the other program's stack stayed out.
+# the other program's stack stayed out. `python -P`: the working directory (the
+# build context, with its top-level operator/ folder) never goes on sys.path.
 FROM builder AS agent-venv
 RUN python -m venv /opt/halfclose \
  && /opt/halfclose/bin/pip install --no-cache-dir --require-hashes --only-binary=:all: \
@@ -56,8 +57,8 @@ RUN python -m venv /opt/halfclose \
  && /opt/halfclose/bin/pip install --no-cache-dir --no-index --no-deps \
       /wheels/halfclose_core-*.whl /wheels/halfclose_agent-*.whl /wheels/halfclose-[0-9]*.whl \
  && /opt/halfclose/bin/pip check \
- && /opt/halfclose/bin/python -c "import halfclose.agent.daemon.main, halfclose.cli.main" \
- && if /opt/halfclose/bin/python -c "import kopf" 2>/dev/null; then exit 1; fi
+ && /opt/halfclose/bin/python -P -c "import halfclose.agent.daemon.main, halfclose.cli.main" \
+ && if /opt/halfclose/bin/python -P -c "import kopf" 2>/dev/null; then exit 1; fi
 
 FROM builder AS operator-venv
 RUN python -m venv /opt/halfclose \
@@ -66,8 +67,8 @@ RUN python -m venv /opt/halfclose \
  && /opt/halfclose/bin/pip install --no-cache-dir --no-index --no-deps \
       /wheels/halfclose_core-*.whl /wheels/halfclose_operator-*.whl \
  && /opt/halfclose/bin/pip check \
- && /opt/halfclose/bin/python -c "import halfclose.operator.main" \
- && if /opt/halfclose/bin/python -c "import pyroute2" 2>/dev/null; then exit 1; fi
+ && /opt/halfclose/bin/python -P -c "import halfclose.operator.main" \
+ && if /opt/halfclose/bin/python -P -c "import pyroute2" 2>/dev/null; then exit 1; fi
 
 # What both images share: labels, the unprivileged user, the environment.
 FROM ${PYTHON_IMAGE} AS runtime
