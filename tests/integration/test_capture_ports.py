@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from halfclose.agent.kernel import natrules
+from halfclose.agent.kernel.natrules.sources import detect
 from halfclose.agent.kernel.netns import NetnsHandle
 from halfclose.errors import UserError
 from support.scratchnet import lab_factory, run, scratch_netns, skip_unless_root
@@ -39,7 +39,7 @@ def test_lab_styles_and_backends(
 ) -> None:
     lab = make_pod_lab(style=style, backend=backend)
     with NetnsHandle.from_name(lab.pod_netns(0)) as handle:
-        found = natrules.detect(handle)
+        found = detect(handle)
     assert found.ports == frozenset(ports) == frozenset(lab.capture_ports)
     # The owner exemption (-j RETURN for the proxy uid) is not a capture.
     for port in ports:
@@ -138,7 +138,7 @@ def test_tproxy_and_redirect_across_all_sources() -> None:
             netns=ns,
         )
         with NetnsHandle.from_name(ns) as handle:
-            found = natrules.detect(handle)
+            found = detect(handle)
     # TPROXY is not NAT: its ports are kept apart (design.md §2 part 2).
     assert found.ports == {15001, 4140}
     assert found.tproxy_ports == {15006, 15008}
@@ -158,7 +158,7 @@ def test_tproxy_and_redirect_across_all_sources() -> None:
 def test_a_netns_without_rules_has_no_capture_ports() -> None:
     skip_unless_root("iptables", "nft")
     with scratch_netns("cp0") as ns, NetnsHandle.from_name(ns) as handle:
-        found = natrules.detect(handle)
+        found = detect(handle)
     assert found.ports == frozenset() and found.sources_read
 
 
@@ -184,7 +184,7 @@ def test_no_readable_source_is_a_user_error(
     ):
         m.setenv("PATH", _path_with(tmp_path))
         with pytest.raises(UserError, match=r"cannot read NAT rules .*pass --capture-ports"):
-            natrules.detect(handle)
+            detect(handle)
 
 
 def test_one_readable_source_is_enough(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,7 +195,7 @@ def test_one_readable_source_is_enough(tmp_path: Path, monkeypatch: pytest.Monke
         run("nft", "add rule ip mesh out tcp dport 7777 redirect to :15001", netns=ns)
         with monkeypatch.context() as m:
             m.setenv("PATH", _path_with(tmp_path, "nft"))
-            found = natrules.detect(handle)
+            found = detect(handle)
     assert found.ports == {15001}
     assert found.sources_read == ("nft",)
     assert set(found.sources_failed) == {

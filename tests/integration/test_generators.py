@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from halfclose.agent.kernel import natrules
-from halfclose.agent.kernel.natrules import CapturePorts
+from halfclose.agent.kernel.natrules.capture import CapturePorts
+from halfclose.agent.kernel.natrules.sources import detect as detect_rules
 from halfclose.agent.kernel.netns import NetnsHandle
 from support.generators import (
     Pod,
@@ -62,7 +62,7 @@ def sources(backend: str, family: int) -> set[str]:
 
 def detect(p: Pod) -> CapturePorts:
     with NetnsHandle.from_name(p.netns) as handle:
-        return natrules.detect(handle)
+        return detect_rules(handle)
 
 
 def origin_sources(cp: CapturePorts, port: int) -> set[str]:

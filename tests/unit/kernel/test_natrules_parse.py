@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from halfclose.agent.kernel import natrules
-from halfclose.agent.kernel.natrules import CapturePorts, combine
+from halfclose.agent.kernel.natrules.capture import CapturePorts, RuleScan, combine, merge
+from halfclose.agent.kernel.natrules.iptables import parse_iptables_save
+from halfclose.agent.kernel.natrules.nft import parse_nft_json
 
 # iptables-save v1.8.9 (nf_tables): Istio-like rules plus a TPROXY inbound.
 IPTABLES_NFT = """\
@@ -120,18 +121,18 @@ COMMIT
 
 
 def _ports(text: str, source: str = "t") -> set[int]:
-    return {p for p, _o in natrules.parse_iptables_save(text, source).captures}
+    return {p for p, _o in parse_iptables_save(text, source).captures}
 
 
 def _drops(*rules: str, table: str = "mangle") -> bool:
     body = "".join(f"{r}\n" for r in rules)
     text = f"*{table}\n:PREROUTING ACCEPT [0:0]\n:X - [0:0]\n{body}COMMIT\n"
-    return natrules.parse_iptables_save(text, "t").drops_invalid
+    return parse_iptables_save(text, "t").drops_invalid
 
 
 def test_iptables_save_finds_redirect_and_tproxy_in_nat_and_mangle_only() -> None:
-    scan = natrules.parse_iptables_save(IPTABLES_NFT, "iptables-nft")
-    found = natrules.merge(scan.captures)
+    scan = parse_iptables_save(IPTABLES_NFT, "iptables-nft")
+    found = merge(scan.captures)
     assert set(found) == {15001, 15006}  # the filter-table line is not a capture
     (origin,) = found[15001]
     assert (origin.table, origin.chain, origin.target) == ("nat", "ISTIO_REDIRECT", "REDIRECT")
@@ -140,7 +141,7 @@ def test_iptables_save_finds_redirect_and_tproxy_in_nat_and_mangle_only() -> Non
 
 
 def test_tproxy_ports_are_not_nat_ports() -> None:
-    cp = combine([natrules.parse_iptables_save(IPTABLES_NFT, "iptables-nft")])
+    cp = combine([parse_iptables_save(IPTABLES_NFT, "iptables-nft")])
     assert cp.ports == {15001}
     assert cp.tproxy_ports == {15006}
     assert set(cp.origins) == {15001, 15006}  # both keep where they came from
@@ -156,7 +157,7 @@ def test_udp_only_redirect_is_not_a_tcp_capture() -> None:
     assert _ports(AMBIENT_NAT) == {15001, 15006}
     # istio-cni also redirects TCP DNS to 15053: that one is a TCP capture.
     with_tcp_dns = AMBIENT_NAT.replace("COMMIT", AMBIENT_TCP_DNS + "COMMIT")
-    found = natrules.merge(natrules.parse_iptables_save(with_tcp_dns, "t").captures)
+    found = merge(parse_iptables_save(with_tcp_dns, "t").captures)
     assert set(found) == {15001, 15006, 15053}
     assert [o.chain for o in found[15053]] == ["ISTIO_OUTPUT"]
 
@@ -194,7 +195,7 @@ COMMIT
 
 
 def test_drop_invalid_as_istio_writes_it() -> None:
-    assert natrules.parse_iptables_save(ISTIO_DROP, "t").drops_invalid
+    assert parse_iptables_save(ISTIO_DROP, "t").drops_invalid
 
 
 def test_drop_invalid_forms() -> None:
@@ -243,10 +244,10 @@ def test_nft_json_redirect_and_tproxy_statements() -> None:
         {"redirect": None},
         {"xt": {"type": "target", "name": "REDIRECT"}},  # iptables-nft compat: no port here
     )
-    found = natrules.merge(natrules.parse_nft_json(text).captures)
+    found = merge(parse_nft_json(text).captures)
     assert set(found) == {15001, 15006, 15008, 8080, 8081}
     assert found[15001][0].table == "inet hc" and found[15001][0].target == "redirect"
-    cp = combine([natrules.parse_nft_json(text)])
+    cp = combine([parse_nft_json(text)])
     assert cp.ports == {15001, 8080, 8081} and cp.tproxy_ports == {15006, 15008}
 
 
@@ -314,7 +315,7 @@ def test_nft_protocol_matches_decide_tcp() -> None:
             ("out", [_l4("==", "udp"), {"tproxy": {"family": "ip", "port": 15009}}]),
         ],
     )
-    assert {p for p, _ in natrules.parse_nft_json(text).captures} == {
+    assert {p for p, _ in parse_nft_json(text).captures} == {
         15054,
         15055,
         15056,
@@ -336,11 +337,11 @@ def test_nft_dnat_to_this_host() -> None:
             ("pre", [tcp, {"dnat": {"port": 15006}}]),  # inbound: the address is ours
         ],
     )
-    assert {p for p, _ in natrules.parse_nft_json(text).captures} == {15059, 15060, 15006}
+    assert {p for p, _ in parse_nft_json(text).captures} == {15059, 15060, 15006}
 
 
 def _nft_drops(chains: list[dict[str, object]], rules: list[tuple[str, list[object]]]) -> bool:
-    return natrules.parse_nft_json(_nft_doc(chains, rules)).drops_invalid
+    return parse_nft_json(_nft_doc(chains, rules)).drops_invalid
 
 
 def _ct(op: str, right: object) -> dict[str, object]:
@@ -391,19 +392,19 @@ def test_nft_what_is_not_a_drop_of_invalid_tcp() -> None:
 
 
 def test_empty_ruleset_has_no_ports() -> None:
-    assert natrules.parse_nft_json('{"nftables": [{"metainfo": {}}]}') == natrules.RuleScan()
-    assert natrules.parse_nft_json("") == natrules.RuleScan()
-    assert natrules.parse_iptables_save("", "iptables-nft") == natrules.RuleScan()
+    assert parse_nft_json('{"nftables": [{"metainfo": {}}]}') == RuleScan()
+    assert parse_nft_json("") == RuleScan()
+    assert parse_iptables_save("", "iptables-nft") == RuleScan()
 
 
 def test_merge_keeps_each_origin_once_per_port() -> None:
-    found = natrules.parse_iptables_save(IPTABLES_NFT, "a").captures
-    merged = natrules.merge([*found, *found])
+    found = parse_iptables_save(IPTABLES_NFT, "a").captures
+    merged = merge([*found, *found])
     assert all(len(origins) == 1 for origins in merged.values())
 
 
 def test_a_missing_tool_is_normal_an_unreadable_source_is_not() -> None:
-    from halfclose.agent.kernel.natrules import _tool_missing
+    from halfclose.agent.kernel.natrules.sources import _tool_missing
 
     missing = "nsenter: failed to execute nft: No such file or directory"
     denied = (
@@ -442,8 +443,8 @@ def test_generator_output(
 ) -> None:
     text = (RULES / name).read_text()
     scan = (
-        natrules.parse_nft_json(text) if name.endswith(".json")
-        else natrules.parse_iptables_save(text, name)
+        parse_nft_json(text) if name.endswith(".json")
+        else parse_iptables_save(text, name)
     )  # fmt: skip
     cp = combine([scan])
     assert (cp.ports, cp.tproxy_ports, cp.drops_invalid) == (ports, tproxy, drops_invalid)

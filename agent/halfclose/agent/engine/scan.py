@@ -29,9 +29,10 @@ from halfclose.agent.core.model import (
 )
 from halfclose.agent.core.pairing import pair
 from halfclose.agent.engine.nogc import gc_paused
-from halfclose.agent.kernel import natrules, procfs, sysctl
+from halfclose.agent.kernel import procfs, sysctl
 from halfclose.agent.kernel.conntrack import Conntrack
-from halfclose.agent.kernel.natrules import CapturePorts
+from halfclose.agent.kernel.natrules.capture import CapturePorts
+from halfclose.agent.kernel.natrules.sources import detect
 from halfclose.agent.kernel.netns import NetnsHandle
 from halfclose.agent.kernel.sockdiag import SockDiag
 from halfclose.errors import UserError
@@ -146,7 +147,7 @@ class Scanner:
         now = time.monotonic()
         if self._rules is None or now - self._rules_at >= settings.rules_max_age_seconds:
             try:
-                self._rules = _Rules(natrules.detect(self.handle))
+                self._rules = _Rules(detect(self.handle))
             except UserError as exc:
                 self._rules = _Rules(None, str(exc))
             self._rules_at = now
