@@ -29,7 +29,7 @@ from halfclose.agent.core.model import (
     TcpState,
     UnprovenReason,
 )
-from halfclose.agent.kernel import conntrack as ct
+from halfclose.agent.kernel import ctnetlink as ct
 from halfclose.agent.kernel import netlink as nl
 from halfclose.agent.kernel import sockdiag
 from support.nldump import DATA, load_datagrams

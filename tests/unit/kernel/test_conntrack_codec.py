@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from halfclose.agent.core.model import ConntrackEntry, FlowTuple
-from halfclose.agent.kernel import conntrack as ct
+from halfclose.agent.kernel import ctnetlink as ct
 from halfclose.agent.kernel import netlink as nl
+from halfclose.agent.kernel.conntrack import Conntrack, entries_by_reply
 from support.nldump import DATA, expected, load_datagrams
 
 IPS_SEEN_REPLY = 1 << 1
@@ -55,7 +56,7 @@ def test_dump_contains_the_recorded_entry() -> None:
     entries = [
         ct.decode_entry(m.payload) for m in _messages("conntrack_dump.dump") if m.type == ct.MSG_NEW
     ]
-    assert _tuple(want["reply"]) in ct.entries_by_reply(entries)
+    assert _tuple(want["reply"]) in entries_by_reply(entries)
 
 
 def test_get_request_roundtrips_through_the_decoder() -> None:
@@ -168,5 +169,5 @@ def test_no_nfnetlink_is_conntrack_unavailable(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr(nl, "open_socket", refuse)
     with pytest.raises(ConntrackUnavailable) as info:
-        ct.Conntrack.open()
+        Conntrack.open()
     assert info.value.reason == "conntrack_unavailable"

@@ -1,4 +1,4 @@
-"""ctnetlink (NETLINK_NETFILTER, subsystem CTNETLINK) for TCP entries.
+"""The ctnetlink client: look up, dump, count and update TCP conntrack entries.
 
 A leak is proven by the *absence* of the entry whose reply tuple is the proxy
 socket's ``local -> peer`` (docs/detection.md), so the hot path is a batch of
@@ -6,94 +6,34 @@ IPCTNL_MSG_CT_GET requests keyed by CTA_TUPLE_REPLY: the kernel hashes the tuple
 and answers each with the entry or ENOENT.  Cost follows the number of
 candidates, not the size of the table (a dump would read every entry).
 
-Attribute layout (include/uapi/linux/netfilter/nfnetlink_conntrack.h); values
-are big-endian:
-
-    CTA_TUPLE_ORIG/REPLY { CTA_TUPLE_IP { V4_SRC, V4_DST | V6_SRC, V6_DST },
-                           CTA_TUPLE_PROTO { NUM u8, SRC_PORT be16, DST_PORT be16 },
-                           CTA_TUPLE_ZONE be16 }
-    CTA_STATUS be32, CTA_TIMEOUT be32, CTA_MARK be32, CTA_ID be32, CTA_ZONE be16,
-    CTA_PROTOINFO { CTA_PROTOINFO_TCP { STATE u8, ... } }
+The messages themselves are built and read by ``ctnetlink``.
 """
 
 from __future__ import annotations
 
 import errno
-import ipaddress
 import socket
-import struct
-import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from halfclose.agent.core.model import (
-    ConntrackEntry,
-    FlowTuple,
-    IPAddress,
-    SocketRecord,
-    normalize_ip,
-)
+from halfclose.agent.core.model import ConntrackEntry, FlowTuple, SocketRecord, normalize_ip
 from halfclose.agent.kernel import netlink as nl
+from halfclose.agent.kernel.ctnetlink import (
+    BE32,
+    CTA_STATS_GLOBAL_ENTRIES,
+    MSG_GET,
+    NFGEN,
+    NFNETLINK_V0,
+    decode_entry,
+    encode_dump_all,
+    encode_dump_dst_nat,
+    encode_get_by_reply,
+    encode_get_stats,
+    encode_socket_get,
+    encode_update,
+)
 from halfclose.agent.kernel.netns import NetnsHandle
 from halfclose.errors import ConntrackUnavailable
-
-NFNL_SUBSYS_CTNETLINK = 1
-IPCTNL_MSG_CT_NEW = 0
-IPCTNL_MSG_CT_GET = 1
-IPCTNL_MSG_CT_DELETE = 2
-IPCTNL_MSG_CT_GET_STATS = 5
-
-MSG_NEW = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
-MSG_GET = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
-MSG_GET_STATS = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET_STATS
-
-CTA_TUPLE_ORIG = 1
-CTA_TUPLE_REPLY = 2
-CTA_STATUS = 3
-CTA_PROTOINFO = 4
-CTA_TIMEOUT = 7
-CTA_MARK = 8
-CTA_ID = 12
-CTA_ZONE = 18
-CTA_FILTER = 25
-CTA_STATUS_MASK = 26
-
-CTA_TUPLE_IP = 1
-CTA_TUPLE_PROTO = 2
-CTA_TUPLE_ZONE = 3
-CTA_IP_V4_SRC = 1
-CTA_IP_V4_DST = 2
-CTA_IP_V6_SRC = 3
-CTA_IP_V6_DST = 4
-CTA_PROTO_NUM = 1
-CTA_PROTO_SRC_PORT = 2
-CTA_PROTO_DST_PORT = 3
-CTA_FILTER_ORIG_FLAGS = 1
-CTA_FILTER_REPLY_FLAGS = 2
-CTA_FILTER_FLAG_CTA_PROTO_NUM = 1 << 3  # CTA_FILTER_F_CTA_PROTO_NUM
-CTA_PROTOINFO_TCP = 1
-CTA_PROTOINFO_TCP_STATE = 1
-CTA_STATS_GLOBAL_ENTRIES = 1
-
-NFGEN = struct.Struct("!BBH")  # family, version, res_id
-NFNETLINK_V0 = 0
-_BE16 = struct.Struct("!H")
-_BE32 = struct.Struct("!I")
-_HOST32 = struct.Struct("=I")
-
-# enum tcp_conntrack (include/uapi/linux/netfilter/nf_conntrack_tcp.h)
-TCP_CONNTRACK_STATES = (
-    "NONE",
-    "SYN_SENT",
-    "SYN_RECV",
-    "ESTABLISHED",
-    "FIN_WAIT",
-    "CLOSE_WAIT",
-    "LAST_ACK",
-    "TIME_WAIT",
-    "CLOSE",
-    "SYN_SENT2",
-)
 
 _nlmsg = nl.NLMSG_HDR.unpack_from
 _NLMSG_HDR = nl.NLMSG_HDR.size
@@ -101,292 +41,6 @@ _NLMSG_HDR = nl.NLMSG_HDR.size
 # A batch of GETs is answered into our receive buffer before we read it; keep
 # the worst case (every request answered with a ~250-byte entry) well under it.
 BATCH = 1024
-
-
-def _family(t: FlowTuple) -> int:
-    return socket.AF_INET if t.src.version == 4 else socket.AF_INET6
-
-
-def encode_tuple(attr_type: int, t: FlowTuple, zone: int | None = None) -> bytes:
-    # IPv4-mapped addresses (a dual-stack listener's peers) are IPv4 to
-    # conntrack: asking AF_INET6 for them finds nothing, which would read as
-    # "mapping gone" (docs/detection.md part 3).
-    t = t.normalized()
-    v4 = t.src.version == 4
-    ip = nl.pack_nested(
-        CTA_TUPLE_IP,
-        nl.pack_attr(CTA_IP_V4_SRC if v4 else CTA_IP_V6_SRC, t.src.packed),
-        nl.pack_attr(CTA_IP_V4_DST if v4 else CTA_IP_V6_DST, t.dst.packed),
-    )
-    proto = nl.pack_nested(
-        CTA_TUPLE_PROTO,
-        nl.pack_attr(CTA_PROTO_NUM, bytes([socket.IPPROTO_TCP])),
-        nl.pack_attr(CTA_PROTO_SRC_PORT, _BE16.pack(t.sport)),
-        nl.pack_attr(CTA_PROTO_DST_PORT, _BE16.pack(t.dport)),
-    )
-    parts = [ip, proto]
-    if zone is not None:
-        parts.append(nl.pack_attr(CTA_TUPLE_ZONE, _BE16.pack(zone)))
-    return nl.pack_nested(attr_type, *parts)
-
-
-# IPCTNL_MSG_CT_GET by reply tuple, laid out once per family (the hot path:
-# one per candidate socket).  Same bytes as nfgenmsg + encode_tuple(CTA_TUPLE_REPLY).
-_GET_V4 = struct.Struct("!BBH HH HH HH4s HH4s HH HHB3x HHH2x HHH2x")
-_GET_V6 = struct.Struct("!BBH HH HH HH16s HH16s HH HHB3x HHH2x HHH2x")
-
-
-def _nla_hdr(length: int, attr_type: int) -> tuple[int, int]:
-    # nlattr headers are host-endian; the fast structs above are big-endian,
-    # so the two header fields are byte-swapped here on little-endian hosts.
-    raw = nl.NLA_HDR.pack(length, attr_type)
-    a, b = struct.unpack("!HH", raw)
-    return a, b
-
-
-def encode_get_by_reply(reply: FlowTuple, seq: int, zone: int = 0) -> bytes:
-    """IPCTNL_MSG_CT_GET for the entry whose reply tuple is ``reply`` (normalized)."""
-    reply = reply.normalized()
-    if zone:
-        payload = NFGEN.pack(_family(reply), NFNETLINK_V0, 0) + encode_tuple(CTA_TUPLE_REPLY, reply)
-        payload += nl.pack_attr(CTA_ZONE, _BE16.pack(zone))
-        return nl.pack_message(MSG_GET, nl.NLM_F_REQUEST, seq, payload)
-    payload = _pack_reply_get(reply)
-    return nl.NLMSG_HDR.pack(
-        nl.NLMSG_HDR.size + len(payload), MSG_GET, nl.NLM_F_REQUEST, seq, 0
-    ) + (payload)
-
-
-def _pack_reply_get(reply: FlowTuple) -> bytes:
-    v4 = reply.src.version == 4
-    alen = 4 if v4 else 16
-    ip_len = 4 + 2 * (4 + alen)
-    proto_len = 4 + 8 + 8 + 8
-    fields = (
-        socket.AF_INET if v4 else socket.AF_INET6,
-        NFNETLINK_V0,
-        0,
-        *_HDR[(4 + ip_len + proto_len, CTA_TUPLE_REPLY | nl.NLA_F_NESTED)],
-        *_HDR[(ip_len, CTA_TUPLE_IP | nl.NLA_F_NESTED)],
-        *_HDR[(4 + alen, CTA_IP_V4_SRC if v4 else CTA_IP_V6_SRC)],
-        reply.src.packed,
-        *_HDR[(4 + alen, CTA_IP_V4_DST if v4 else CTA_IP_V6_DST)],
-        reply.dst.packed,
-        *_HDR[(proto_len, CTA_TUPLE_PROTO | nl.NLA_F_NESTED)],
-        *_HDR[(5, CTA_PROTO_NUM)],
-        socket.IPPROTO_TCP,
-        *_HDR[(6, CTA_PROTO_SRC_PORT)],
-        reply.sport,
-        *_HDR[(6, CTA_PROTO_DST_PORT)],
-        reply.dport,
-    )
-    return (_GET_V4 if v4 else _GET_V6).pack(*fields)
-
-
-# The same request with the addresses as numbers (``int(ip)``: no ``packed``
-# bytes built) and the nlmsghdr included; the header's host-order fields are
-# pre-swapped into this big-endian layout once (``_fast_header``).
-_FAST_V4 = struct.Struct("!IHHII BBH HH HH HHI HHI HH HHB3x HHH2x HHH2x")
-_FAST_V6 = struct.Struct("!IHHII BBH HH HH HHQQ HHQQ HH HHB3x HHH2x HHH2x")
-_SWAP32 = sys.byteorder == "little"
-
-
-def _swap32(v: int) -> int:
-    return int.from_bytes(v.to_bytes(4, "little"), "big") if _SWAP32 else v
-
-
-def _fast_prefix(v4: bool) -> tuple[int, ...]:
-    """The constant fields of a reply-tuple GET before the addresses, in ``_FAST_*`` order."""
-    alen = 4 if v4 else 16
-    ip_len = 4 + 2 * (4 + alen)
-    proto_len = 4 + 8 + 8 + 8
-    size = (_FAST_V4 if v4 else _FAST_V6).size
-    hdr = struct.unpack("!IHHII", nl.NLMSG_HDR.pack(size, MSG_GET, nl.NLM_F_REQUEST, 0, 0))
-    return (
-        *hdr,
-        socket.AF_INET if v4 else socket.AF_INET6,
-        NFNETLINK_V0,
-        0,
-        *_HDR[(4 + ip_len + proto_len, CTA_TUPLE_REPLY | nl.NLA_F_NESTED)],
-        *_HDR[(ip_len, CTA_TUPLE_IP | nl.NLA_F_NESTED)],
-        *_HDR[(4 + alen, CTA_IP_V4_SRC if v4 else CTA_IP_V6_SRC)],
-    )
-
-
-def encode_socket_get(src: IPAddress, sport: int, dst: IPAddress, dport: int, seq: int) -> bytes:
-    """``encode_get_by_reply(FlowTuple(src, sport, dst, dport), seq)`` (zone 0), fast.
-
-    The addresses must be normalized already (``normalize_ip``).  The scan
-    builds one per candidate: no FlowTuple, no ``packed`` bytes.
-    """
-    seq = _swap32(seq)
-    if src.__class__ is _V4 and dst.__class__ is _V4:
-        h = _V4_HDRS
-        return _FAST_V4.pack(
-            h[0], h[1], h[2], seq, *h[4:], int(src),
-            *_V4_TAIL_DST, int(dst), *_TAIL_PROTO, sport, *_TAIL_DPORT, dport,
-        )  # fmt: skip
-    s6, d6 = int(src), int(dst)
-    h = _V6_HDRS
-    return _FAST_V6.pack(
-        h[0], h[1], h[2], seq, *h[4:], s6 >> 64, s6 & _LOW64,
-        *_V6_TAIL_DST, d6 >> 64, d6 & _LOW64, *_TAIL_PROTO, sport, *_TAIL_DPORT, dport,
-    )  # fmt: skip
-
-
-class _HeaderCache(dict[tuple[int, int], tuple[int, int]]):
-    def __missing__(self, key: tuple[int, int]) -> tuple[int, int]:
-        value = self[key] = _nla_hdr(*key)
-        return value
-
-
-_HDR = _HeaderCache()
-_V4 = ipaddress.IPv4Address
-_LOW64 = (1 << 64) - 1
-_V4_HDRS = _fast_prefix(True)
-_V6_HDRS = _fast_prefix(False)
-_V4_TAIL_DST = _HDR[(8, CTA_IP_V4_DST)]
-_V6_TAIL_DST = _HDR[(20, CTA_IP_V6_DST)]
-_TAIL_PROTO = (
-    *_HDR[(4 + 8 + 8 + 8, CTA_TUPLE_PROTO | nl.NLA_F_NESTED)],
-    *_HDR[(5, CTA_PROTO_NUM)],
-    socket.IPPROTO_TCP,
-    *_HDR[(6, CTA_PROTO_SRC_PORT)],
-)
-_TAIL_DPORT = _HDR[(6, CTA_PROTO_DST_PORT)]
-
-
-def encode_update(
-    entry: ConntrackEntry,
-    seq: int,
-    *,
-    timeout: int | None = None,
-    status: int | None = None,
-    mark: int | None = None,
-) -> bytes:
-    """IPCTNL_MSG_CT_NEW without NLM_F_CREATE: change an existing entry.
-
-    The kernel finds the entry by its full *original* tuple (docs/detection.md), so
-    this takes a decoded entry rather than a tuple the caller assembled.  Only
-    the given attributes change.  A new timeout is reset to the state's default
-    by the next packet unless ``status`` carries IPS_FIXED_TIMEOUT.
-    """
-    payload = NFGEN.pack(_family(entry.original.normalized()), NFNETLINK_V0, 0) + encode_tuple(
-        CTA_TUPLE_ORIG, entry.original
-    )
-    if entry.zone:
-        payload += nl.pack_attr(CTA_ZONE, _BE16.pack(entry.zone))
-    if timeout is not None:
-        payload += nl.pack_attr(CTA_TIMEOUT, _BE32.pack(timeout))
-    if status is not None:
-        payload += nl.pack_attr(CTA_STATUS, _BE32.pack(status))
-    if mark is not None:
-        payload += nl.pack_attr(CTA_MARK, _BE32.pack(mark))
-    return nl.pack_message(MSG_NEW, nl.NLM_F_REQUEST | nl.NLM_F_ACK, seq, payload)
-
-
-def encode_get_stats(seq: int) -> bytes:
-    return nl.pack_message(
-        MSG_GET_STATS, nl.NLM_F_REQUEST, seq, NFGEN.pack(socket.AF_UNSPEC, NFNETLINK_V0, 0)
-    )
-
-
-def encode_dump_dst_nat(family: int, seq: int) -> bytes:
-    """A dump of one family's TCP entries that were destination-NATed.
-
-    Filtered in the kernel (CTA_STATUS/CTA_STATUS_MASK, Linux 5.19+; CTA_FILTER
-    on the original tuple's protocol, 5.8+), so only the evidence crosses to
-    us.  Older kernels ignore or refuse the filter; ``decode_entry`` callers
-    check status and protocol again.
-    """
-    payload = NFGEN.pack(family, NFNETLINK_V0, 0)
-    payload += nl.pack_nested(
-        CTA_TUPLE_ORIG,
-        nl.pack_nested(CTA_TUPLE_PROTO, nl.pack_attr(CTA_PROTO_NUM, bytes([socket.IPPROTO_TCP]))),
-    )
-    payload += nl.pack_nested(
-        CTA_FILTER, nl.pack_attr(CTA_FILTER_ORIG_FLAGS, _HOST32.pack(CTA_FILTER_FLAG_CTA_PROTO_NUM))
-    )
-    payload += nl.pack_attr(CTA_STATUS, _BE32.pack(ConntrackEntry.IPS_DST_NAT))
-    payload += nl.pack_attr(CTA_STATUS_MASK, _BE32.pack(ConntrackEntry.IPS_DST_NAT))
-    return nl.pack_message(MSG_GET, nl.NLM_F_REQUEST | nl.NLM_F_DUMP, seq, payload)
-
-
-def _encode_dump_all(family: int, seq: int) -> bytes:
-    return nl.pack_message(
-        MSG_GET, nl.NLM_F_REQUEST | nl.NLM_F_DUMP, seq, NFGEN.pack(family, NFNETLINK_V0, 0)
-    )
-
-
-def _decode_tuple(buf: memoryview) -> tuple[FlowTuple, int]:
-    """(tuple, layer-4 protocol number)."""
-    src = dst = None
-    sport = dport = 0
-    proto = socket.IPPROTO_TCP
-    for t, v in nl.iter_attrs(buf):
-        if t == CTA_TUPLE_IP:
-            for it, iv in nl.iter_attrs(v):
-                if it in (CTA_IP_V4_SRC, CTA_IP_V6_SRC):
-                    src = ipaddress.ip_address(bytes(iv))
-                elif it in (CTA_IP_V4_DST, CTA_IP_V6_DST):
-                    dst = ipaddress.ip_address(bytes(iv))
-        elif t == CTA_TUPLE_PROTO:
-            for pt, pv in nl.iter_attrs(v):
-                if pt == CTA_PROTO_NUM and len(pv) >= 1:
-                    proto = pv[0]
-                elif pt == CTA_PROTO_SRC_PORT:
-                    sport = _BE16.unpack_from(pv)[0]
-                elif pt == CTA_PROTO_DST_PORT:
-                    dport = _BE16.unpack_from(pv)[0]
-    if src is None or dst is None:
-        raise ValueError("conntrack tuple without addresses")
-    return FlowTuple(src, sport, dst, dport), proto
-
-
-def decode_entry(payload: memoryview) -> ConntrackEntry:
-    """Decode an IPCTNL_MSG_CT_NEW message (a GET reply or a dump item)."""
-    original = reply = None
-    proto = socket.IPPROTO_TCP
-    tcp_state = "NONE"
-    timeout = status = mark = zone = entry_id = 0
-    for t, v in nl.iter_attrs(payload, NFGEN.size):
-        if t == CTA_TUPLE_ORIG:
-            original, proto = _decode_tuple(v)
-        elif t == CTA_TUPLE_REPLY:
-            reply, _ = _decode_tuple(v)
-        elif t == CTA_STATUS:
-            status = _BE32.unpack_from(v)[0]
-        elif t == CTA_TIMEOUT:
-            timeout = _BE32.unpack_from(v)[0]
-        elif t == CTA_MARK:
-            mark = _BE32.unpack_from(v)[0]
-        elif t == CTA_ID:
-            entry_id = _BE32.unpack_from(v)[0]
-        elif t == CTA_ZONE:
-            zone = _BE16.unpack_from(v)[0]
-        elif t == CTA_PROTOINFO:
-            for pt, pv in nl.iter_attrs(v):
-                if pt != CTA_PROTOINFO_TCP:
-                    continue
-                for st, sv in nl.iter_attrs(pv):
-                    if st == CTA_PROTOINFO_TCP_STATE and len(sv) >= 1:
-                        n = sv[0]
-                        tcp_state = (
-                            TCP_CONNTRACK_STATES[n] if n < len(TCP_CONNTRACK_STATES) else str(n)
-                        )
-    if original is None or reply is None:
-        raise ValueError("conntrack entry without both tuples")
-    return ConntrackEntry(
-        original=original,
-        reply=reply,
-        tcp_state=tcp_state,
-        timeout=timeout,
-        status=status,
-        mark=mark,
-        zone=zone,
-        entry_id=entry_id,
-        l4proto=proto,
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -533,7 +187,7 @@ class Conntrack:
                 # any entry, so nothing was collected for this family yet.
                 if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                     raise
-                out.extend(self._dst_nat(_encode_dump_all, family))
+                out.extend(self._dst_nat(encode_dump_all, family))
         return out
 
     def _dst_nat(
@@ -557,7 +211,7 @@ class Conntrack:
                     raise nl.NetlinkError(nl.error_code(msg) or errno.EPROTO, "conntrack stats")
                 for t, v in nl.iter_attrs(msg.payload, NFGEN.size):
                     if t == CTA_STATS_GLOBAL_ENTRIES:
-                        return int(_BE32.unpack_from(v)[0])
+                        return int(BE32.unpack_from(v)[0])
                 return 0
 
     def update(
