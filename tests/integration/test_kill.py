@@ -37,8 +37,8 @@ from halfclose.agent.core.plan import (
 )
 from halfclose.agent.engine.act import Executor
 from halfclose.agent.engine.scan import Scanner, ScanSettings
+from halfclose.agent.kernel.inetdiag import encode_destroy
 from halfclose.agent.kernel.netns import NetnsHandle
-from halfclose.agent.kernel.sockdiag import encode_destroy
 from halfclose.cli.main import main
 from halfclose.lab import Lab, ProxiedPair
 from support.scratchnet import lab_factory

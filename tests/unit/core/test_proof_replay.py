@@ -30,8 +30,8 @@ from halfclose.agent.core.model import (
     UnprovenReason,
 )
 from halfclose.agent.kernel import ctnetlink as ct
+from halfclose.agent.kernel import inetdiag
 from halfclose.agent.kernel import netlink as nl
-from halfclose.agent.kernel import sockdiag
 from support.nldump import DATA, load_datagrams
 
 CAPTURE_PORTS = frozenset({15001})
@@ -51,7 +51,7 @@ def _messages(name: str) -> list[nl.Message]:
 def _sockets() -> list[SocketRecord]:
     out: list[SocketRecord] = []
     for name in ("proof_sockdiag_v4.dump", "proof_sockdiag_v6.dump"):
-        _, socks = sockdiag.parse_dump(_messages(name))
+        _, socks = inetdiag.parse_dump(_messages(name))
         out.extend(socks)
     return out
 

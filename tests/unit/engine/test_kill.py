@@ -31,7 +31,7 @@ from halfclose.agent.engine.kill import (
     kill,
     verify_upstreams,
 )
-from halfclose.agent.kernel.sockdiag import PortFilter
+from halfclose.agent.kernel.inetdiag import PortFilter
 
 PORTS = frozenset({15001})
 SILENT = 600_000

@@ -17,7 +17,8 @@ import pytest
 
 from halfclose.agent.core.model import Endpoint, SocketRecord, TcpState
 from halfclose.agent.kernel import netlink as nl
-from halfclose.agent.kernel import sockdiag
+from halfclose.agent.kernel.inetdiag import SOCK_DESTROY, encode_destroy
+from halfclose.agent.kernel.sockdiag import SockDiag
 
 
 def _error(seq: int, err: int) -> bytes:
@@ -40,7 +41,7 @@ class FakeKernelSocket:
         offset = 0
         while offset < len(data):
             length, msg_type, flags, seq, _pid = nl.NLMSG_HDR.unpack_from(data, offset)
-            if msg_type == sockdiag.SOCK_DESTROY:
+            if msg_type == SOCK_DESTROY:
                 lo, hi = struct.unpack_from("=II", data, offset + 16 + 8 + 36 + 4)
                 err = self.fail.get(lo | hi << 32, 0)
                 if err or flags & nl.NLM_F_ACK:
@@ -61,13 +62,13 @@ class FakeKernelSocket:
         return 4 << 20
 
 
-def _diag(sock: FakeKernelSocket) -> sockdiag.SockDiag:
+def _diag(sock: FakeKernelSocket) -> SockDiag:
     nls = nl.NetlinkSocket.__new__(nl.NetlinkSocket)
     nls.sock = sock  # type: ignore[assignment]
     nls._seq = 0
     nls._buf = bytearray(nl.RECV_BUFFER)
     nls._view = memoryview(nls._buf)
-    diag = sockdiag.SockDiag.__new__(sockdiag.SockDiag)
+    diag = SockDiag.__new__(SockDiag)
     diag._nl = nls
     return diag
 
@@ -100,6 +101,6 @@ def test_an_overrun_reads_outcomes_back_instead_of_assuming_success(
 def test_acked_transact_collects_replies_per_request() -> None:
     sock = FakeKernelSocket({7: errno.ESTALE})
     nls = _diag(sock)._nl
-    reqs = [(s, sockdiag.encode_destroy(_rec(c), s)) for s, c in ((1, 6), (2, 7))]
+    reqs = [(s, encode_destroy(_rec(c), s)) for s, c in ((1, 6), (2, 7))]
     answers = nls.transact(reqs)
     assert answers == {1: (0, []), 2: (errno.ESTALE, [])}

@@ -14,14 +14,14 @@ from typing import Any
 import pytest
 
 from halfclose.agent.core.model import Endpoint, SocketRecord, TcpState
+from halfclose.agent.kernel import inetdiag
 from halfclose.agent.kernel import netlink as nl
-from halfclose.agent.kernel import sockdiag
 from support.nldump import DATA, expected, load_datagrams
 
 
-def _records(name: str, keep: sockdiag.PortFilter | None = None) -> tuple[int, list[SocketRecord]]:
+def _records(name: str, keep: inetdiag.PortFilter | None = None) -> tuple[int, list[SocketRecord]]:
     messages = [m for d in load_datagrams(name) for m in nl.iter_messages(memoryview(d))]
-    return sockdiag.parse_dump(messages, keep)
+    return inetdiag.parse_dump(messages, keep)
 
 
 def _key(local: str, peer: str | None) -> tuple[str, str | None]:
@@ -88,14 +88,14 @@ def _record(state: TcpState = TcpState.FIN_WAIT2, cookie: int = 0x1_0000_0002) -
 
 
 def test_destroy_request_carries_tuple_state_and_cookie() -> None:
-    buf = sockdiag.encode_destroy(_record(), seq=9)
+    buf = inetdiag.encode_destroy(_record(), seq=9)
     (msg,) = nl.iter_messages(memoryview(buf))
-    assert msg.type == sockdiag.SOCK_DESTROY == 21
+    assert msg.type == inetdiag.SOCK_DESTROY == 21
     assert msg.flags & nl.NLM_F_ACK and msg.flags & nl.NLM_F_REQUEST
     assert not msg.flags & nl.NLM_F_DUMP
-    family, proto, _ext, _pad, states = sockdiag.REQ.unpack_from(msg.payload, 0)
+    family, proto, _ext, _pad, states = inetdiag.REQ.unpack_from(msg.payload, 0)
     assert (family, proto, states) == (socket.AF_INET, socket.IPPROTO_TCP, 1 << 5)
-    sport, dport, src, dst = sockdiag.SOCKID.unpack_from(msg.payload, 8)
+    sport, dport, src, dst = inetdiag.SOCKID.unpack_from(msg.payload, 8)
     assert (sport, dport) == (15001, 40000)
     assert src[:4] == socket.inet_aton("127.0.0.1") and dst[:4] == socket.inet_aton("192.0.2.10")
     ifindex, lo, hi = struct.unpack_from("=III", msg.payload, 8 + 36)
@@ -105,23 +105,23 @@ def test_destroy_request_carries_tuple_state_and_cookie() -> None:
 @pytest.mark.parametrize("cookie", [0, 0xFFFF_FFFF_FFFF_FFFF])
 def test_destroy_refuses_a_record_without_cookie(cookie: int) -> None:
     with pytest.raises(ValueError, match="cookie"):
-        sockdiag.encode_destroy(_record(cookie=cookie), seq=1)
+        inetdiag.encode_destroy(_record(cookie=cookie), seq=1)
 
 
 def test_dump_request_sets_state_filter_and_info_extension() -> None:
     mask = TcpState.FIN_WAIT2.mask | TcpState.CLOSE_WAIT.mask
-    (msg,) = nl.iter_messages(memoryview(sockdiag.encode_dump(socket.AF_INET6, mask, 3)))
+    (msg,) = nl.iter_messages(memoryview(inetdiag.encode_dump(socket.AF_INET6, mask, 3)))
     assert msg.flags & nl.NLM_F_DUMP == nl.NLM_F_DUMP
-    family, proto, ext, _pad, states = sockdiag.REQ.unpack_from(msg.payload, 0)
+    family, proto, ext, _pad, states = inetdiag.REQ.unpack_from(msg.payload, 0)
     assert (family, proto, states) == (socket.AF_INET6, socket.IPPROTO_TCP, (1 << 5) | (1 << 8))
-    assert ext == 1 << (sockdiag.INET_DIAG_INFO - 1)
+    assert ext == 1 << (inetdiag.INET_DIAG_INFO - 1)
     assert len(msg.payload) == 56  # sizeof(struct inet_diag_req_v2)
 
 
 def test_message_without_tcp_info_decodes_with_unknown_ages() -> None:
     payload = (
         struct.pack("=BBBB", socket.AF_INET, TcpState.TIME_WAIT, 0, 0)
-        + sockdiag.SOCKID.pack(
+        + inetdiag.SOCKID.pack(
             80,
             40000,
             socket.inet_aton("192.0.2.1").ljust(16, b"\0"),
@@ -130,7 +130,7 @@ def test_message_without_tcp_info_decodes_with_unknown_ages() -> None:
         + struct.pack("=III", 0, 7, 0)
         + struct.pack("=IIIII", 0, 0, 0, 0, 0)
     )
-    r = sockdiag.decode_message(memoryview(payload))
+    r = inetdiag.decode_message(memoryview(payload))
     assert r.state is TcpState.TIME_WAIT and r.orphan and r.cookie == 7
     assert r.idle_seconds is None and r.bytes_acked is None
 
@@ -138,7 +138,7 @@ def test_message_without_tcp_info_decodes_with_unknown_ages() -> None:
 def test_short_tcp_info_from_an_older_kernel_reads_what_is_there() -> None:
     head = (
         struct.pack("=BBBB", socket.AF_INET, TcpState.FIN_WAIT2, 0, 0)
-        + sockdiag.SOCKID.pack(
+        + inetdiag.SOCKID.pack(
             15001, 40000, b"\x7f\0\0\x01".ljust(16, b"\0"), b"\xc0\0\x02\x0a".ljust(16, b"\0")
         )
         + struct.pack("=III", 0, 1, 0)
@@ -146,8 +146,8 @@ def test_short_tcp_info_from_an_older_kernel_reads_what_is_there() -> None:
     )
     info = bytearray(104)  # tcp_info as of Linux 3.x: no byte counters yet
     struct.pack_into("=II", info, 52, 1500, 2500)
-    r = sockdiag.decode_message(
-        memoryview(head + nl.pack_attr(sockdiag.INET_DIAG_INFO, bytes(info)))
+    r = inetdiag.decode_message(
+        memoryview(head + nl.pack_attr(inetdiag.INET_DIAG_INFO, bytes(info)))
     )
     assert (r.last_data_recv_ms, r.last_ack_recv_ms) == (1500, 2500)
     assert r.idle_seconds == 1.5
@@ -202,13 +202,13 @@ def test_dual_stack_listener_holds_ipv4_peers_as_mapped_addresses() -> None:
 def _with_attrs(*attrs: bytes) -> SocketRecord:
     head = (
         struct.pack("=BBBB", socket.AF_INET, TcpState.FIN_WAIT2, 0, 0)
-        + sockdiag.SOCKID.pack(
+        + inetdiag.SOCKID.pack(
             8080, 40000, b"\xc0\0\x02\x0a".ljust(16, b"\0"), b"\xc6\x33\x64\x02".ljust(16, b"\0")
         )
         + struct.pack("=III", 0, 1, 0)
         + struct.pack("=IIIII", 0, 0, 0, 1337, 99)
     )
-    return sockdiag.decode_message(memoryview(head + b"".join(attrs)))
+    return inetdiag.decode_message(memoryview(head + b"".join(attrs)))
 
 
 def test_sockopt_then_tcp_info_in_kernel_order_unknown_attrs_skipped() -> None:
@@ -216,13 +216,13 @@ def test_sockopt_then_tcp_info_in_kernel_order_unknown_attrs_skipped() -> None:
     struct.pack_into("=IIII", info, 44, 7000, 6000, 1500, 2500)
     r = _with_attrs(
         nl.pack_attr(8, b"\x01"),  # INET_DIAG_SHUTDOWN
-        nl.pack_attr(sockdiag.INET_DIAG_SOCKOPT, b"\x20\x00"),
-        nl.pack_attr(sockdiag.INET_DIAG_INFO, bytes(info)),
+        nl.pack_attr(inetdiag.INET_DIAG_SOCKOPT, b"\x20\x00"),
+        nl.pack_attr(inetdiag.INET_DIAG_INFO, bytes(info)),
     )
     assert r.transparent
     assert (r.last_data_sent_ms, r.last_data_recv_ms, r.last_ack_recv_ms) == (7000, 1500, 2500)
     # Every other bit set, transparent clear: not transparent.
-    r = _with_attrs(nl.pack_attr(sockdiag.INET_DIAG_SOCKOPT, b"\xdf\xff"))
+    r = _with_attrs(nl.pack_attr(inetdiag.INET_DIAG_SOCKOPT, b"\xdf\xff"))
     assert not r.transparent and r.last_data_sent_ms is None
 
 
