@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from halfclose.agent.kube.reports import PodEvent, PodRef, creatable, event_object
+from halfclose.agent.kube.events import PodEvent, event_object
+from halfclose.agent.kube.reports import PodRef, creatable
 from halfclose.api import GROUP, REPORT_PLURAL, VERSION
 from halfclose.api.names import NODE_LABEL
 from halfclose.api.report import report_manifest

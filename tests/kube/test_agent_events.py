@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 
 from halfclose.agent.kube.client import RawClient, load_api_client
-from halfclose.agent.kube.reports import PodEvent, PodRef, ReportWriter
+from halfclose.agent.kube.events import PodEvent
+from halfclose.agent.kube.reports import PodRef
+from halfclose.agent.kube.writer import ReportWriter
 from support.controlplane import ControlPlane
 
 pytestmark = pytest.mark.kube

@@ -28,8 +28,10 @@ from typing import Any
 import pytest
 
 from halfclose.agent.kube.client import RawClient, load_api_client
-from halfclose.agent.kube.reports import PodEvent, PodRef, ReportUpdate, ReportWriter
+from halfclose.agent.kube.events import PodEvent
+from halfclose.agent.kube.reports import PodRef, ReportUpdate
 from halfclose.agent.kube.world import KubeWorld
+from halfclose.agent.kube.writer import ReportWriter
 from halfclose.api.report import report_manifest
 from support.chart import NAMESPACE, RELEASE, render
 from support.controlplane import CHART_SA_PREFIX, SERVICE_ACCOUNT_CALLS, ControlPlane, LoggedRequest

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from halfclose.agent.kube.reports import EventCorrelator, PodEvent, PodRef
+from halfclose.agent.kube.events import EventCorrelator, PodEvent
+from halfclose.agent.kube.reports import PodRef
 
 POD = PodRef("shop", "cart", "uid-1")
 

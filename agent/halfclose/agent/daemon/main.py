@@ -39,8 +39,8 @@ from halfclose.agent.kernel.netns import require_root
 from halfclose.agent.kernel.podnetns import PodNetnsResolver, PodNetnsSource
 from halfclose.agent.kernel.privsep import drop_capabilities
 from halfclose.agent.kube.client import RawClient, load_api_client
-from halfclose.agent.kube.reports import ReportWriter
 from halfclose.agent.kube.world import KubeWorld
+from halfclose.agent.kube.writer import ReportWriter
 from halfclose.errors import UserError
 from halfclose.metricsauth import MetricsAuth
 

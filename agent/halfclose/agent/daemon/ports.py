@@ -27,7 +27,8 @@ from halfclose.agent.core.plan import Plan
 from halfclose.agent.engine.scan import ScanResult, ScanSettings
 from halfclose.agent.kernel.ctevents import ConntrackEvent
 from halfclose.agent.kernel.podnetns import PodNetns
-from halfclose.agent.kube.reports import PodEvent, ReportUpdate
+from halfclose.agent.kube.events import PodEvent
+from halfclose.agent.kube.reports import ReportUpdate
 
 
 @dataclass(frozen=True, slots=True)

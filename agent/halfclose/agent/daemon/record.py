@@ -21,7 +21,8 @@ from halfclose.agent.daemon.ports import ReportSink
 from halfclose.agent.daemon.targets import PodTarget
 from halfclose.agent.daemon.watched import WatchedNetns
 from halfclose.agent.engine.scan import ScanResult
-from halfclose.agent.kube.reports import PodEvent, PodRef, ReportUpdate
+from halfclose.agent.kube.events import PodEvent
+from halfclose.agent.kube.reports import PodRef, ReportUpdate
 from halfclose.api.policy import Policy
 from halfclose.api.report import (
     FindingUpstream,

@@ -13,7 +13,8 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from halfclose.agent.kube.reports import PodEvent, ReportUpdate
+from halfclose.agent.kube.events import PodEvent
+from halfclose.agent.kube.reports import ReportUpdate
 
 
 class FakeWorld:
