@@ -162,7 +162,7 @@ class NetlinkSocket:
         """Received datagrams, each a view valid until the next one is read.
 
         Endless: the caller walks the messages itself and stops at its
-        NLMSG_DONE (``sockdiag.parse_buffers``), so no ``Message`` is built
+        NLMSG_DONE (``inetdiag.parse_buffers``), so no ``Message`` is built
         per item of a large dump.
         """
         while True:
