@@ -46,7 +46,7 @@ def test_registry_matches_the_contract() -> None:
     metrics.scan_errors.labels("netns_gone").inc()
     metrics.collisions.labels("ns", "p").inc()
     documented = documented_agent_metrics()
-    assert len(documented) == 14
+    assert len(documented) == 15
     assert live_metrics(registry) == documented
 
 
