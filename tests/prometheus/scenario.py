@@ -407,6 +407,9 @@ class Stack:
             caps=("net_admin", "sys_ptrace"),
             port=self.agent_b.port,
         ).start()
+        # Up again (or the scenario stops here, with its log): a dead agent B
+        # would pass for "agent down", not for scan errors.
+        programs.wait_http(self.agent_b, "/healthz", 30)
         made = {"scan": time.monotonic()}
         # The legacy lab's pod comes under a policy: its rules are unreadable.
         self.cluster.apply(policy("legacy", ["legacy"], "Report"))
@@ -526,7 +529,7 @@ class Stack:
             result.seconds = time.monotonic() - since
         except PrometheusError as exc:
             now = [(a["labels"], a["state"]) for a in self.prom.alerts()]
-            result.error = f"{exc}; alerts now: {now}"
+            result.error = f"{exc}; alerts now: {now}\n{self.logs()}"
 
     def _agent_down(self) -> None:
         assert self.agent_b is not None
