@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import socket
 import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scratchns
 
 HERE = Path(__file__).resolve().parent
 SO_COOKIE = 57
@@ -270,24 +272,7 @@ def inside() -> None:
 
 
 def main() -> int:
-    if os.geteuid() != 0:
-        print("capture.py: must run as root", file=sys.stderr)
-        return 2
-    if sys.argv[1:] == ["--inside"]:
-        inside()
-        return 0
-    name = f"hct-{secrets.token_hex(2)}-cap"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(
-            ["ip", "netns", "exec", name, sys.executable, __file__, "--inside"],
-            check=True,
-            timeout=60,
-        )
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-    print(f"capture.py: wrote dumps to {HERE}")
-    return 0
+    return scratchns.run(__file__, inside, "cap")
 
 
 if __name__ == "__main__":

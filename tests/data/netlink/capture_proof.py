@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
-import secrets
 import socket
 import struct
 import subprocess
@@ -46,6 +44,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scratchns
 from capture import ct_tuple, describe, diag_dump, nla, nlmsg, recv_all, write_dump
 
 HERE = Path(__file__).resolve().parent
@@ -226,24 +225,7 @@ def inside() -> None:
 
 
 def main() -> int:
-    if os.geteuid() != 0:
-        print("capture_proof.py: must run as root", file=sys.stderr)
-        return 2
-    if sys.argv[1:] == ["--inside"]:
-        inside()
-        return 0
-    name = f"hct-{secrets.token_hex(2)}-prf"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(
-            ["ip", "netns", "exec", name, sys.executable, __file__, "--inside"],
-            check=True,
-            timeout=60,
-        )
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-    print(f"capture_proof.py: wrote dumps to {HERE}")
-    return 0
+    return scratchns.run(__file__, inside, "prf")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,6 @@ TCP_INFO right after the dump, getsockname), not from the parser under test.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import socket
 import struct
 import subprocess
@@ -32,6 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scratchns
 from capture import describe, diag_dump, write_dump
 
 HERE = Path(__file__).resolve().parent
@@ -107,24 +106,7 @@ def inside() -> None:
 
 
 def main() -> int:
-    if os.geteuid() != 0:
-        print("capture_sockopt.py: must run as root", file=sys.stderr)
-        return 2
-    if sys.argv[1:] == ["--inside"]:
-        inside()
-        return 0
-    name = f"hct-{secrets.token_hex(2)}-cap"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(
-            ["ip", "netns", "exec", name, sys.executable, __file__, "--inside"],
-            check=True,
-            timeout=60,
-        )
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-    print(f"capture_sockopt.py: wrote dumps to {HERE}")
-    return 0
+    return scratchns.run(__file__, inside, "cap")
 
 
 if __name__ == "__main__":
