@@ -9,20 +9,12 @@ closes after the NAT entry expired) while the agent runs.
 from __future__ import annotations
 
 import secrets
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
-from halfclose.agent.daemon.loop import Agent
-from halfclose.agent.daemon.metrics import AgentMetrics
-from halfclose.agent.daemon.remediate import EngineRemediator
-from halfclose.agent.daemon.settings import AgentSettings
-from halfclose.agent.kube.fake import FakeReports, FakeWorld
+from support.agentrun import NODE, Running, policy, sample, wait_for
 from support.podcgroup import FakeContainers, can_fake_containers, pod_object
 
 pytestmark = [
@@ -30,59 +22,7 @@ pytestmark = [
     pytest.mark.skipif(bool(can_fake_containers()), reason=str(can_fake_containers())),
 ]
 
-NODE = "node-test"
 CLOSE_WAIT = 2
-
-
-def policy(name: str, **spec: Any) -> dict[str, Any]:
-    base = {"namespaces": ["shop"], "thresholds": {"minIdleSeconds": 0}, "scanIntervalSeconds": 30}
-    base.update(spec)
-    return {
-        "apiVersion": "halfclose.io/v1alpha1",
-        "kind": "HalfClosePolicy",
-        "metadata": {"name": name, "creationTimestamp": "2026-01-01T00:00:00Z"},
-        "spec": base,
-    }
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    value = registry.get_sample_value(name, labels)
-    return value or 0.0
-
-
-class Running:
-    def __init__(self, tmp: Path) -> None:
-        self.registry = CollectorRegistry()
-        self.world = FakeWorld()
-        self.reports = FakeReports()
-        settings = AgentSettings(node_name=NODE, state_dir=str(tmp))
-        self.agent = Agent(
-            settings,
-            AgentMetrics(self.registry, NODE),
-            self.world,
-            self.reports,
-            EngineRemediator(str(tmp)),
-        )
-        self.world.on_change = self.agent.notify
-        self.thread = threading.Thread(target=self.agent.run, daemon=True)
-
-    def __enter__(self) -> Running:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.agent.stop()
-        self.thread.join(10)
-        assert not self.thread.is_alive()
 
 
 def test_kill_policy_kills_leaks_within_a_second_of_forming(
