@@ -18,6 +18,7 @@ for real through /proc.  The last line reads ``leak-lifetime-p99-seconds: <v>``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,31 +81,62 @@ def world_for(lab: Lab, containers: FakeContainers, pods: int) -> FakeWorld:
     return world
 
 
-def leak_lifetime(leaks: int, pods: int, state_dir: str) -> list[float]:
-    prefix = f"hct-{secrets.token_hex(2)}-ba"
+@contextlib.contextmanager
+def lab_with_containers(tag: str, pods: int) -> Iterator[tuple[Lab, FakeContainers]]:
+    """A lab of ``pods`` pods whose proxies can be adopted as containers; torn down on exit."""
+    prefix = f"hct-{secrets.token_hex(2)}-{tag}"
     lab = Lab(LabSettings(prefix=prefix, pods=pods, close_wait_timeout=CLOSE_WAIT))
     mount = cgroup2_mount()
     assert mount is not None
     containers = FakeContainers(mount)
     lab.up()
     try:
-        world = world_for(lab, containers, pods)
-        registry = CollectorRegistry()
-        agent = Agent(
-            AgentSettings(node_name=NODE, state_dir=state_dir),
-            AgentMetrics(registry, NODE),
-            world,
-            FakeReports(),
-            EngineRemediator(state_dir),
-        )
-        world.on_change = agent.notify
-        world.put_policy(kill_policy(interval=10))
-        thread = threading.Thread(target=agent.run, daemon=True)
-        thread.start()
-        try:
-            deadline = time.monotonic() + 30
-            while len(agent.netns) < pods and time.monotonic() < deadline:
-                time.sleep(0.05)
+        yield lab, containers
+    finally:
+        containers.close()
+        lab.down()
+
+
+@contextlib.contextmanager
+def running_agent(world: FakeWorld, state_dir: str) -> Iterator[Agent]:
+    """The production agent loop on a thread over ``world`` with the bench KillSockets
+    policy; stopped and joined on exit."""
+    agent = Agent(
+        AgentSettings(node_name=NODE, state_dir=state_dir),
+        AgentMetrics(CollectorRegistry(), NODE),
+        world,
+        FakeReports(),
+        EngineRemediator(state_dir),
+    )
+    world.on_change = agent.notify
+    world.put_policy(kill_policy(interval=10))
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        yield agent
+    finally:
+        agent.stop()
+        thread.join(10)
+
+
+def wait_watching(agent: Agent, pods: int, timeout: float, poll: float = 0.05) -> None:
+    """Until the agent watches ``pods`` netns (or ``timeout`` seconds passed)."""
+    deadline = time.monotonic() + timeout
+    while len(agent.netns) < pods and time.monotonic() < deadline:
+        time.sleep(poll)
+
+
+def wait_lifetimes(agent: Agent, want: int) -> None:
+    """Until the agent measured ``want`` leak lifetimes (or the leaks had time to form and go)."""
+    deadline = time.monotonic() + CLOSE_WAIT + 30
+    while len(agent.lifetimes) < want and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def leak_lifetime(leaks: int, pods: int, state_dir: str) -> list[float]:
+    with lab_with_containers("ba", pods) as (lab, containers):
+        with running_agent(world_for(lab, containers, pods), state_dir) as agent:
+            wait_watching(agent, pods, timeout=30)
             per_pod = -(-leaks // pods)
             rounds = 4
             per_round = -(-per_pod // rounds)
@@ -116,29 +149,14 @@ def leak_lifetime(leaks: int, pods: int, state_dir: str) -> list[float]:
                     file=sys.stderr,
                 )
                 time.sleep(0.5)
-            want = per_round * rounds * pods
-            deadline = time.monotonic() + CLOSE_WAIT + 30
-            while len(agent.lifetimes) < want and time.monotonic() < deadline:
-                time.sleep(0.1)
-        finally:
-            agent.stop()
-            thread.join(10)
+            wait_lifetimes(agent, per_round * rounds * pods)
         return list(agent.lifetimes)
-    finally:
-        containers.close()
-        lab.down()
 
 
 def footprint(pods: int, seconds: float, state_dir: str) -> dict[str, float]:
-    prefix = f"hct-{secrets.token_hex(2)}-bf"
-    lab = Lab(LabSettings(prefix=prefix, pods=pods, close_wait_timeout=CLOSE_WAIT))
-    mount = cgroup2_mount()
-    assert mount is not None
-    containers = FakeContainers(mount)
     t0 = time.monotonic()
-    lab.up()
-    print(f"  lab with {pods} pods up in {time.monotonic() - t0:.1f}s", file=sys.stderr)
-    try:
+    with lab_with_containers("bf", pods) as (lab, containers):
+        print(f"  lab with {pods} pods up in {time.monotonic() - t0:.1f}s", file=sys.stderr)
         ids = [containers.adopt(lab.proxy_pid(i)) for i in range(pods)]
         for i in range(pods):
             lab.idle(2, pod=i)  # something to look at: established connections
@@ -156,9 +174,6 @@ def footprint(pods: int, seconds: float, state_dir: str) -> dict[str, float]:
                 child.kill()
                 child.wait()
         return dict(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        containers.close()
-        lab.down()
 
 
 def child(config: dict[str, Any]) -> None:
@@ -167,33 +182,19 @@ def child(config: dict[str, Any]) -> None:
     world.put_namespace("bench")
     for i, cid in enumerate(config["pods"]):
         world.put_pod(pod_object("bench", f"pod{i}", NODE, cid))
-    agent = Agent(
-        AgentSettings(node_name=NODE, state_dir=config["state_dir"]),
-        AgentMetrics(CollectorRegistry(), NODE),
-        world,
-        FakeReports(),
-        EngineRemediator(config["state_dir"]),
-    )
-    world.on_change = agent.notify
-    world.put_policy(kill_policy(interval=10))
-    thread = threading.Thread(target=agent.run, daemon=True)
-    thread.start()
-    # Warm-up: every netns opened and scanned once.
-    deadline = time.monotonic() + 30
-    while len(agent.netns) < len(config["pods"]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    start_cpu, start_wall, start_scans = time.process_time(), time.monotonic(), agent.scans
-    time.sleep(config["seconds"])
-    cpu, wall = time.process_time() - start_cpu, time.monotonic() - start_wall
-    scans = agent.scans - start_scans
-    rss_kib = 0
-    with open("/proc/self/status", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss_kib = int(line.split()[1])
-    watched = len(agent.netns)
-    agent.stop()
-    thread.join(10)
+    with running_agent(world, config["state_dir"]) as agent:
+        # Warm-up: every netns opened and scanned once.
+        wait_watching(agent, len(config["pods"]), timeout=30, poll=0.1)
+        start_cpu, start_wall, start_scans = time.process_time(), time.monotonic(), agent.scans
+        time.sleep(config["seconds"])
+        cpu, wall = time.process_time() - start_cpu, time.monotonic() - start_wall
+        scans = agent.scans - start_scans
+        rss_kib = 0
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss_kib = int(line.split()[1])
+        watched = len(agent.netns)
     print(
         json.dumps(
             {

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import statistics
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,43 +26,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # support.podcgroup: the cgroup2 container fake
 
-from prometheus_client import CollectorRegistry  # noqa: E402
-
-from bench.agent import CLOSE_WAIT, NODE, kill_policy, percentile, world_for  # noqa: E402
-from halfclose.agent.daemon.loop import Agent  # noqa: E402
-from halfclose.agent.daemon.metrics import AgentMetrics  # noqa: E402
-from halfclose.agent.daemon.remediate import EngineRemediator  # noqa: E402
-from halfclose.agent.daemon.settings import AgentSettings  # noqa: E402
-from halfclose.agent.kube.fake import FakeReports  # noqa: E402
-from halfclose.lab import Lab, LabSettings  # noqa: E402
-from support.podcgroup import FakeContainers, can_fake_containers, cgroup2_mount  # noqa: E402
+from bench.agent import (  # noqa: E402
+    CLOSE_WAIT,
+    lab_with_containers,
+    percentile,
+    running_agent,
+    wait_lifetimes,
+    wait_watching,
+    world_for,
+)
+from support.podcgroup import can_fake_containers  # noqa: E402
 
 
 def burst(pods: int, leaks: int, state_dir: str) -> tuple[list[float], float, int]:
     """One burst: (leak lifetimes, seconds over which the half-closes were made, leaks wanted)."""
-    prefix = f"hct-{secrets.token_hex(2)}-bb"
-    lab = Lab(LabSettings(prefix=prefix, pods=pods, close_wait_timeout=CLOSE_WAIT))
-    mount = cgroup2_mount()
-    assert mount is not None
-    containers = FakeContainers(mount)
-    lab.up()
-    try:
-        world = world_for(lab, containers, pods)
-        agent = Agent(
-            AgentSettings(node_name=NODE, state_dir=state_dir),
-            AgentMetrics(CollectorRegistry(), NODE),
-            world,
-            FakeReports(),
-            EngineRemediator(state_dir),
-        )
-        world.on_change = agent.notify
-        world.put_policy(kill_policy(interval=10))
-        thread = threading.Thread(target=agent.run, daemon=True)
-        thread.start()
-        try:
-            deadline = time.monotonic() + 60
-            while len(agent.netns) < pods and time.monotonic() < deadline:
-                time.sleep(0.05)
+    with lab_with_containers("bb", pods) as (lab, containers):
+        with running_agent(world_for(lab, containers, pods), state_dir) as agent:
+            wait_watching(agent, pods, timeout=60)
             # Start every pod's app (one idle connection each) before the burst:
             # the half-closes then take milliseconds per pod, not a process start.
             with ThreadPoolExecutor(max_workers=16) as pool:
@@ -84,16 +62,8 @@ def burst(pods: int, leaks: int, state_dir: str) -> tuple[list[float], float, in
                 )
             spread = time.monotonic() - started
             want = per_pod * pods
-            deadline = time.monotonic() + CLOSE_WAIT + 30
-            while len(agent.lifetimes) < want and time.monotonic() < deadline:
-                time.sleep(0.1)
-        finally:
-            agent.stop()
-            thread.join(10)
+            wait_lifetimes(agent, want)
         return list(agent.lifetimes), spread, want
-    finally:
-        containers.close()
-        lab.down()
 
 
 def main() -> int:
