@@ -31,8 +31,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from support.meshrules import MARK, capture_rules
+
 IP = "ip"
-MARK = 0x539
 PER_PROXY = 5000  # 3 fds per pair while building: 15,000 < 20,000
 PER_APP = 10000
 
@@ -179,38 +180,7 @@ def leaked_pairs(n: int, prefix: str = "hct") -> Iterator[Leaks]:
             ["sysctl", "-qw", "net.ipv4.ip_local_port_range=20000 65000"],
             ["sysctl", "-qw", "net.ipv4.tcp_fin_timeout=1"],
             ["sysctl", "-qw", "net.core.somaxconn=4096"],
-            [
-                "iptables",
-                "-t",
-                "nat",
-                "-A",
-                "OUTPUT",
-                "-p",
-                "tcp",
-                "-m",
-                "mark",
-                "--mark",
-                hex(MARK),
-                "-j",
-                "RETURN",
-            ],
-            [
-                "iptables",
-                "-t",
-                "nat",
-                "-A",
-                "OUTPUT",
-                "-p",
-                "tcp",
-                "-d",
-                "203.0.113.10",
-                "--dport",
-                "7777",
-                "-j",
-                "REDIRECT",
-                "--to-ports",
-                "15001",
-            ],
+            *capture_rules(),
             ["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_timeout_close_wait=1"],
         ):
             run(*argv, netns=ns)

@@ -18,10 +18,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from support.meshrules import MARK, capture_rules
 from support.scratchnet import Holder, run, scratch_netns
 
 SERVICE = ("203.0.113.10", 7777)
-MARK = 0x539
 
 PROXY = r"""
 import json, socket, struct, sys
@@ -127,38 +127,8 @@ def minimesh(leaks: int, live: int, close_wait_timeout: int = 1) -> Iterator[Min
         run("ip", "addr", "add", "203.0.113.10/32", "dev", "lo", netns=ns)
         run("iptables", "-t", "nat", "-N", "MESH_OUTPUT", netns=ns)
         run("iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", "MESH_OUTPUT", netns=ns)
-        run(
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "MESH_OUTPUT",
-            "-m",
-            "mark",
-            "--mark",
-            hex(MARK),
-            "-j",
-            "RETURN",
-            netns=ns,
-        )
-        run(
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "MESH_OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            "203.0.113.10",
-            "--dport",
-            "7777",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15001",
-            netns=ns,
-        )
+        for argv in capture_rules("MESH_OUTPUT"):
+            run(*argv, netns=ns)
         run(
             "sysctl",
             "-qw",
