@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from halfclose.api import API_VERSION, POLICY_KIND, TopPod
+from halfclose.api import API_VERSION, POLICY_KIND
 from halfclose.api.policy import TOP_PODS
 from halfclose.operator.assignment import Assignment, assign
-from halfclose.operator.status import Aggregate
+from halfclose.operator.status import Aggregate, top_pod_rank, top_pods
 from halfclose.operator.view import (
     PodInfo,
     PolicyEntry,
@@ -55,10 +55,6 @@ class PolicyRecord:
         }
 
 
-def _rank(r: ReportSummary) -> tuple[int, int, int, str, str]:
-    return (-r.leaked, -r.killed_total, -r.at_risk, r.namespace, r.pod)
-
-
 @dataclass(slots=True)
 class ReportTally:
     """One policy's reports and their running sums."""
@@ -91,7 +87,7 @@ class ReportTally:
             self.notable.pop(key, None)
 
     def aggregate(self, top: int = TOP_PODS) -> Aggregate:
-        ranked = heapq.nsmallest(top, self.notable.values(), key=_rank)
+        ranked = heapq.nsmallest(top, self.notable.values(), key=top_pod_rank)
         return Aggregate(
             pods_with_findings=self.with_findings,
             leaked_now=self.leaked,
@@ -99,17 +95,7 @@ class ReportTally:
             killed_total=self.killed_total,
             extended_total=self.extended_total,
             nodes_reporting=len(self.nodes),
-            top_pods=tuple(
-                TopPod(
-                    namespace=r.namespace,
-                    pod=r.pod,
-                    node=r.node,
-                    leaked=r.leaked,
-                    at_risk=r.at_risk,
-                    killed_total=r.killed_total,
-                )
-                for r in ranked
-            ),
+            top_pods=top_pods(ranked),
         )
 
 

@@ -48,6 +48,25 @@ class Aggregate:
     top_pods: tuple[TopPod, ...] = ()
 
 
+def top_pod_rank(r: ReportSummary) -> tuple[int, int, int, str, str]:
+    """The order of a policy's top pods: most leaked, then killed, then at risk, then name."""
+    return (-r.leaked, -r.killed_total, -r.at_risk, r.namespace, r.pod)
+
+
+def top_pods(ranked: Iterable[ReportSummary]) -> tuple[TopPod, ...]:
+    return tuple(
+        TopPod(
+            namespace=r.namespace,
+            pod=r.pod,
+            node=r.node,
+            leaked=r.leaked,
+            at_risk=r.at_risk,
+            killed_total=r.killed_total,
+        )
+        for r in ranked
+    )
+
+
 def aggregate(reports: Iterable[ReportSummary], top: int = TOP_PODS) -> Aggregate:
     """Sum a policy's reports; top pods by leaked, then killed, then name.
 
@@ -55,10 +74,7 @@ def aggregate(reports: Iterable[ReportSummary], top: int = TOP_PODS) -> Aggregat
     incrementally (the unit tests compare the two).
     """
     items = list(reports)
-    ranked = sorted(
-        (r for r in items if r.has_findings or r.killed_total),
-        key=lambda r: (-r.leaked, -r.killed_total, -r.at_risk, r.namespace, r.pod),
-    )
+    ranked = sorted((r for r in items if r.has_findings or r.killed_total), key=top_pod_rank)
     return Aggregate(
         pods_with_findings=sum(1 for r in items if r.has_findings),
         leaked_now=sum(r.leaked for r in items),
@@ -66,17 +82,7 @@ def aggregate(reports: Iterable[ReportSummary], top: int = TOP_PODS) -> Aggregat
         killed_total=sum(r.killed_total for r in items),
         extended_total=sum(r.extended_total for r in items),
         nodes_reporting=len({r.node for r in items if r.node}),
-        top_pods=tuple(
-            TopPod(
-                namespace=r.namespace,
-                pod=r.pod,
-                node=r.node,
-                leaked=r.leaked,
-                at_risk=r.at_risk,
-                killed_total=r.killed_total,
-            )
-            for r in ranked[:top]
-        ),
+        top_pods=top_pods(ranked[:top]),
     )
 
 
