@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from support.netnsdir import netns_bind_dir
 
 pytestmark = pytest.mark.kernel
 
@@ -87,17 +87,8 @@ print(json.dumps(out))
 
 @pytest.fixture
 def netns_dir(lab: Any, tmp_path: Path) -> Iterator[Path]:
-    if shutil.which("setpriv") is None or shutil.which("mount") is None:
-        pytest.skip("setpriv and mount (util-linux) are needed")
-    directory = tmp_path / "netns"
-    directory.mkdir()
-    entry = directory / f"cni-hsc-{secrets.token_hex(4)}"
-    entry.touch()
-    subprocess.run(["mount", "--bind", lab.pod_netns_path(0), str(entry)], check=True, timeout=10)
-    try:
+    with netns_bind_dir(lab.pod_netns_path(0), tmp_path) as directory:
         yield directory
-    finally:
-        subprocess.run(["umount", str(entry)], check=False, timeout=10)
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ import yaml
 
 from halfclose.agent.kernel.privsep import capabilities_of
 from support.controlplane import ControlPlane
+from support.netnsdir import netns_bind_dir
 
 pytestmark = [pytest.mark.kube, pytest.mark.kernel]
 
@@ -55,17 +55,8 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float) -> Any:
 @pytest.fixture
 def netns_dir(lab: Any, tmp_path: Path) -> Iterator[Path]:
     """A private NETNS_DIR with the lab pod's netns bind-mounted as containerd does."""
-    if shutil.which("setpriv") is None or shutil.which("mount") is None:
-        pytest.skip("setpriv and mount (util-linux) are needed")
-    directory = tmp_path / "netns"
-    directory.mkdir()
-    entry = directory / f"cni-hsc-{secrets.token_hex(4)}"
-    entry.touch()
-    subprocess.run(["mount", "--bind", lab.pod_netns_path(0), str(entry)], check=True, timeout=10)
-    try:
+    with netns_bind_dir(lab.pod_netns_path(0), tmp_path) as directory:
         yield directory
-    finally:
-        subprocess.run(["umount", str(entry)], check=False, timeout=10)
 
 
 def _seed(kube: ControlPlane, lab: Any) -> None:
