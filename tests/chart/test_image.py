@@ -147,7 +147,7 @@ def test_image_has_no_build_tools_and_runs_unprivileged(target: str) -> None:
         assert install is not None
         assert set(install["pkgs"].split()) == {"iptables", "nftables"}
         kernel_dir = REPO / "agent" / "halfclose" / "agent" / "kernel"
-        kernel = "".join(p.read_text("utf-8") for p in kernel_dir.glob("*.py"))
+        kernel = "".join(p.read_text("utf-8") for p in kernel_dir.rglob("*.py"))
         for tool in ("iptables-save", "iptables-legacy-save", "nft", "nsenter"):
             assert f'"{tool}"' in kernel, f"the agent no longer runs {tool}: drop its package?"
     else:
