@@ -156,7 +156,11 @@ def test_the_agents_api_layer_makes_only_declared_calls(kube: ControlPlane) -> N
 
 def test_the_operator_as_the_chart_runs_it_makes_only_declared_calls(kube: ControlPlane) -> None:
     """``halfclose-operator`` as the chart's operator ServiceAccount through a policy's
-    life: matched pods, a report, status, Events, the policy deleted (its reports go)."""
+    life: matched pods, a report, status, Events, the policy deleted (its reports go).
+
+    Its own namespace: a "shop" deleted by an earlier test's teardown may still be
+    emptied by the namespace controller, which would delete this report itself."""
+    ns = "rbac-operator"
     pod = kube.put_object(
         "",
         "v1",
@@ -164,7 +168,7 @@ def test_the_operator_as_the_chart_runs_it_makes_only_declared_calls(kube: Contr
         {
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"namespace": "shop", "name": "cart", "labels": {"app": "cart"}},
+            "metadata": {"namespace": ns, "name": "cart", "labels": {"app": "cart"}},
             "spec": {"nodeName": "node-a", "containers": [{"name": "app", "image": "app:1"}]},
             "status": {"phase": "Running"},
         },
@@ -174,7 +178,7 @@ def test_the_operator_as_the_chart_runs_it_makes_only_declared_calls(kube: Contr
         "v1alpha1",
         "halfclosereports",
         report_manifest(
-            namespace="shop",
+            namespace=ns,
             pod_name="cart",
             pod_uid=pod["metadata"]["uid"],
             node_name="node-a",
@@ -203,7 +207,7 @@ def test_the_operator_as_the_chart_runs_it_makes_only_declared_calls(kube: Contr
                     "apiVersion": f"{HC}/v1alpha1",
                     "kind": "HalfClosePolicy",
                     "metadata": {"name": "p"},
-                    "spec": {"namespaces": ["shop"]},
+                    "spec": {"namespaces": [ns]},
                 }
             ),
         )
@@ -221,7 +225,7 @@ def test_the_operator_as_the_chart_runs_it_makes_only_declared_calls(kube: Contr
         )
         kube.kubectl("delete", "hcp", "p", "--wait=false")
         kube.wait_for(
-            lambda: kube.get_object(HC, "v1alpha1", "halfclosereports", "cart", "shop") is None,
+            lambda: kube.get_object(HC, "v1alpha1", "halfclosereports", "cart", ns) is None,
             20,
             "the operator to delete the deleted policy's report",
         )
