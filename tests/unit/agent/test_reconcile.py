@@ -139,6 +139,28 @@ def test_next_run_is_when_an_entry_removed_early_finding_completes_its_proof() -
     assert schedule.next_delay([f], TIMING) == pytest.approx(8 + schedule.EXPIRY_MARGIN)
 
 
+def test_expected_expiry_is_dated_by_the_silence_within_the_kernels_whole_seconds() -> None:
+    """ctnetlink says "0 s left" for the whole last second; the silence since the
+    packet that re-armed the timer dates the expiry inside it (else a leak's
+    lifetime would start up to a second early)."""
+    entry = ConntrackEntry(reply(1), reply(1), "CLOSE_WAIT", 0)
+
+    def finding(silence_ms: int | None, timeout: int = 0) -> Finding:
+        e = ConntrackEntry(entry.original, entry.reply, "CLOSE_WAIT", timeout)
+        s = sock(1, idle_ms=silence_ms) if silence_ms is not None else sock(1)
+        if silence_ms is None:
+            s = SocketRecord(s.state, s.local, s.peer, s.cookie, s.inode, s.uid)
+        return Finding(Kind.AT_RISK, s, None, e, capture=Capture.RULE, min_silence_seconds=2.2)
+
+    # close_wait 2 s (bar 2.2 s), silent 1.3 s: 0.7 s left, inside [0, 1).
+    assert schedule.expected_expiry(finding(1300)) == pytest.approx(0.7)
+    # The kernel's bounds win over the estimate: never before "timeout", never past +1.
+    assert schedule.expected_expiry(finding(2500)) == 0.0
+    assert schedule.expected_expiry(finding(10, timeout=0)) == 1.0
+    assert schedule.expected_expiry(finding(None, timeout=1)) == 1.0
+    assert schedule.expected_expiry(leaked(1)) is None
+
+
 def test_next_run_defaults_to_the_interval_and_never_spins() -> None:
     assert schedule.next_delay([], TIMING) == 30.0
     assert schedule.next_delay([at_risk(1, 0)], TIMING) >= schedule.MIN_SCAN_SPACING

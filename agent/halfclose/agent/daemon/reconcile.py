@@ -149,12 +149,11 @@ class NetnsReconciler:
         )
         now_w = self.wall()
         for f in result.findings:
-            expiry = schedule.expiry_delay(f)
+            expiry = schedule.expected_expiry(f)
             if expiry is not None:
                 # Leak lifetimes start at the entry's expiry, even when the GC's
                 # DESTROY event comes late.
-                at = now_w + expiry - schedule.EXPIRY_MARGIN
-                watched.note_expiry(f.socket.nat_reply_tuple, at, predicted=True)
+                watched.note_expiry(f.socket.nat_reply_tuple, now_w + expiry, predicted=True)
         watched.scan_at = self.clock() + schedule.next_delay(result.findings, timing)
         return self._next(watched)
 

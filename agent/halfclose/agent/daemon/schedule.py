@@ -50,6 +50,26 @@ def expiry_delay(finding: Finding) -> float | None:
     return None
 
 
+def expected_expiry(finding: Finding) -> float | None:
+    """Seconds until an at-risk socket's CLOSE_WAIT entry is expected to expire.
+
+    ctnetlink rounds the seconds left down, so the entry goes within
+    [timeout, timeout + 1).  Its timer was re-armed by the connection's last
+    packet, which the socket's silence dates: expiry ~ the netns's half-closed
+    timeout (the silence bar less the delayed-ACK margin) minus that silence,
+    kept inside the kernel's bounds.  Without it, a scan at "0 s left" would
+    date the leak up to a second early and overstate its lifetime.
+    """
+    entry = finding.entry
+    if finding.kind is not Kind.AT_RISK or entry is None or entry.tcp_state != "CLOSE_WAIT":
+        return None
+    low = float(entry.timeout)
+    silence, bar = finding.socket.silence_seconds, finding.min_silence_seconds
+    if silence is None or bar is None:
+        return low
+    return min(max(bar - DELAYED_ACK_MARGIN_SECONDS - silence, low), low + 1.0)
+
+
 def proof_delay(finding: Finding) -> float | None:
     """Seconds until an at-risk socket's leak is *provable*: its entry gone, and
     part 4's silence bar reached (the bar sits a margin above the timeout, so
