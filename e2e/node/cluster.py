@@ -363,40 +363,24 @@ class Node:
         self.run("ip", "addr", "add", f"{NODE_IP}/25", "dev", BRIDGE)
         self.run("ip", "link", "set", BRIDGE, "up")
         # kube-proxy's one job here: the `kubernetes` Service -> the API server.
-        self.run(
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-d",
-            f"{KUBERNETES_SVC}/32",
-            "-p",
-            "tcp",
-            "--dport",
-            "443",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            f"{NODE_IP}:{API_PORT}",
-        )
-        self.run(
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-d",
-            f"{KUBERNETES_SVC}/32",
-            "-p",
-            "tcp",
-            "--dport",
-            "443",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            f"{NODE_IP}:{API_PORT}",
-        )
+        for hook in ("PREROUTING", "OUTPUT"):  # from pods, and from the node itself
+            self.run(
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                hook,
+                "-d",
+                f"{KUBERNETES_SVC}/32",
+                "-p",
+                "tcp",
+                "--dport",
+                "443",
+                "-j",
+                "DNAT",
+                "--to-destination",
+                f"{NODE_IP}:{API_PORT}",
+            )
         log(f"netns {self.netns} + mount ns (holder {self.holder.pid}); bridge {BRIDGE} {NODE_IP}")
 
     def _control_plane(self) -> None:

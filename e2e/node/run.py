@@ -311,38 +311,19 @@ def status(n: Node, pod: str, field: str) -> int:
     return int((r or {}).get("status", {}).get(field) or 0)
 
 
+def in_app(n: Node, *argv: str) -> str:
+    """Run ARGV in the app container (so inside the meshed pod's netns)."""
+    return n.kubectl("exec", "-n", NS, "app", "-c", "app", "--", *argv)
+
+
 def ss(n: Node, state: str) -> list[str]:
     """Sockets in STATE on the sidecar's port, from `ss` run inside the app pod's netns."""
-    out = n.kubectl(
-        "exec",
-        "-n",
-        NS,
-        "app",
-        "-c",
-        "app",
-        "--",
-        "ss",
-        "-tanH",
-        "state",
-        state,
-        "( sport = :15001 )",
-    )
+    out = in_app(n, "ss", "-tanH", "state", state, "( sport = :15001 )")
     return [line for line in out.splitlines() if line.strip()]
 
 
 def sysctl(n: Node) -> int:
-    out = n.kubectl(
-        "exec",
-        "-n",
-        NS,
-        "app",
-        "-c",
-        "app",
-        "--",
-        "cat",
-        "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close_wait",
-    )
-    return int(out.strip())
+    return int(in_app(n, "cat", "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close_wait"))
 
 
 def metrics(n: Node, component: str) -> str:
