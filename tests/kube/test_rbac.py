@@ -156,10 +156,7 @@ def test_the_agents_api_layer_makes_only_declared_calls(kube: ControlPlane) -> N
 
 def test_the_operator_as_the_chart_runs_it_makes_only_declared_calls(kube: ControlPlane) -> None:
     """``halfclose-operator`` as the chart's operator ServiceAccount through a policy's
-    life: matched pods, a report, status, Events, the policy deleted (its reports go).
-
-    Its own namespace: a "shop" deleted by an earlier test's teardown may still be
-    emptied by the namespace controller, which would delete this report itself."""
+    life: matched pods, a report, status, Events, the policy deleted (its reports go)."""
     ns = "rbac-operator"
     pod = kube.put_object(
         "",
