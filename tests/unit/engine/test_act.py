@@ -103,6 +103,8 @@ class FakeConntrack:
     def lookup_sockets(self, sockets: list[SocketRecord]) -> dict[int, ConntrackEntry | None]:
         return {s.cookie: self.entries.get(s.nat_reply_tuple) for s in sockets}
 
+    lookup_sockets_get = lookup_sockets  # the kill's re-check (always GETs)
+
     def update(self, entry: ConntrackEntry, *, timeout: int | None = None) -> None:
         if self.update_errno:
             raise OSError(self.update_errno, "injected")

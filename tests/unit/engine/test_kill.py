@@ -99,11 +99,18 @@ class FakeDiag:
 class FakeConntrack:
     entries: dict[int, ConntrackEntry] = field(default_factory=dict)  # by socket cookie
     fail: int | None = None
+    get_calls: int = 0
 
     def lookup_sockets(self, socks: list[SocketRecord]) -> dict[int, ConntrackEntry | None]:
         if self.fail:
             raise OSError(self.fail, "injected")
         return {s.cookie: self.entries.get(s.cookie) for s in socks}
+
+    def lookup_sockets_get(self, socks: list[SocketRecord]) -> dict[int, ConntrackEntry | None]:
+        # The kill's re-check must use GETs (the entry as it is just before
+        # the destroy), never an answer the scan's dump path could give.
+        self.get_calls += 1
+        return self.lookup_sockets(socks)
 
 
 def decisions(*socks: SocketRecord) -> list[Decision]:

@@ -119,7 +119,12 @@ def _kill_chunk(  # noqa: PLR0917 (private; the chunk's parts)
         try:
             # Looked up by the planned socket's tuple, as the scan did (the
             # re-read one has the same tuple: same cookie, or recheck refuses).
-            entries = conntrack.lookup_sockets([decisions[i].finding.socket for i, _ in present])
+            # One GET each, whatever the count: each answer is the entry as it
+            # is just before this chunk's destroys (a dump would be as old as
+            # its walk of the whole hash).
+            entries = conntrack.lookup_sockets_get(
+                [decisions[i].finding.socket for i, _ in present]
+            )
         except OSError as exc:
             failed = KillResult(Outcome.FAILED, error=errno_name(exc.errno))
             for i, _ in present:

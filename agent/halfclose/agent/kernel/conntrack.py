@@ -15,6 +15,7 @@ import errno
 import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 
 from halfclose.agent.core.model import ConntrackEntry, FlowTuple, SocketRecord, normalize_ip
 from halfclose.agent.kernel import netlink as nl
@@ -22,25 +23,38 @@ from halfclose.agent.kernel.ctnetlink import (
     BE32,
     CTA_STATS_GLOBAL_ENTRIES,
     MSG_GET,
+    MSG_NEW,
     NFGEN,
     NFNETLINK_V0,
     decode_entry,
     encode_dump_all,
     encode_dump_dst_nat,
+    encode_dump_tcp,
     encode_get_by_reply,
     encode_get_stats,
     encode_socket_get,
     encode_update,
+    index_dump_entry,
+    tuple_key,
 )
 from halfclose.agent.kernel.netns import NetnsHandle
 from halfclose.errors import ConntrackUnavailable
 
 _nlmsg = nl.NLMSG_HDR.unpack_from
 _NLMSG_HDR = nl.NLMSG_HDR.size
+_V4_KEY_SIZE = len(tuple_key(IPv4Address(0), 0, IPv4Address(0), 0))
 
 # A batch of GETs is answered into our receive buffer before we read it; keep
 # the worst case (every request answered with a ~250-byte entry) well under it.
 BATCH = 1024
+# From this many lookups on, one dump answers them (``lookup_sockets``): a
+# dump walks the kernel's whole conntrack hash (global, every netns), a fixed
+# cost, while each GET costs a request, an answer datagram and a recv().
+# Measured (20k-leak farm, 262,144 buckets): see docs/performance.md.
+DUMP_MIN_LOOKUPS = 2048
+# ... unless the netns's table is so big that decoding it costs more than the
+# GETs would: at most this many entries per lookup.
+DUMP_MAX_ENTRIES_PER_LOOKUP = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +123,26 @@ class Conntrack:
     def lookup_sockets(self, sockets: Sequence[SocketRecord]) -> dict[int, ConntrackEntry | None]:
         """Each socket's entry under its normalized NAT reply tuple, by cookie (zone 0).
 
-        The scan's hot path: ``lookup_replies`` for ``s.nat_reply_tuple``, with
-        each request built straight from the socket (no FlowTuple, nothing
-        hashed but the cookie).  Same rules: many requests per send(), every
-        one answered once, any error but ENOENT raised.
+        The scan's part 3.  Few sockets: one GET each (``lookup_sockets_get``).
+        Many: one TCP dump of the netns's table, indexed as a GET matches
+        (``lookup_sockets_dump``), unless the table holds so many entries that
+        decoding them would cost more than the GETs.  Same answer either way.
+        """
+        n = len(sockets)
+        if n and n >= DUMP_MIN_LOOKUPS and self.count() <= n * DUMP_MAX_ENTRIES_PER_LOOKUP:
+            return self.lookup_sockets_dump(sockets)
+        return self.lookup_sockets_get(sockets)
+
+    def lookup_sockets_get(
+        self, sockets: Sequence[SocketRecord]
+    ) -> dict[int, ConntrackEntry | None]:
+        """``lookup_sockets`` by one GET per socket, each answered at once.
+
+        ``lookup_replies`` for ``s.nat_reply_tuple``, with each request built
+        straight from the socket (no FlowTuple, nothing hashed but the cookie).
+        Same rules: many requests per send(), every one answered once, any
+        error but ENOENT raised.  The kill's re-check uses this path: each
+        answer is the entry as it is at that moment.
         """
         out: dict[int, ConntrackEntry | None] = {}
         nls = self._nl
@@ -152,6 +182,86 @@ class Conntrack:
                             )
                     offset += (length + 3) & ~3
         return out
+
+    def lookup_sockets_dump(
+        self, sockets: Sequence[SocketRecord]
+    ) -> dict[int, ConntrackEntry | None]:
+        """``lookup_sockets`` answered from one TCP dump per address family asked.
+
+        What a GET by tuple T finds is the zone-0 entry with T as its original
+        or reply tuple, skipping expired entries; the dump is indexed the same
+        way (``ctnetlink.index_dump_entry``: both tuples, zone 0, TCP).  The
+        kernel's dump also skips expired entries, and when a datagram fills
+        up it resumes at the entry it could not fit, re-walking that hash
+        bucket from its start if the entry vanished meanwhile: an entry present
+        throughout the dump is reported (perhaps twice), never missed
+        (ctnetlink_dump_table, Linux 6.x).  Only entries of the candidates'
+        keys are decoded.  Any error is raised, never read as "absent".
+        """
+        out: dict[int, ConntrackEntry | None] = {}
+        wanted: dict[bytes, int] = {}
+        shared: dict[bytes, list[int]] = {}  # the rare tuple asked for twice
+        families = 0
+        for sock in sockets:
+            local, peer = sock.local, sock.peer
+            key = tuple_key(normalize_ip(local.ip), local.port, normalize_ip(peer.ip), peer.port)
+            cookie = sock.cookie
+            out[cookie] = None
+            if wanted.setdefault(key, cookie) != cookie:
+                shared.setdefault(key, [wanted[key]]).append(cookie)
+            families |= 1 if len(key) == _V4_KEY_SIZE else 2
+        for family, bit in ((socket.AF_INET, 1), (socket.AF_INET6, 2)):
+            if families & bit:
+                for key, entry in self._dump_matching(family, wanted):
+                    for cookie in shared.get(key, (wanted[key],)):
+                        out[cookie] = entry
+        return out
+
+    def _dump_matching(
+        self, family: int, wanted: dict[bytes, int]
+    ) -> Iterator[tuple[bytes, ConntrackEntry]]:
+        """(key, entry) for each dumped TCP entry with a tuple in ``wanted``."""
+        try:
+            yield from self._dump_keys(encode_dump_tcp, family, wanted)
+        except OSError as exc:
+            # A kernel without CTA_FILTER (before 5.8) refuses it before
+            # sending any entry: nothing was yielded for this family yet.
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            yield from self._dump_keys(encode_dump_all, family, wanted)
+
+    def _dump_keys(
+        self, encode: Callable[[int, int], bytes], family: int, wanted: dict[bytes, int]
+    ) -> Iterator[tuple[bytes, ConntrackEntry]]:
+        nls = self._nl
+        seq = nls.next_seq()
+        nls.send(encode(family, seq))
+        while True:
+            buf = nls.recv()
+            offset, size = 0, len(buf)
+            while offset + _NLMSG_HDR <= size:
+                length, msg_type, _flags, msg_seq, _pid = _nlmsg(buf, offset)
+                if length < _NLMSG_HDR or offset + length > size:
+                    raise ValueError(f"truncated netlink message at offset {offset}")
+                start, offset = offset + _NLMSG_HDR, offset + ((length + 3) & ~3)
+                if msg_seq != seq:
+                    continue  # a late answer to an earlier, abandoned request
+                if msg_type == nl.NLMSG_DONE:
+                    return
+                if msg_type == nl.NLMSG_ERROR:
+                    err = -nl.ERRNO.unpack_from(buf, start)[0]
+                    if err:
+                        raise nl.NetlinkError(err, "conntrack dump")
+                    return
+                if msg_type != MSG_NEW:
+                    continue
+                payload = buf[start : start + length - _NLMSG_HDR]
+                orig, reply = index_dump_entry(payload)
+                hit = [k for k in (orig, reply) if k is not None and k in wanted]
+                if hit:
+                    entry = decode_entry(payload)  # at once: the buffer is reused
+                    for key in hit:
+                        yield key, entry
 
     def get_by_reply(self, reply: FlowTuple, zone: int = 0) -> ConntrackEntry | None:
         return self.lookup_replies([reply], zone)[reply]

@@ -366,3 +366,131 @@ def decode_entry(payload: memoryview) -> ConntrackEntry:
         entry_id=entry_id,
         l4proto=proto,
     )
+
+
+# -- answering reply-tuple lookups from one dump (Conntrack.lookup_sockets) ----
+#
+# A GET by tuple T answers the entry having T as its original *or* reply tuple
+# in zone 0 (nf_conntrack_find_get hashes both directions), or ENOENT.  To give
+# exactly that answer from a dump, every dumped entry is indexed under both of
+# its tuples, as the bytes the kernel writes for them: the payload of its
+# CTA_TUPLE_ORIG / CTA_TUPLE_REPLY attribute, which for a TCP tuple in zone 0
+# is byte for byte the payload of our GET's CTA_TUPLE_REPLY (same attributes,
+# same order, zero padding: ctnetlink_dump_tuples).  The layout is checked,
+# not assumed: a tuple whose fixed bytes differ from ours (other flags, a
+# CTA_TUPLE_ZONE, another protocol) is parsed field by field instead, so a
+# layout change can never turn a present entry into "absent".
+
+TUPLE_KEY_OFFSET = 24  # nlmsghdr 16 + nfgenmsg 4 + the CTA_TUPLE_REPLY header 4
+_KEY_V4 = struct.Struct("!HH HHI HHI HH HHB3x HHH2x HHH2x")
+_KEY_V6 = struct.Struct("!HH HHQQ HHQQ HH HHB3x HHH2x HHH2x")
+
+
+def tuple_key(src: IPAddress, sport: int, dst: IPAddress, dport: int) -> bytes:
+    """The CTA_TUPLE_* payload the kernel writes for this TCP tuple in zone 0.
+
+    The addresses must be normalized already (``normalize_ip``).  Equal to
+    ``encode_socket_get(src, sport, dst, dport, seq)[TUPLE_KEY_OFFSET:]``.
+    """
+    if src.__class__ is _V4 and dst.__class__ is _V4:
+        h = _V4_HDRS
+        return _KEY_V4.pack(
+            h[10], h[11], h[12], h[13], int(src),
+            *_V4_TAIL_DST, int(dst), *_TAIL_PROTO, sport, *_TAIL_DPORT, dport,
+        )  # fmt: skip
+    s6, d6 = int(src), int(dst)
+    h = _V6_HDRS
+    return _KEY_V6.pack(
+        h[10], h[11], h[12], h[13], s6 >> 64, s6 & _LOW64,
+        *_V6_TAIL_DST, d6 >> 64, d6 & _LOW64, *_TAIL_PROTO, sport, *_TAIL_DPORT, dport,
+    )  # fmt: skip
+
+
+def _fixed_bytes(size: int, key: bytes, variable: tuple[slice, ...]) -> tuple[int, int]:
+    """(mask, value) over ``key`` as a big integer: every byte but the ``variable`` ones."""
+    mask = bytearray(b"\xff" * size)
+    for part in variable:
+        mask[part] = bytes(len(mask[part]))
+    return int.from_bytes(mask, "big"), int.from_bytes(key, "big") & int.from_bytes(mask, "big")
+
+
+_ZERO4 = ipaddress.IPv4Address(0)
+_ZERO6 = ipaddress.IPv6Address(0)
+# Value positions inside a key: src, dst, sport, dport (the rest is headers and padding).
+_MASK_V4, _FIXED_V4 = _fixed_bytes(
+    _KEY_V4.size,
+    tuple_key(_ZERO4, 0, _ZERO4, 0),
+    (slice(8, 12), slice(16, 20), slice(36, 38), slice(44, 46)),
+)
+_MASK_V6, _FIXED_V6 = _fixed_bytes(
+    _KEY_V6.size,
+    tuple_key(_ZERO6, 0, _ZERO6, 0),
+    (slice(8, 24), slice(28, 44), slice(60, 62), slice(68, 70)),
+)
+_SIZE_V4, _SIZE_V6 = _KEY_V4.size, _KEY_V6.size
+_from_bytes = int.from_bytes
+
+
+def dumped_tuple_key(raw: bytes) -> bytes | None:
+    """``tuple_key`` of a dumped CTA_TUPLE_* payload; None unless TCP in zone 0."""
+    n = len(raw)
+    if n == _SIZE_V4:
+        if _from_bytes(raw, "big") & _MASK_V4 == _FIXED_V4:
+            return raw
+    elif n == _SIZE_V6 and _from_bytes(raw, "big") & _MASK_V6 == _FIXED_V6:
+        return raw
+    return _parsed_tuple_key(memoryview(raw))
+
+
+def _parsed_tuple_key(buf: memoryview) -> bytes | None:
+    # Not our layout: read it field by field (any order, any flags).
+    try:
+        t, proto = _decode_tuple(buf)
+    except (ValueError, struct.error):
+        return None
+    if proto != socket.IPPROTO_TCP:
+        return None
+    for attr_type, value in nl.iter_attrs(buf):
+        if attr_type == CTA_TUPLE_ZONE and len(value) >= 2 and _BE16.unpack_from(value)[0]:
+            return None  # a zone of its own in this direction: a zone-0 GET misses it
+    return tuple_key(t.src, t.sport, t.dst, t.dport)
+
+
+def index_dump_entry(payload: bytes | memoryview) -> tuple[bytes | None, bytes | None]:
+    """(original key, reply key) of one dumped entry (nfgenmsg + attributes).
+
+    A key is None for a direction a zone-0 TCP GET cannot match: another
+    protocol, or a zone (CTA_ZONE for both directions, CTA_TUPLE_ZONE for one).
+    """
+    orig = reply = None
+    offset, end = NFGEN.size, len(payload)
+    unpack = nl.NLA_HDR.unpack_from
+    while offset + 4 <= end:
+        length, attr_type = unpack(payload, offset)
+        if length < 4 or offset + length > end:
+            raise ValueError(f"truncated conntrack attribute at offset {offset}")
+        attr_type &= nl.NLA_TYPE_MASK
+        if attr_type == CTA_TUPLE_ORIG:
+            orig = bytes(payload[offset + 4 : offset + length])
+        elif attr_type == CTA_TUPLE_REPLY:
+            reply = bytes(payload[offset + 4 : offset + length])
+        elif attr_type == CTA_ZONE and length >= 6 and _BE16.unpack_from(payload, offset + 4)[0]:
+            return None, None
+        offset += (length + 3) & ~3
+    return (
+        dumped_tuple_key(orig) if orig is not None else None,
+        dumped_tuple_key(reply) if reply is not None else None,
+    )
+
+
+def encode_dump_tcp(family: int, seq: int) -> bytes:
+    """A dump of one family's TCP entries (CTA_FILTER on the protocol, Linux 5.8+)."""
+    payload = NFGEN.pack(family, NFNETLINK_V0, 0)
+    payload += nl.pack_nested(
+        CTA_TUPLE_ORIG,
+        nl.pack_nested(CTA_TUPLE_PROTO, nl.pack_attr(CTA_PROTO_NUM, bytes([socket.IPPROTO_TCP]))),
+    )
+    payload += nl.pack_nested(
+        CTA_FILTER, nl.pack_attr(CTA_FILTER_ORIG_FLAGS, _HOST32.pack(CTA_FILTER_FLAG_CTA_PROTO_NUM))
+    )
+    return nl.pack_message(MSG_GET, nl.NLM_F_REQUEST | nl.NLM_F_DUMP, seq, payload)
