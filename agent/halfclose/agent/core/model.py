@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from dataclasses import dataclass
+from typing import Any
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -399,3 +400,70 @@ class Finding:
             self.capture,
             self.min_silence_seconds,
         )
+
+
+# -- fast constructors for the dump decoder (issue 11) ---------------------------
+#
+# A frozen dataclass's __init__ sets each field with a call to
+# object.__setattr__ (its own __setattr__ refuses): 13 calls per SocketRecord,
+# ~5x the cost of plain slot stores, and the sock_diag decoder builds one per
+# dumped socket (40,000 at field scale).  These build the same objects from a
+# mutable twin with the same __slots__ and then switch the class: Python
+# documents ``__class__`` assignment between classes with the same __slots__.
+# The result is an ordinary SocketRecord / Endpoint (type, equality, hash).
+
+
+class _EndpointSlots:
+    __slots__ = ("ip", "port")
+
+
+class _SocketRecordSlots:
+    # CPython lays slots out by sorted name: the order here does not matter.
+    __slots__ = (
+        "bytes_acked", "bytes_received", "cookie", "ifindex", "inode", "last_ack_recv_ms",
+        "last_data_recv_ms", "last_data_sent_ms", "local", "peer", "state", "transparent", "uid",
+    )  # fmt: skip
+
+
+def new_endpoint(ip: IPAddress, port: int, _new: Any = object.__new__) -> Endpoint:
+    """``Endpoint(ip, port)``, without the frozen dataclass's per-field calls."""
+    ep = _new(_EndpointSlots)
+    ep.ip = ip
+    ep.port = port
+    ep.__class__ = Endpoint
+    return ep  # type: ignore[no-any-return]
+
+
+def new_socket_record(  # noqa: PLR0917 (SocketRecord's own positional order)
+    state: TcpState,
+    local: Endpoint,
+    peer: Endpoint,
+    cookie: int,
+    inode: int,
+    uid: int,
+    last_data_recv_ms: int | None,
+    last_ack_recv_ms: int | None,
+    ifindex: int,
+    bytes_acked: int | None,
+    bytes_received: int | None,
+    last_data_sent_ms: int | None,
+    transparent: bool,
+    _new: Any = object.__new__,
+) -> SocketRecord:
+    """``SocketRecord(...)`` with every field given (positional, in field order), ~5x faster."""
+    r = _new(_SocketRecordSlots)
+    r.state = state
+    r.local = local
+    r.peer = peer
+    r.cookie = cookie
+    r.inode = inode
+    r.uid = uid
+    r.last_data_recv_ms = last_data_recv_ms
+    r.last_ack_recv_ms = last_ack_recv_ms
+    r.ifindex = ifindex
+    r.bytes_acked = bytes_acked
+    r.bytes_received = bytes_received
+    r.last_data_sent_ms = last_data_sent_ms
+    r.transparent = transparent
+    r.__class__ = SocketRecord
+    return r  # type: ignore[no-any-return]

@@ -34,8 +34,15 @@ import socket
 import struct
 import sys
 from collections.abc import Callable, Iterable
+from typing import Any
 
-from halfclose.agent.core.model import Endpoint, SocketRecord, TcpState
+from halfclose.agent.core.model import (
+    Endpoint,
+    SocketRecord,
+    TcpState,
+    new_endpoint,
+    new_socket_record,
+)
 from halfclose.agent.kernel import netlink as nl
 
 SOCK_DIAG_BY_FAMILY = 20
@@ -77,26 +84,29 @@ class Endpoints:
     per distinct address (a pod has a handful) and an ``Endpoint`` once per
     distinct (address, port).  The memo lives as long as one parse, so it
     neither thrashes (the old module-wide cache was cleared at 8,192 entries,
-    every ~4k leaks) nor grows across scans.
+    every ~4k leaks) nor grows across scans.  ``memo`` is (raw address,
+    port) -> Endpoint, read directly by the decoder's loop (a method call
+    per endpoint costs more than the lookup); ``make`` fills it.
     """
 
-    __slots__ = ("_eps", "_ips")
+    __slots__ = ("_ips", "memo")
 
     def __init__(self) -> None:
         self._ips: dict[bytes, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
-        self._eps: dict[tuple[bytes, int], Endpoint] = {}
+        self.memo: dict[tuple[bytes, int], Endpoint] = {}
 
     def get(self, family: int, raw: bytes, port: int) -> Endpoint:
-        key = (raw, port)
-        ep = self._eps.get(key)
-        if ep is None:
-            addr = raw[:4] if family == socket.AF_INET else raw
-            ip = self._ips.get(addr)
-            if ip is None:
-                ip = self._ips[addr] = (
-                    ipaddress.IPv4Address(addr) if len(addr) == 4 else ipaddress.IPv6Address(addr)
-                )
-            ep = self._eps[key] = Endpoint(ip, port)
+        return self.memo.get((raw, port)) or self.make(family, raw, port)
+
+    def make(self, family: int, raw: bytes, port: int) -> Endpoint:
+        """The Endpoint of a (raw address, port) not in ``memo`` yet, now in it."""
+        addr = raw[:4] if family == socket.AF_INET else raw
+        ip = self._ips.get(addr)
+        if ip is None:
+            ip = self._ips[addr] = (
+                ipaddress.IPv4Address(addr) if len(addr) == 4 else ipaddress.IPv6Address(addr)
+            )
+        ep = self.memo[(raw, port)] = new_endpoint(ip, port)
         return ep
 
 
@@ -271,13 +281,30 @@ def parse_buffers(
 
     Walks the nlmsghdrs itself instead of building a ``Message`` per socket.
     Stops at NLMSG_DONE; an NLMSG_ERROR for ``seq`` is raised.
+
+    Same-shaped messages (``_Shape``) are decoded with one ``struct`` unpack
+    each, a datagram made only of them with one ``iter_unpack``; anything
+    else (timewait minisockets, other attribute layouts, DONE/ERROR) goes
+    through the generic walker ``_decode``, with the same result.
     """
     seen = 0
     out: list[SocketRecord] = []
     append = out.append
     endpoints = endpoints or Endpoints()
+    shapes: dict[int, _Shape | None] = {}
     for buf in buffers:
         offset, size = 0, len(buf)
+        if size >= _NLMSG_HDR:
+            # The common case: a datagram of ~80 sockets of one shape.
+            first = _u32(buf, 0)[0]
+            if first in shapes:
+                shape = shapes[first]
+            else:
+                shape = shapes[first] = _Shape.learn(buf, 0, first, size)
+            if shape is not None and shape.uniform(buf, size, seq):
+                seen += size // first
+                shape.decode_all(buf, endpoints, keep, append)
+                continue
         while offset + _NLMSG_HDR <= size:
             length, msg_type, _flags, msg_seq, _pid = _nlmsg(buf, offset)
             if length < _NLMSG_HDR or offset + length > size:
@@ -285,9 +312,16 @@ def parse_buffers(
             if msg_seq == seq:
                 if msg_type == SOCK_DIAG_BY_FAMILY:
                     seen += 1
-                    record = _decode(buf, offset + _NLMSG_HDR, offset + length, endpoints, keep)
-                    if record is not None:
-                        append(record)
+                    if length in shapes:
+                        shape = shapes[length]
+                    else:
+                        shape = shapes[length] = _Shape.learn(buf, offset, length, size)
+                    if shape is not None and shape.matches(buf, offset):
+                        shape.decode_one(buf, offset, endpoints, keep, append)
+                    else:
+                        record = _decode(buf, offset + _NLMSG_HDR, offset + length, endpoints, keep)
+                        if record is not None:
+                            append(record)
                 elif msg_type == nl.NLMSG_DONE:
                     return seen, out
                 elif msg_type == nl.NLMSG_ERROR:
@@ -297,3 +331,177 @@ def parse_buffers(
                     return seen, out
             offset += (length + 3) & ~3
     return seen, out
+
+
+_u32 = struct.Struct("=I").unpack_from
+
+
+def _layout(fields: list[tuple[int, str]], size: int) -> struct.Struct:
+    """A struct reading ``fields`` ((offset, format), ascending), skipping the rest of ``size``."""
+    fmt, at = "=", 0
+    for offset, part in fields:
+        fmt += f"{offset - at}x" + part
+        at = offset + struct.calcsize("=" + part)
+    layout = struct.Struct(f"{fmt}{size - at}x")
+    assert layout.size == size
+    return layout
+
+
+class _Shape:
+    """The layout of one kind of SOCK_DIAG_BY_FAMILY message, learned from one of them.
+
+    The kernel sends every full socket of a dump with the same attributes in
+    the same order, so their messages have one length and every field at the
+    same offset.  A shape is learned from a *template* message by walking its
+    attributes as ``_decode`` does (up to INET_DIAG_INFO, where ``_decode``
+    stops), and it keeps the header (length and type, one u32) of each.
+    Another message is decoded by the shape only if its nlmsg length and type
+    and all those attribute headers equal the template's: ``_decode`` would
+    then walk it to the same offsets, so reading them directly gives the same
+    record.  A message that differs in any of them goes to ``_decode``.
+
+    Only full sockets with INET_DIAG_SOCKOPT and a tcp_info holding the byte
+    counters (kernel 5.10+) get a shape; other layouts (timewait
+    minisockets, older kernels) always take the generic walker.
+    """
+
+    __slots__ = ("_checks", "_headers", "_length", "_record", "_words")
+
+    def __init__(
+        self, length: int, attrs: list[tuple[int, int]], opt_at: int, info_at: int
+    ) -> None:
+        self._length = length
+        # The attribute headers: (offset in the message, u32 as sent).
+        self._headers = tuple(word for _, word in attrs)
+        self._checks = _layout([(at, "I") for at, _ in attrs], length)
+        # The same as (word index, bytes) for a datagram's strided compare.
+        self._words = [(at // 4, struct.pack("=I", word)) for at, word in attrs]
+        info = info_at + 4
+        # family, state, sport, dport, src, dst, if, cookie lo/hi, uid, inode,
+        # sockopt byte 0, last_data_sent, last_data_recv, last_ack_recv,
+        # bytes_acked, bytes_received.
+        self._record = _layout(
+            [
+                (_NLMSG_HDR, _MSG.format[1:]),
+                (opt_at + 4, "B"),
+                (info + TCPI_LAST_DATA_SENT, "I4xII"),
+                (info + TCPI_BYTES_ACKED, "QQ"),
+            ],
+            length,
+        )
+
+    @classmethod
+    def learn(cls, buf: memoryview | bytes, at: int, length: int, size: int) -> _Shape | None:
+        """The shape of the message at ``buf[at:at+length]``, or None if it gets none."""
+        if length < _NLMSG_HDR + MSG_SIZE or length % 4 or at + length > size:
+            return None
+        if _nlmsg(buf, at)[1] != SOCK_DIAG_BY_FAMILY:
+            return None
+        end = at + length
+        offset = at + _NLMSG_HDR + MSG_SIZE
+        attrs: list[tuple[int, int]] = []
+        opt_at = -1
+        # _decode's walk, stricter: a malformed attribute gets no shape.
+        while offset + 4 <= end:
+            attr_len, attr_type = _nla(buf, offset)
+            if attr_len < 4 or offset + attr_len > end:
+                return None
+            attrs.append((offset - at, _u32(buf, offset)[0]))
+            attr_type &= _TYPE_MASK
+            if attr_type == INET_DIAG_INFO:
+                if opt_at < 0 or attr_len - 4 < TCPI_BYTES_RECEIVED + 8:
+                    return None
+                return cls(length, attrs, opt_at, offset - at)
+            if attr_type == INET_DIAG_SOCKOPT and attr_len > 4:
+                opt_at = offset - at
+            offset += (attr_len + 3) & ~3
+        return None
+
+    def matches(self, buf: memoryview | bytes, at: int) -> bool:
+        """Whether the message at ``at``, of this shape's length and type, has its attributes."""
+        return self._checks.unpack_from(buf, at) == self._headers
+
+    def uniform(self, buf: memoryview | bytes, size: int, seq: int) -> bool:
+        """Whether the datagram is made only of messages of this shape, all for ``seq``.
+
+        Checked in bulk: each header word is compared across all the messages
+        with one strided slice of the datagram as u32s (C speed, no Python
+        per message).  The nlmsg_type word holds the flags too: they must be
+        the first message's (a dump's are all NLM_F_MULTI).
+        """
+        length = self._length
+        if size % length:
+            return False
+        count, stride = size // length, length // 4
+        words = memoryview(buf).cast("I")
+        if words[1] & 0xFFFF != SOCK_DIAG_BY_FAMILY:
+            return False
+        for index, want in (
+            (0, struct.pack("=I", length)),
+            (1, words[1:2].tobytes()),
+            (2, struct.pack("=I", seq)),
+            *self._words,
+        ):
+            if words[index::stride].tobytes() != want * count:
+                return False
+        return True
+
+    def decode_all(
+        self,
+        buf: memoryview | bytes,
+        endpoints: Endpoints,
+        keep: PortFilter | None,
+        append: Callable[[SocketRecord], None],
+    ) -> None:
+        """Decode a datagram ``uniform`` accepted: one ``iter_unpack`` over it."""
+        _emit(self._record.iter_unpack(buf), endpoints, keep, append)
+
+    def decode_one(
+        self,
+        buf: memoryview | bytes,
+        at: int,
+        endpoints: Endpoints,
+        keep: PortFilter | None,
+        append: Callable[[SocketRecord], None],
+    ) -> None:
+        """Decode the message at ``at``, which ``matches`` accepted."""
+        _emit((self._record.unpack_from(buf, at),), endpoints, keep, append)
+
+
+def _emit(
+    rows: Iterable[tuple[Any, ...]],
+    endpoints: Endpoints,
+    keep: PortFilter | None,
+    append: Callable[[SocketRecord], None],
+) -> None:
+    """The records of ``_Shape`` rows that pass ``keep``: what ``_decode`` builds from them."""
+    memo = endpoints.memo
+    make = endpoints.make
+    states = _STATES
+    be16 = _BE16
+    build = new_socket_record
+    for (family, state, sport_be, dport_be, src, dst, ifindex, cookie_lo, cookie_hi, uid, inode,
+         opt, last_sent, last_data, last_ack, acked, received) in rows:  # fmt: skip
+        sport = be16[sport_be]
+        dport = be16[dport_be]
+        if keep is not None and not keep(state, sport, dport):
+            continue
+        local = memo.get((src, sport)) or make(family, src, sport)
+        peer = memo.get((dst, dport)) or make(family, dst, dport)
+        append(
+            build(
+                states[state],
+                local,
+                peer,
+                cookie_lo | (cookie_hi << 32),
+                inode,
+                uid,
+                last_data,
+                last_ack,
+                ifindex,
+                acked,
+                received,
+                last_sent,
+                opt & SOCKOPT_TRANSPARENT != 0,
+            )
+        )
