@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
@@ -35,6 +35,7 @@ from halfclose.agent.kernel.ctnetlink import (
     encode_socket_get,
     encode_update,
     index_dump_entry,
+    key_ports,
     tuple_key,
 )
 from halfclose.agent.kernel.netns import NetnsHandle
@@ -42,7 +43,6 @@ from halfclose.errors import ConntrackUnavailable
 
 _nlmsg = nl.NLMSG_HDR.unpack_from
 _NLMSG_HDR = nl.NLMSG_HDR.size
-_V4_KEY_SIZE = len(tuple_key(IPv4Address(0), 0, IPv4Address(0), 0))
 
 # A batch of GETs is answered into our receive buffer before we read it; keep
 # the worst case (every request answered with a ~250-byte entry) well under it.
@@ -186,7 +186,7 @@ class Conntrack:
     def lookup_sockets_dump(
         self, sockets: Sequence[SocketRecord]
     ) -> dict[int, ConntrackEntry | None]:
-        """``lookup_sockets`` answered from one TCP dump per address family asked.
+        """``lookup_sockets`` answered from one dump of the netns's table.
 
         What a GET by tuple T finds is the zone-0 entry with T as its original
         or reply tuple, skipping expired entries; the dump is indexed the same
@@ -195,43 +195,54 @@ class Conntrack:
         up it resumes at the entry it could not fit, re-walking that hash
         bucket from its start if the entry vanished meanwhile: an entry present
         throughout the dump is reported (perhaps twice), never missed
-        (ctnetlink_dump_table, Linux 6.x).  Only entries of the candidates'
-        keys are decoded.  Any error is raised, never read as "absent".
+        (ctnetlink_dump_table, Linux 6.x).  Any error is raised, never read as
+        "absent".
+
+        Cheap per socket: only entries whose port pair some socket has are
+        kept (and decoded), and only a socket whose port pair some kept entry
+        has builds its full key; the rest are absent at the cost of a set
+        lookup.  All-IPv4 sockets need one TCP-filtered IPv4 dump; otherwise
+        one unfiltered dump of every family (one walk of the hash, not two).
         """
+        pairs = {(s.local.port, s.peer.port) for s in sockets}
+        family = socket.AF_INET if _all_ipv4(sockets) else socket.AF_UNSPEC
+        found: dict[bytes, ConntrackEntry] = {}
+        for key, entry in self._dump_matching(family, pairs):
+            found[key] = entry  # a later sighting is as valid as an earlier one
+        found_pairs = {key_ports(key) for key in found}
         out: dict[int, ConntrackEntry | None] = {}
-        wanted: dict[bytes, int] = {}
-        shared: dict[bytes, list[int]] = {}  # the rare tuple asked for twice
-        families = 0
         for sock in sockets:
             local, peer = sock.local, sock.peer
-            key = tuple_key(normalize_ip(local.ip), local.port, normalize_ip(peer.ip), peer.port)
-            cookie = sock.cookie
-            out[cookie] = None
-            if wanted.setdefault(key, cookie) != cookie:
-                shared.setdefault(key, [wanted[key]]).append(cookie)
-            families |= 1 if len(key) == _V4_KEY_SIZE else 2
-        for family, bit in ((socket.AF_INET, 1), (socket.AF_INET6, 2)):
-            if families & bit:
-                for key, entry in self._dump_matching(family, wanted):
-                    for cookie in shared.get(key, (wanted[key],)):
-                        out[cookie] = entry
+            if (local.port, peer.port) in found_pairs:
+                key = tuple_key(
+                    normalize_ip(local.ip), local.port, normalize_ip(peer.ip), peer.port
+                )
+                out[sock.cookie] = found.get(key)
+            else:
+                out[sock.cookie] = None
         return out
 
     def _dump_matching(
-        self, family: int, wanted: dict[bytes, int]
+        self, family: int, pairs: Container[tuple[int, int]]
     ) -> Iterator[tuple[bytes, ConntrackEntry]]:
-        """(key, entry) for each dumped TCP entry with a tuple in ``wanted``."""
+        """(key, entry) for each dumped TCP entry tuple whose port pair is in ``pairs``."""
+        if family == socket.AF_UNSPEC:
+            yield from self._dump_keys(encode_dump_all, family, pairs)
+            return
         try:
-            yield from self._dump_keys(encode_dump_tcp, family, wanted)
+            yield from self._dump_keys(encode_dump_tcp, family, pairs)
         except OSError as exc:
             # A kernel without CTA_FILTER (before 5.8) refuses it before
-            # sending any entry: nothing was yielded for this family yet.
+            # sending any entry: nothing was yielded yet.
             if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                 raise
-            yield from self._dump_keys(encode_dump_all, family, wanted)
+            yield from self._dump_keys(encode_dump_all, family, pairs)
 
     def _dump_keys(
-        self, encode: Callable[[int, int], bytes], family: int, wanted: dict[bytes, int]
+        self,
+        encode: Callable[[int, int], bytes],
+        family: int,
+        pairs: Container[tuple[int, int]],
     ) -> Iterator[tuple[bytes, ConntrackEntry]]:
         nls = self._nl
         seq = nls.next_seq()
@@ -256,11 +267,11 @@ class Conntrack:
                 if msg_type != MSG_NEW:
                     continue
                 payload = buf[start : start + length - _NLMSG_HDR]
-                orig, reply = index_dump_entry(payload)
-                hit = [k for k in (orig, reply) if k is not None and k in wanted]
-                if hit:
-                    entry = decode_entry(payload)  # at once: the buffer is reused
-                    for key in hit:
+                entry = None
+                for key in index_dump_entry(payload):
+                    if key is not None and key_ports(key) in pairs:
+                        if entry is None:
+                            entry = decode_entry(payload)  # now: the buffer is reused
                         yield key, entry
 
     def get_by_reply(self, reply: FlowTuple, zone: int = 0) -> ConntrackEntry | None:
@@ -338,6 +349,12 @@ class Conntrack:
 
     def close(self) -> None:
         self._nl.close()
+
+
+def _all_ipv4(sockets: Iterable[SocketRecord]) -> bool:
+    """Every socket's addresses are IPv4 as they stand (not even IPv4-mapped IPv6)."""
+    v4 = IPv4Address
+    return all(s.local.ip.__class__ is v4 and s.peer.ip.__class__ is v4 for s in sockets)
 
 
 def entries_by_reply(entries: Iterable[ConntrackEntry]) -> dict[FlowTuple, ConntrackEntry]:

@@ -494,3 +494,12 @@ def encode_dump_tcp(family: int, seq: int) -> bytes:
         CTA_FILTER, nl.pack_attr(CTA_FILTER_ORIG_FLAGS, _HOST32.pack(CTA_FILTER_FLAG_CTA_PROTO_NUM))
     )
     return nl.pack_message(MSG_GET, nl.NLM_F_REQUEST | nl.NLM_F_DUMP, seq, payload)
+
+
+_PORTS_V4 = struct.Struct("!36xH6xH")
+_PORTS_V6 = struct.Struct("!60xH6xH")
+
+
+def key_ports(key: bytes) -> tuple[int, int]:
+    """(source port, destination port) of a ``tuple_key``."""
+    return (_PORTS_V4 if len(key) == _SIZE_V4 else _PORTS_V6).unpack_from(key)
