@@ -14,8 +14,8 @@ threshold forced each way, must answer every socket the same, and as expected:
 - a plain IPv6 connection's entry, and an IPv6 REDIRECT's;
 - the app's own socket, whose tuple is the REDIRECT entry's *original* tuple;
 - TIME_WAIT and SYN_SENT (the app's new connection: a collision) entries;
-- absent tuples; a tuple whose only entry is UDP; one whose entry lives in
-  conntrack zone 5; one entry zoned in its original direction only (a zone-0
+- absent tuples, also on a port pair another socket's entry has; a tuple
+  whose only entry is UDP; one whose entry lives in conntrack zone 5; one entry zoned in its original direction only (a zone-0
   GET finds it by its reply tuple, not by its original one).
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import itertools
 from collections.abc import Iterator
 
 import pytest
@@ -58,8 +59,11 @@ def record(sock: SocketRecord, local: str, lport: int, peer: str, pport: int) ->
         sock,
         local=Endpoint(ipaddress.ip_address(local), lport),
         peer=Endpoint(ipaddress.ip_address(peer), pport),
-        cookie=sock.cookie ^ (lport << 32 | pport),
+        cookie=next(_COOKIES),
     )
+
+
+_COOKIES = itertools.count(1 << 62)
 
 
 def insert(netns: str, *args: str) -> None:
@@ -118,6 +122,11 @@ def lab() -> Iterator[tuple[str, dict[str, SocketRecord]]]:
                 "zone-5": record(base, "127.0.0.1", 15001, "203.0.113.10", 40004),
                 "orig-zone-by-reply": record(base, "127.0.0.1", 15001, "203.0.113.10", 40005),
                 "orig-zone-by-orig": record(base, "203.0.113.10", 40005, "203.0.113.10", 7777),
+                # Port pairs shared between sockets (the dump path indexes by them first).
+                "time-wait-other-peer": record(base, "127.0.0.1", 15001, "203.0.113.99", 40001),
+                "time-wait-mapped": record(
+                    base, "::ffff:127.0.0.1", 15001, "::ffff:203.0.113.10", 40001
+                ),
             }
             for port, state, extra in (
                 (40001, "TIME_WAIT", ()),
@@ -158,6 +167,8 @@ EXPECTED = {
     "zone-5": None,
     "orig-zone-by-reply": "ESTABLISHED",
     "orig-zone-by-orig": None,
+    "time-wait-other-peer": None,
+    "time-wait-mapped": "TIME_WAIT",
 }
 
 
@@ -182,7 +193,7 @@ def test_dump_and_get_answer_every_lookup_alike(
         cases = {n: s for n, s in cases.items() if s.local.ip.version == 4}
         cases["syn-sent"] = record(cases["redirect-v4"], "127.0.0.1", 15001, "203.0.113.10", 40002)
         expected = {n: expected[n] for n in cases}
-        assert len(cases) == 9
+        assert len(cases) == 10
     names = list(cases)
     socks = [cases[n] for n in names]
     monkeypatch.setattr(ctmod, "DUMP_MIN_LOOKUPS", threshold)
