@@ -15,8 +15,9 @@ threshold forced each way, must answer every socket the same, and as expected:
 - the app's own socket, whose tuple is the REDIRECT entry's *original* tuple;
 - TIME_WAIT and SYN_SENT (the app's new connection: a collision) entries;
 - absent tuples, also on a port pair another socket's entry has; a tuple
-  whose only entry is UDP; one whose entry lives in conntrack zone 5; one entry zoned in its original direction only (a zone-0
-  GET finds it by its reply tuple, not by its original one).
+  whose only entry is UDP; one whose entry lives in conntrack zone 5; one
+  entry zoned in its original direction only (a zone-0 GET finds it by its
+  reply tuple, not by its original one).
 """
 
 from __future__ import annotations
