@@ -23,7 +23,8 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from halfclose.agent.daemon.http import HealthServer
-from halfclose.agent.kube.client import load_api_client
+from halfclose.agent.daemon.main import client_post
+from halfclose.agent.kube.client import RawClient, load_api_client
 from halfclose.metricsauth import MetricsAuth, api_client_post
 from halfclose.operator.http import ProbeServer
 from halfclose.operator.metrics import OperatorMetrics
@@ -86,7 +87,9 @@ def installed(kube: ControlPlane) -> Iterator[Tokens]:
 def _auth(kube: ControlPlane, component: str, ttl: float = 60.0) -> MetricsAuth:
     """The component's reviewer, acting as its chart ServiceAccount."""
     kubeconfig = kube.kubeconfig_for(f"{FULLNAME}-{component}", NAMESPACE)
-    return MetricsAuth(api_client_post(load_api_client(kubeconfig)), ttl)
+    if component == "agent":  # each program's own client: the agent's, the operator's kubernetes
+        return MetricsAuth(client_post(RawClient(load_api_client(kubeconfig))), ttl)
+    return MetricsAuth(api_client_post(kube.client(kubeconfig)), ttl)
 
 
 def _get(port: int, path: str, token: str | None = None) -> int:
@@ -161,6 +164,6 @@ def test_without_the_chart_role_the_reviews_are_refused(
     """The metrics-auth binding is what lets the agent review: a scraper's token
     cannot be checked by an account without it (503, never a 200)."""
     kubeconfig = kube.kubeconfig_for("stranger", NAMESPACE)
-    auth = MetricsAuth(api_client_post(load_api_client(kubeconfig)))
+    auth = MetricsAuth(client_post(RawClient(load_api_client(kubeconfig))))
     verdict = auth.check(f"Bearer {installed.scraper}")
     assert verdict.status == 503 and not verdict.allowed

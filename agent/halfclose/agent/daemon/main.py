@@ -42,7 +42,7 @@ from halfclose.agent.kube.client import RawClient, load_api_client
 from halfclose.agent.kube.world import KubeWorld
 from halfclose.agent.kube.writer import ReportWriter
 from halfclose.errors import UserError
-from halfclose.metricsauth import MetricsAuth
+from halfclose.metricsauth import MetricsAuth, Post
 
 log = logging.getLogger("halfclose.agent")
 
@@ -76,14 +76,19 @@ def privileged_kernel(settings: AgentSettings) -> WorkerKernel:
     return kernel
 
 
-def metrics_auth(settings: AgentSettings, client: RawClient) -> MetricsAuth | None:
-    if not settings.metrics_auth:
-        return None
+def client_post(client: RawClient) -> Post:
+    """The reviews' ``POST`` over the agent's own API client."""
 
     def post(path: str, body: Mapping[str, Any]) -> Mapping[str, Any]:
         return client.request("POST", path, body=dict(body))
 
-    return MetricsAuth(post, settings.metrics_auth_cache_seconds)
+    return post
+
+
+def metrics_auth(settings: AgentSettings, client: RawClient) -> MetricsAuth | None:
+    if not settings.metrics_auth:
+        return None
+    return MetricsAuth(client_post(client), settings.metrics_auth_cache_seconds)
 
 
 @dataclass
