@@ -360,3 +360,30 @@ def test_ipv4_dump_addresses_are_four_bytes_and_shared() -> None:
     assert {r.local.ip for r in records} == {listen}
     proxy_side = [r.local for r in records if r.local.port == 15001]
     assert len(proxy_side) > 100 and all(ep is proxy_side[0] for ep in proxy_side)
+
+
+def _readdress(msg: bytes, src: bytes) -> bytes:
+    at = HDR.size + 4 + 4  # inet_diag_msg: family, state, timer, retrans, sport, dport
+    return msg[:at] + src + msg[at + 16 :]
+
+
+@pytest.mark.parametrize("generic", [False, True])
+def test_one_memo_for_both_families_keeps_them_apart(generic: bool) -> None:
+    """SockDiag.dump parses both families with one Endpoints: IPv4 127.0.0.1 and IPv6
+    7f00:1:: have the same 16 raw bytes, and each must keep its own family."""
+    seq4, msgs4 = _full_datagram()
+    _seq6, datagrams6 = _dump("v6", "half_closed")
+    v6 = next(m for d in datagrams6 for m in _messages(d) if len(m) == len(msgs4[0]))
+    v6 = v6[:8] + struct.pack("=I", seq4) + v6[12:]
+    raw = ipaddress.ip_address("127.0.0.1").packed.ljust(16, b"\0")
+    assert msgs4[0][HDR.size + 8 : HDR.size + 24] == raw
+    v6 = _readdress(v6, raw)
+    if generic:  # one message per datagram: the walker, not a shape
+        first, second = b"".join(msgs4[:1]), v6
+    else:
+        first, second = b"".join(msgs4), b"".join([v6] * 3)
+    endpoints = inetdiag.Endpoints()
+    _, got4 = inetdiag.parse_buffers([memoryview(first)], seq4, None, endpoints)
+    _, got6 = inetdiag.parse_buffers([memoryview(second)], seq4, None, endpoints)
+    assert {r.local.ip for r in got4} == {ipaddress.ip_address("127.0.0.1")}
+    assert {r.local.ip for r in got6} == {ipaddress.ip_address("7f00:1::")}

@@ -411,13 +411,19 @@ class Finding:
 # mutable twin with the same __slots__ and then switch the class: Python
 # documents ``__class__`` assignment between classes with the same __slots__.
 # The result is an ordinary SocketRecord / Endpoint (type, equality, hash).
+# The decoder's inner loop fills the twins itself (a call per socket costs as
+# much as the stores); anyone doing so must set every slot, then __class__.
 
 
-class _EndpointSlots:
+class EndpointSlots:
+    """Endpoint's slots, mutable: set both, then ``__class__ = Endpoint``."""
+
     __slots__ = ("ip", "port")
 
 
-class _SocketRecordSlots:
+class SocketRecordSlots:
+    """SocketRecord's slots, mutable: set all, then ``__class__ = SocketRecord``."""
+
     # CPython lays slots out by sorted name: the order here does not matter.
     __slots__ = (
         "bytes_acked", "bytes_received", "cookie", "ifindex", "inode", "last_ack_recv_ms",
@@ -427,7 +433,7 @@ class _SocketRecordSlots:
 
 def new_endpoint(ip: IPAddress, port: int, _new: Any = object.__new__) -> Endpoint:
     """``Endpoint(ip, port)``, without the frozen dataclass's per-field calls."""
-    ep = _new(_EndpointSlots)
+    ep = _new(EndpointSlots)
     ep.ip = ip
     ep.port = port
     ep.__class__ = Endpoint
@@ -451,7 +457,7 @@ def new_socket_record(  # noqa: PLR0917 (SocketRecord's own positional order)
     _new: Any = object.__new__,
 ) -> SocketRecord:
     """``SocketRecord(...)`` with every field given (positional, in field order), ~5x faster."""
-    r = _new(_SocketRecordSlots)
+    r = _new(SocketRecordSlots)
     r.state = state
     r.local = local
     r.peer = peer

@@ -38,10 +38,11 @@ from typing import Any
 
 from halfclose.agent.core.model import (
     Endpoint,
+    EndpointSlots,
     SocketRecord,
+    SocketRecordSlots,
     TcpState,
     new_endpoint,
-    new_socket_record,
 )
 from halfclose.agent.kernel import netlink as nl
 
@@ -84,30 +85,44 @@ class Endpoints:
     per distinct address (a pod has a handful) and an ``Endpoint`` once per
     distinct (address, port).  The memo lives as long as one parse, so it
     neither thrashes (the old module-wide cache was cleared at 8,192 entries,
-    every ~4k leaks) nor grows across scans.  ``memo`` is (raw address,
-    port) -> Endpoint, read directly by the decoder's loop (a method call
-    per endpoint costs more than the lookup); ``make`` fills it.
+    every ~4k leaks) nor grows across scans.
+
+    One memo per family: a raw address is 16 bytes, IPv4 in the first 4, so
+    IPv4 192.0.2.1 and IPv6 c000:201:: have the same raw bytes (one shared
+    memo once gave an IPv6 socket the IPv4 endpoint of the other family's
+    dump).  ``memo(family)`` is (raw address, port) -> Endpoint, read
+    directly by the decoder's loop.
     """
 
-    __slots__ = ("_ips", "memo")
+    __slots__ = ("_ips4", "_ips6", "_memo4", "_memo6")
 
     def __init__(self) -> None:
-        self._ips: dict[bytes, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
-        self.memo: dict[tuple[bytes, int], Endpoint] = {}
+        self._ips4: dict[bytes, ipaddress.IPv4Address] = {}
+        self._ips6: dict[bytes, ipaddress.IPv6Address] = {}
+        self._memo4: dict[tuple[bytes, int], Endpoint] = {}
+        self._memo6: dict[tuple[bytes, int], Endpoint] = {}
+
+    def memo(self, family: int) -> dict[tuple[bytes, int], Endpoint]:
+        return self._memo4 if family == socket.AF_INET else self._memo6
 
     def get(self, family: int, raw: bytes, port: int) -> Endpoint:
-        return self.memo.get((raw, port)) or self.make(family, raw, port)
-
-    def make(self, family: int, raw: bytes, port: int) -> Endpoint:
-        """The Endpoint of a (raw address, port) not in ``memo`` yet, now in it."""
-        addr = raw[:4] if family == socket.AF_INET else raw
-        ip = self._ips.get(addr)
-        if ip is None:
-            ip = self._ips[addr] = (
-                ipaddress.IPv4Address(addr) if len(addr) == 4 else ipaddress.IPv6Address(addr)
-            )
-        ep = self.memo[(raw, port)] = new_endpoint(ip, port)
+        memo = self.memo(family)
+        ep = memo.get((raw, port))
+        if ep is None:
+            ep = memo[(raw, port)] = new_endpoint(self.address(family, raw), port)
         return ep
+
+    def address(self, family: int, raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        """The address of a raw sock_diag address (16 bytes; IPv4 in the first 4)."""
+        if family == socket.AF_INET:
+            ip4 = self._ips4.get(raw)
+            if ip4 is None:
+                ip4 = self._ips4[raw] = ipaddress.IPv4Address(raw[:4])
+            return ip4
+        ip6 = self._ips6.get(raw)
+        if ip6 is None:
+            ip6 = self._ips6[raw] = ipaddress.IPv6Address(raw)
+        return ip6
 
 
 def _raw_addr(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
@@ -474,34 +489,56 @@ def _emit(
     keep: PortFilter | None,
     append: Callable[[SocketRecord], None],
 ) -> None:
-    """The records of ``_Shape`` rows that pass ``keep``: what ``_decode`` builds from them."""
-    memo = endpoints.memo
-    make = endpoints.make
+    """The records of ``_Shape`` rows that pass ``keep``: what ``_decode`` builds from them.
+
+    The hot loop of a scan (once per dumped socket): the endpoint memo is
+    read inline and the objects are built by filling their mutable twins
+    (``core.model.new_socket_record`` explains); a call per object would cost
+    as much as the whole rest.
+    """
+    memo4, memo6 = endpoints.memo(socket.AF_INET), endpoints.memo(socket.AF_INET6)
+    af_inet = socket.AF_INET
+    address = endpoints.address
     states = _STATES
     be16 = _BE16
-    build = new_socket_record
+    new: Callable[..., Any] = object.__new__  # the twins, untyped: the fields are SocketRecord's
+    record_cls, endpoint_cls = SocketRecord, Endpoint
     for (family, state, sport_be, dport_be, src, dst, ifindex, cookie_lo, cookie_hi, uid, inode,
          opt, last_sent, last_data, last_ack, acked, received) in rows:  # fmt: skip
         sport = be16[sport_be]
         dport = be16[dport_be]
         if keep is not None and not keep(state, sport, dport):
             continue
-        local = memo.get((src, sport)) or make(family, src, sport)
-        peer = memo.get((dst, dport)) or make(family, dst, dport)
-        append(
-            build(
-                states[state],
-                local,
-                peer,
-                cookie_lo | (cookie_hi << 32),
-                inode,
-                uid,
-                last_data,
-                last_ack,
-                ifindex,
-                acked,
-                received,
-                last_sent,
-                opt & SOCKOPT_TRANSPARENT != 0,
-            )
-        )
+        memo = memo4 if family == af_inet else memo6
+        key = (src, sport)
+        local = memo.get(key)
+        if local is None:
+            ep = new(EndpointSlots)
+            ep.ip = address(family, src)
+            ep.port = sport
+            ep.__class__ = endpoint_cls
+            local = memo[key] = ep
+        key = (dst, dport)
+        peer = memo.get(key)
+        if peer is None:
+            ep = new(EndpointSlots)
+            ep.ip = address(family, dst)
+            ep.port = dport
+            ep.__class__ = endpoint_cls
+            peer = memo[key] = ep
+        r = new(SocketRecordSlots)
+        r.state = states[state]
+        r.local = local
+        r.peer = peer
+        r.cookie = cookie_lo | (cookie_hi << 32)
+        r.inode = inode
+        r.uid = uid
+        r.last_data_recv_ms = last_data
+        r.last_ack_recv_ms = last_ack
+        r.ifindex = ifindex
+        r.bytes_acked = acked
+        r.bytes_received = received
+        r.last_data_sent_ms = last_sent
+        r.transparent = opt & SOCKOPT_TRANSPARENT != 0
+        r.__class__ = record_cls
+        append(r)
