@@ -27,10 +27,22 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _named(argv: Sequence[str]) -> tuple[str, ...]:
+    """The subcommands to register for ``argv``: the one it names, if it names one.
+
+    Registering a subcommand imports its module; ``halfclose scan`` need not
+    import the lab and the demo.  Anything else (no command, ``--help``, a
+    typo) gets every subcommand, so the messages are the full parser's.
+    """
+    if argv and argv[0] in SUBCOMMANDS:
+        return (argv[0],)
+    return SUBCOMMANDS
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="halfclose", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name in SUBCOMMANDS:
+    for name in SUBCOMMANDS if argv is None else _named(argv):
         try:
             module = importlib.import_module(f"halfclose.cli.{name}")
         except ModuleNotFoundError as exc:
@@ -43,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        given = sys.argv[1:] if argv is None else list(argv)
+        args = build_parser(given).parse_args(given)
         return int(args.func(args))
     except UserError as exc:
         print(

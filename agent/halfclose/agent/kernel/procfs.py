@@ -65,7 +65,10 @@ def process_name(pid: int, proc_root: str = "/proc") -> str:
         return "?"
 
 
-_KNOWN: dict[tuple[str, int], tuple[int, int]] = {}  # (proc_root, inode) -> (pid, fd)
+# proc_root -> inode -> the owner found last time.  The Owner itself is kept
+# (no key tuple, no value tuple): at 20k leaks the memory is one dict slot per
+# socket, not ~160 bytes.
+_KNOWN: dict[str, dict[int, Owner]] = {}
 _KNOWN_MAX = 65536
 
 
@@ -74,50 +77,79 @@ def forget_owners() -> None:
     _KNOWN.clear()
 
 
-def _socket_fds(proc_root: str, pid: int) -> Iterator[tuple[int, int]]:
-    """(fd, socket inode) of every socket ``pid`` holds.
-
-    The fd directory is opened once and each link read relative to it
-    (``dir_fd``): the kernel resolves one name per link, not five, which
-    halves the cost of a walk over tens of thousands of fds.
-    """
+def _open_fds(proc_root: str, pid: int) -> int | None:
     try:
-        dfd = os.open(f"{proc_root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY)
+        return os.open(f"{proc_root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
-        return
+        return None  # exited meanwhile, or not ours to read
+
+
+def _recheck(
+    proc_root: str, pid: int, remembered: list[Owner], inodes: list[int], read: dict[str, str]
+) -> list[tuple[int, Owner]]:
+    """Of ``pid``'s remembered owners, those whose fd still holds the same socket.
+
+    One readlink per remembered fd.  Each link read goes into ``read`` (fd
+    name -> link text), so a walk of this process afterwards does not read it
+    again, yet still sees a reused fd that now holds another wanted socket.
+    """
+    dfd = _open_fds(proc_root, pid)
+    if dfd is None:
+        return []
+    held: list[tuple[int, Owner]] = []
     try:
         readlink = os.readlink
-        for name in os.listdir(dfd):
+        for owner, inode in zip(remembered, inodes, strict=True):
+            name = str(owner.fd)
             try:
-                target = readlink(name, dir_fd=dfd)
+                link = read[name] = readlink(name, dir_fd=dfd)
             except OSError:
                 continue  # closed meanwhile
-            if target.startswith("socket:["):
-                yield int(name), int(target[8:-1])
-    except OSError:
-        return  # the process exited while we listed it
-    finally:
-        os.close(dfd)
-
-
-def _still_held(proc_root: str, pid: int, wanted: dict[int, int]) -> dict[int, int]:
-    """Of ``wanted`` (fd -> inode, all remembered for ``pid``), those it still holds."""
-    try:
-        dfd = os.open(f"{proc_root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return {}
-    held: dict[int, int] = {}
-    try:
-        readlink = os.readlink
-        for fd, inode in wanted.items():
-            try:
-                if readlink(str(fd), dir_fd=dfd) == f"socket:[{inode}]":
-                    held[fd] = inode
-            except OSError:
-                continue
+            if link == f"socket:[{inode}]":
+                held.append((inode, owner))
     finally:
         os.close(dfd)
     return held
+
+
+def _walk(
+    proc_root: str, pid: int, targets: dict[int, int], read: dict[str, str] | None
+) -> list[tuple[int, str]]:
+    """(inode, fd name) of the wanted sockets ``pid`` holds, removed from ``targets``.
+
+    ``targets`` maps each wanted inode to itself: the pop hands back the
+    caller's int, so the results hold no second copy of 40,000 inodes.  The
+    fd directory is opened once and each link read relative to it
+    (``dir_fd``): the kernel resolves one name per link, not five.  Links in
+    ``read`` (already read by this lookup) are not read again.  Stops as soon
+    as ``targets`` is empty.  (The readlink syscalls are ~85% of the time:
+    measured at 40,000 fds, a bare listdir + readlink loop takes 165-180 ms
+    of CPU, this one 200-220 ms.)
+    """
+    dfd = _open_fds(proc_root, pid)
+    if dfd is None:
+        return []
+    hits: list[tuple[int, str]] = []
+    try:
+        names = os.listdir(dfd)
+        readlink = os.readlink
+        pop = targets.pop
+        for name in names:
+            try:
+                link = read[name] if read and name in read else readlink(name, dir_fd=dfd)
+            except OSError:
+                continue  # closed meanwhile
+            if link.startswith("socket:["):
+                inode = pop(int(link[8:-1]), None)
+                if inode is not None:
+                    hits.append((inode, name))
+                    if not targets:
+                        break
+    except OSError:
+        pass  # the process exited while we listed it
+    finally:
+        os.close(dfd)
+    return hits
 
 
 def find_owners(
@@ -131,45 +163,47 @@ def find_owners(
 
     ``netns_inode`` (the scanned netns) and ``uid_hint`` only order the search.
     Inodes no process holds (or none we may read) are absent from the result.
+    Each fd link is read at most once per call.
     """
     wanted = {i for i in inodes if i}
     owners: dict[int, Owner] = {}
+    known = _KNOWN.setdefault(proc_root, {})
+    read: dict[int, dict[str, str]] = {}  # pid -> fd name -> link text, read by this call
     # Remembered owners first, re-checked per process with one readlink each.
-    by_pid: dict[int, dict[int, int]] = {}
+    by_pid: dict[int, tuple[list[Owner], list[int]]] = {}
     for inode in wanted:
-        known = _KNOWN.get((proc_root, inode))
-        if known is not None:
-            by_pid.setdefault(known[0], {})[known[1]] = inode
-    for pid, fds in by_pid.items():
-        held = _still_held(proc_root, pid, fds)
+        owner = known.get(inode)
+        if owner is not None:
+            group = by_pid.setdefault(owner.pid, ([], []))
+            group[0].append(owner)
+            group[1].append(inode)
+    for pid, (remembered, their_inodes) in by_pid.items():
+        held = _recheck(proc_root, pid, remembered, their_inodes, read.setdefault(pid, {}))
         if held:
             comm = process_name(pid, proc_root)
-            for fd, inode in held.items():
-                owners[inode] = Owner(pid, comm, fd)
+            for inode, was in held:
+                # The name is read afresh (a process may rename itself).
+                now = was if was.process == comm else Owner(pid, comm, was.fd)
+                owners[inode] = known[inode] = now
                 wanted.discard(inode)
-        for fd, inode in fds.items():
-            if fd not in held:
-                del _KNOWN[(proc_root, inode)]
+        for inode in their_inodes:
+            if inode in wanted:
+                del known[inode]  # stale: the fd closed or holds another socket now
     if not wanted:
         return owners
+    targets = {i: i for i in wanted}
+    del wanted
     hint = set(uid_hint)
     procs = _processes(proc_root)
     procs.sort(key=lambda p: (p[2] != netns_inode, p[1] not in hint, p[0]))
     for pid, _uid, _ino in procs:
-        found_here: dict[int, int] = {}
-        for fd, inode in _socket_fds(proc_root, pid):
-            if inode in wanted:
-                wanted.discard(inode)
-                found_here[inode] = fd
-                if not wanted:
-                    break
-        if found_here:
+        hits = _walk(proc_root, pid, targets, read.get(pid))
+        if hits:
             comm = process_name(pid, proc_root)
-            if len(_KNOWN) + len(found_here) > _KNOWN_MAX:
-                _KNOWN.clear()
-            for inode, fd in found_here.items():
-                owners[inode] = Owner(pid, comm, fd)
-                _KNOWN[(proc_root, inode)] = (pid, fd)
-        if not wanted:
+            if len(known) + len(hits) > _KNOWN_MAX:
+                known.clear()
+            for inode, name in hits:
+                owners[inode] = known[inode] = Owner(pid, comm, int(name))
+        if not targets:
             break
     return owners
