@@ -18,7 +18,11 @@ trap 'rm -rf "$work"' EXIT
 # editable project itself are not constraints on what the index serves.
 "$venv_python" -m pip freeze --all --exclude-editable | grep -v ' @ file:' >"$work/venv.txt"
 
-for name in agent operator build; do
+# Arguments: which sets to re-pin (default: all three).
+names=("$@")
+[ ${#names[@]} -gt 0 ] || names=(agent operator build)
+for name in "${names[@]}"; do
+  case "$name" in agent | operator | build) ;; *) echo "compile.sh: no set $name" >&2; exit 2 ;; esac
   CUSTOM_COMPILE_COMMAND="requirements/compile.sh" \
     "$work/tools/bin/pip-compile" --quiet --generate-hashes --strip-extras --allow-unsafe \
     --no-emit-index-url --no-emit-find-links --no-emit-trusted-host \
@@ -26,4 +30,4 @@ for name in agent operator build; do
   # The constraint file is a temporary path: drop it from the "via" annotations.
   sed -i '/^    #   -c /d' "$name.txt"
 done
-echo "compile.sh: wrote requirements/agent.txt, operator.txt and build.txt"
+echo "compile.sh: wrote requirements/${names[*]/%/.txt}"
