@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from halfclose.agent.core.model import (
+    Capture,
     Endpoint,
     Finding,
     HalfClosedTimeouts,
@@ -15,9 +18,9 @@ from halfclose.agent.core.model import (
     TcpState,
     UnprovenReason,
 )
-from halfclose.agent.core.outcome import ActionReport, FindingOutcome
-from halfclose.agent.core.plan import ActionKind, SkipReason
-from halfclose.agent.engine.report import render_table, to_json_dict
+from halfclose.agent.core.outcome import ActionReport, FindingOutcome, KillSummary
+from halfclose.agent.core.plan import ActionKind, Op, SkipReason
+from halfclose.agent.engine.report import json_chunks, render_table, to_json_dict
 from halfclose.agent.engine.scan import ScanResult
 
 FINDING_KEYS = {
@@ -144,3 +147,84 @@ def test_unproven_findings_carry_the_missing_part_as_reason() -> None:
     lines = render_table(r).splitlines()
     assert lines[0].endswith("0 leaked, 0 at-risk, 1 unproven (never acted on)")
     assert lines[2].startswith("unproven (not-nat-captured)  FIN-WAIT-2")
+
+
+def _varied() -> tuple[ScanResult, ActionReport]:
+    """Every shape a finding's JSON takes: owners or none, IPv4/IPv6/mapped, idle
+    known or not, paired or not, each capture, unproven reasons, each outcome
+    field, process names JSON must escape."""
+    findings: list[Finding] = []
+    outcomes: list[FindingOutcome] = []
+    names = ["envoy", 'pro"xy\\', "zt\u00fcnnel\u2603", "tab\there", "", "\U0001f600"]
+    addrs = ["192.0.2.10", "[2001:db8::9]", "[::ffff:198.51.100.7]", "203.0.113.10"]
+    for i in range(40):
+        idle = None if i % 7 == 3 else 1000 * i + i % 1000
+        s = _sock(
+            TcpState.FIN_WAIT2, f"{addrs[i % 4]}:15001", f"{addrs[-i % 4]}:{40000 + i}", i + 1, idle
+        )
+        up = _sock(
+            TcpState.CLOSE_WAIT, f"{addrs[i % 4]}:{50000 + i}", "203.0.113.10:7777", 1000 + i, idle
+        )
+        owner = None if i % 5 == 4 else Owner(100 + i, names[i % len(names)], 3 + i)
+        kind = (Kind.LEAKED, Kind.AT_RISK, Kind.COLLISION, Kind.UNPROVEN)[i % 4]
+        reason = UnprovenReason.NOT_NAT_CAPTURED if kind is Kind.UNPROVEN else None
+        capture = (None, Capture.RULE, Capture.CONNTRACK, Capture.TPROXY)[
+            i % 4 if reason is None else 0
+        ]
+        f = Finding(kind, s, owner, None, up if i % 3 else None, reason=reason, capture=capture)
+        findings.append(f)
+        if i % 6 == 0:
+            continue  # no outcome: action "none" from the finding alone
+        outcomes.append(
+            (
+                FindingOutcome(f, Outcome.SKIPPED, SkipReason.REPORT_ONLY),
+                FindingOutcome(f, Outcome.FAILED, error="EPERM"),
+                FindingOutcome(f, Outcome.SKIPPED, SkipReason.NOT_LEAKED, would=Op.KILL),
+                FindingOutcome(f, Outcome.EXTENDED, timeout_before=5, timeout_after=60),
+                FindingOutcome(f, Outcome.KILLED, upstream_closed=i % 2 == 0),
+            )[i % 5]
+        )
+    r = ScanResult(
+        netns='ns "odd" \u00e9',
+        capture_ports=(15001, 15006),
+        sockets_examined=80,
+        duration_seconds=0.1234567891,
+        findings=findings,
+        warnings=("rules unreadable \u2192 none",),
+        timeouts=HalfClosedTimeouts(60, 120),
+    )
+    report = ActionReport(ActionKind.KILL, False, tuple(outcomes), kills=KillSummary(killed=3))
+    return r, report
+
+
+def _old_text(r: ScanResult, report: ActionReport | None) -> str:
+    return json.dumps(to_json_dict(r, report), separators=(",", ":"))
+
+
+def test_streamed_json_is_the_dict_renderers_text() -> None:
+    r, report = _varied()
+    for a in (None, report):
+        for batch in (1, 7, 1024):
+            chunks = list(json_chunks(r, a, batch=batch))
+            assert "".join(chunks) == _old_text(r, a)
+            assert len(chunks) == 2 + -(-len(r.findings) // batch)  # head, pieces, tail
+    empty = ScanResult("x", (), 0, 0.001, [])
+    assert "".join(json_chunks(empty)) == _old_text(empty, None)
+    assert json.loads("".join(json_chunks(r, report)))["kill_summary"]["killed"] == 3
+
+
+def test_an_outcome_field_that_replaces_a_base_field_keeps_the_dicts_text(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Should an outcome ever add a field the finding already has, the dict
+    # replaces it in place; the writer must not append a second one.
+    r, report = _varied()
+    real = FindingOutcome.to_json_fields
+
+    def fields(self: FindingOutcome) -> dict[str, object]:
+        return {**real(self), "capture": "overridden", "pid": None}
+
+    monkeypatch.setattr(FindingOutcome, "to_json_fields", fields)
+    text = "".join(json_chunks(r, report))
+    assert text == _old_text(r, report)
+    assert json.loads(text)["findings"][1]["capture"] == "overridden"
