@@ -5,6 +5,7 @@ Bad input must give exit 2 and exactly one line on stderr, and change nothing.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -169,3 +170,37 @@ def test_json_and_table_on_real_leaks() -> None:
     )
     assert sum(line.startswith("leaked ") for line in table.stdout.splitlines()) == 2
     assert before == after  # a scan changes nothing
+
+
+@pytest.mark.kernel
+def test_streamed_json_is_the_dict_renderers_on_a_real_scan_and_kill() -> None:
+    """The CLI writes ``json_chunks``; it must say what ``to_json_dict`` said."""
+    skip_unless_root("iptables", "conntrack", "ss", "nsenter")
+    from halfclose.agent.core.outcome import ActionReport, report_only
+    from halfclose.agent.engine.report import json_chunks, to_json_dict
+    from halfclose.agent.engine.scan import Scanner, ScanSettings
+    from halfclose.agent.kernel.netns import NetnsHandle
+    from halfclose.cli.scan import ACTIONS
+
+    with (
+        minimesh(leaks=3, live=1) as mm,
+        NetnsHandle.from_name(mm.netns) as handle,
+        Scanner(handle) as scanner,
+    ):
+        result = scanner.scan(ScanSettings())
+        args = argparse.Namespace(min_idle=0.0, max_kills=10, dry_run=False, close_wait_timeout=5)
+        reports: list[ActionReport | None] = [
+            None,
+            report_only(result.findings),
+            ACTIONS["kill"](scanner, result, args),  # real kills: kill_summary, upstream_closed
+        ]
+    for report in reports:
+        streamed = "".join(json_chunks(result, report, batch=2))
+        old = json.dumps(to_json_dict(result, report), separators=(",", ":"))
+        assert json.loads(streamed) == json.loads(old)
+        assert streamed == old
+    doc = json.loads(streamed)
+    assert doc["kill_summary"]["killed"] == 3
+    leaked = [f for f in doc["findings"] if f["kind"] == "leaked"]
+    assert len(leaked) == 3 and all(f["action"] == "killed" for f in leaked)
+    assert all(f["pid"] == mm.proxy.pid and f["upstream"] for f in leaked)
