@@ -108,6 +108,25 @@ def is_candidate(
     return examined(sock, ports, capture or CaptureEvidence())
 
 
+def candidates(
+    sockets: Iterable[SocketRecord], ports: Collection[int], capture: CaptureEvidence | None = None
+) -> list[SocketRecord]:
+    """The candidates among ``sockets``: ``is_candidate`` for many sockets at once.
+
+    The same three tests, with the per-scan constants read once: a scan runs
+    this over every socket it dumped (40,000 at 20k leaks).
+    """
+    fin_wait2 = TcpState.FIN_WAIT2
+    tproxy = (capture or CaptureEvidence()).tproxy_examined
+    return [
+        s
+        for s in sockets
+        if s.state is fin_wait2
+        and s.inode != 0  # not an orphan (SocketRecord.orphan)
+        and (s.local.port in ports or (tproxy and s.transparent))
+    ]
+
+
 def old_enough(sock: SocketRecord, min_idle_seconds: float) -> bool:
     if min_idle_seconds <= 0:
         return True
@@ -115,48 +134,75 @@ def old_enough(sock: SocketRecord, min_idle_seconds: float) -> bool:
     return idle is not None and idle >= min_idle_seconds
 
 
+# Sentinel: the candidate's cookie was not looked up by cookie.
+_NOT_BY_COOKIE = object()
+
+
+class _Judge:
+    """``judge`` for one ``Evidence``: what is the same for every candidate of a
+    scan (the bar, the lookups, the capture test) is read once, not per socket.
+
+    The checks, their order and their reasons are ``judge``'s (the four-part
+    proof, docs/detection.md); only where the constants come from differs.
+    """
+
+    __slots__ = ("by_cookie", "evidence", "missing", "proves", "threshold")
+
+    def __init__(self, evidence: Evidence) -> None:
+        self.evidence = evidence
+        timeouts = evidence.timeouts
+        self.threshold = silence_bar(timeouts) if timeouts is not None else None
+        self.proves = evidence.capture.proves
+        self.by_cookie = evidence.by_cookie
+        self.missing = evidence.timeouts_missing
+
+    def __call__(self, sock: SocketRecord, owner: Owner | None) -> Finding | None:
+        threshold = self.threshold
+        # Part 2: the capture.
+        capture = self.proves(sock)
+        if capture is None:
+            return Finding(
+                Kind.UNPROVEN,
+                sock,
+                owner,
+                None,
+                None,
+                UnprovenReason.NOT_NAT_CAPTURED,
+                None,
+                threshold,
+            )
+        # Part 3: the mapping (not looked up: no finding at all).
+        entry = self.by_cookie.get(sock.cookie, _NOT_BY_COOKIE)
+        if entry is _NOT_BY_COOKIE:
+            looked_up, entry = self.evidence.entry(sock)
+            if not looked_up:
+                return None
+        assert entry is None or isinstance(entry, ConntrackEntry)
+        if entry is not None and not entry.opening:
+            return Finding(Kind.AT_RISK, sock, owner, entry, None, None, capture, threshold)
+        # Part 4: the expiry.  The silence is SocketRecord.silence_seconds,
+        # computed the same way (the youngest of three ages, None if any is
+        # unknown) without a property call per socket.
+        reason: UnprovenReason | None = None
+        recv, ack, sent = sock.last_data_recv_ms, sock.last_ack_recv_ms, sock.last_data_sent_ms
+        if threshold is None:
+            reason = self.missing
+        elif recv is None or ack is None or sent is None:
+            reason = UnprovenReason.IDLE_UNKNOWN
+        elif min(recv, ack, sent) / 1000.0 < threshold:
+            reason = UnprovenReason.ENTRY_REMOVED_EARLY
+        if reason is not None:
+            return Finding(Kind.UNPROVEN, sock, owner, entry, None, reason, capture, threshold)
+        kind = Kind.LEAKED if entry is None else Kind.COLLISION
+        return Finding(kind, sock, owner, entry, None, None, capture, threshold)
+
+
 def judge(sock: SocketRecord, evidence: Evidence, owner: Owner | None) -> Finding | None:
     """Parts 2-4 for one candidate (part 1 is the caller's ``is_candidate``).
 
     None when the candidate's reply tuple was not looked up.
     """
-    threshold = silence_bar(evidence.timeouts) if evidence.timeouts is not None else None
-    capture = evidence.capture.proves(sock)
-    if capture is None:
-        return Finding(
-            Kind.UNPROVEN,
-            sock,
-            owner,
-            reason=UnprovenReason.NOT_NAT_CAPTURED,
-            min_silence_seconds=threshold,
-        )
-    looked_up, entry = evidence.entry(sock)
-    if not looked_up:
-        return None
-    if entry is not None and not entry.opening:
-        return Finding(
-            Kind.AT_RISK, sock, owner, entry, capture=capture, min_silence_seconds=threshold
-        )
-    reason: UnprovenReason | None = None
-    silence = sock.silence_seconds
-    if threshold is None:
-        reason = evidence.timeouts_missing
-    elif silence is None:
-        reason = UnprovenReason.IDLE_UNKNOWN
-    elif silence < threshold:
-        reason = UnprovenReason.ENTRY_REMOVED_EARLY
-    if reason is not None:
-        return Finding(
-            Kind.UNPROVEN,
-            sock,
-            owner,
-            entry,
-            reason=reason,
-            capture=capture,
-            min_silence_seconds=threshold,
-        )
-    kind = Kind.LEAKED if entry is None else Kind.COLLISION
-    return Finding(kind, sock, owner, entry, capture=capture, min_silence_seconds=threshold)
+    return _Judge(evidence)(sock, owner)
 
 
 def classify(
@@ -167,17 +213,29 @@ def classify(
     min_idle_seconds: float = 0.0,
 ) -> list[Finding]:
     """Findings for the candidates among ``sockets``: collisions, leaks, then the rest."""
-    findings: list[Finding] = []
-    for sock in sockets:
-        if not is_candidate(sock, ports, evidence.capture):
-            continue
-        finding = judge(sock, evidence, owners.get(sock.inode))
+    judged = _Judge(evidence)
+    get_owner = owners.get
+    collision = Kind.COLLISION
+    by_kind: dict[Kind, list[Finding]] = {k: [] for k in _KIND_ORDER}
+    for sock in candidates(sockets, ports, evidence.capture):
+        finding = judged(sock, get_owner(sock.inode))
         if finding is None:
             continue
-        if finding.kind is not Kind.COLLISION and not old_enough(sock, min_idle_seconds):
+        if (
+            min_idle_seconds > 0
+            and finding.kind is not collision
+            and not old_enough(sock, min_idle_seconds)
+        ):
             continue
-        findings.append(finding)
-    findings.sort(key=_order)
+        by_kind[finding.kind].append(finding)
+    # Sorted kind by kind (collisions, leaks, at-risk, unproven), then by
+    # addresses and ports: the order _order gives, one key per finding.
+    key = _OrderKey()
+    findings: list[Finding] = []
+    for kind in _KIND_ORDER:
+        group = by_kind[kind]
+        group.sort(key=key)
+        findings.extend(group)
     return findings
 
 
@@ -201,3 +259,30 @@ def _order(f: Finding) -> tuple[int, int, int, int, int]:
 
 def _ip_key(ip: IPAddress) -> int:
     return int(ip) if ip.version == 4 else int(ip) + (1 << 32)
+
+
+class _OrderKey:
+    """``_order`` within one kind, with each address's number computed once.
+
+    The dump shares one address object among its sockets (the proxy's local
+    address is one object for 20,000 sockets), so numbers are kept by the
+    object's identity; the findings being sorted keep every address alive.
+    """
+
+    __slots__ = ("_ips",)
+
+    def __init__(self) -> None:
+        self._ips: dict[int, int] = {}
+
+    def __call__(self, f: Finding) -> tuple[int, int, int, int]:
+        s = f.socket
+        local, peer = s.local, s.peer
+        ips = self._ips
+        lip, pip = local.ip, peer.ip
+        lkey = ips.get(id(lip))
+        if lkey is None:
+            lkey = ips[id(lip)] = _ip_key(lip)
+        pkey = ips.get(id(pip))
+        if pkey is None:
+            pkey = ips[id(pip)] = _ip_key(pip)
+        return (lkey, local.port, pkey, peer.port)

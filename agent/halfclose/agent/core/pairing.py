@@ -27,7 +27,10 @@ downstream is this one); otherwise the pair is None.
 from __future__ import annotations
 
 import bisect
+from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from itertools import repeat
+from operator import add
 
 from halfclose.agent.core.model import Endpoint, Finding, Kind, Owner, SocketRecord, TcpState
 
@@ -126,15 +129,32 @@ class _Group:
     def __init__(self, downs: Sequence[SocketRecord], ups: Sequence[SocketRecord]) -> None:
         self.downs = list(downs)
         self.ups = list(ups)
-        self.ups_by_key: dict[tuple[int, int], list[SocketRecord]] = {}
+        # The keys of _up_keys / _down_key, computed inline (two calls per
+        # socket otherwise, 40,000 at 20k leaks).
+        ups_by_key: dict[tuple[int, int], list[SocketRecord]] = {}
         for u in ups:
-            for key in _up_keys(u):
-                self.ups_by_key.setdefault(key, []).append(u)
-        self.downs_by_key: dict[tuple[int, int], list[SocketRecord]] = {}
+            acked, received = u.bytes_acked, u.bytes_received
+            if acked is None or received is None:
+                continue
+            for key in ((received, acked - 1), (received, acked)):
+                same = ups_by_key.get(key)
+                if same is None:
+                    ups_by_key[key] = [u]
+                else:
+                    same.append(u)
+        downs_by_key: dict[tuple[int, int], list[SocketRecord]] = {}
         for d in downs:
-            dk = _down_key(d)
-            if dk is not None:
-                self.downs_by_key.setdefault(dk, []).append(d)
+            acked, received = d.bytes_acked, d.bytes_received
+            if acked is None or received is None:
+                continue
+            key = (acked, received)
+            same = downs_by_key.get(key)
+            if same is None:
+                downs_by_key[key] = [d]
+            else:
+                same.append(d)
+        self.ups_by_key = ups_by_key
+        self.downs_by_key = downs_by_key
         self._indexes: dict[object, _TimeIndex] = {}
 
     def _index(self, key: object, socks: Sequence[SocketRecord]) -> _TimeIndex:
@@ -178,6 +198,88 @@ class _Group:
         return choice if downs.best(choice.last_ack_recv_ms) is down else None
 
 
+def _holders(socks: Sequence[SocketRecord], owners: Mapping[int, Owner]) -> list[Holder]:
+    """``holder(s, owners)`` for each of ``socks`` (one comprehension, not a call each)."""
+    if not owners:
+        return [("uid", s.uid) for s in socks]
+    get = owners.get
+    return [("pid", o.pid) if (o := get(s.inode)) is not None else ("uid", s.uid) for s in socks]
+
+
+def _grouped(keys: Sequence[Holder]) -> dict[Holder, list[int]]:
+    """Positions in ``keys`` by key, in order (one proxy, one holder: the usual case)."""
+    if not keys:
+        return {}
+    if keys.count(keys[0]) == len(keys):
+        return {keys[0]: list(range(len(keys)))}
+    out: dict[Holder, list[int]] = {}
+    for i, k in enumerate(keys):
+        same = out.get(k)
+        if same is None:
+            out[k] = [i]
+        else:
+            same.append(i)
+    return out
+
+
+def _choose_all(
+    downs: Sequence[SocketRecord], ups: Sequence[SocketRecord]
+) -> list[SocketRecord | None]:
+    """``_Group(downs, ups).choose(d)`` for each ``d`` in ``downs``, in order.
+
+    Where the counters alone decide, the answer is read from counts rather
+    than from ``choose``'s lists: exactly one upstream is indexed under the
+    downstream's counters (``exact_ups`` is that one), and exactly one
+    downstream under that upstream's two keys (``exact_downs`` is ``[down]``,
+    since ``down`` is one of them): ``choose`` returns that upstream.  Every
+    other downstream is asked of ``choose`` itself (the group is built on
+    first need).  The counts are taken with C-level ``map``s over whole
+    lists: at 20k leaks a per-socket loop touching each matched upstream's
+    keys at random cost ~3x more (cache misses, not hashing).
+    """
+    n = len(ups)
+    # The keys of _up_keys / _down_key: (received, acked - 1) and
+    # (received, acked) for an upstream, (acked, received) for a downstream.
+    hi = [
+        None if (acked := u.bytes_acked) is None or (got := u.bytes_received) is None
+        else (got, acked)
+        for u in ups
+    ]  # fmt: skip
+    lo = [None if k is None else (k[0], k[1] - 1) for k in hi]
+    keys = [
+        None if (acked := d.bytes_acked) is None or (got := d.bytes_received) is None
+        else (acked, got)
+        for d in downs
+    ]  # fmt: skip
+    up_at = dict(zip(lo, range(n), strict=True))
+    up_at.update(zip(hi, range(n), strict=True))
+    # j: the one upstream indexed under the downstream's key, or None.
+    js = list(map(up_at.get, keys))
+    if len(up_at) != 2 * n:
+        # Some key is held by two upstreams (or a counter is unknown: the
+        # None key): an upstream there is not the only exact one.
+        up_count = Counter(lo)
+        up_count.update(hi)
+        js = [
+            None if j is None or k is None or up_count[k] != 1 else j
+            for j, k in zip(js, keys, strict=True)
+        ]
+    # Downstreams indexed under each upstream's two keys (its rivals: mutual
+    # when ``down`` is the only one).  Used only for upstreams found by a
+    # known key, so their own keys are known.
+    down_count = Counter(keys)
+    rivals = down_count.get
+    mutual = list(map(add, map(rivals, lo, repeat(0)), map(rivals, hi, repeat(0))))
+    out = [None if j is None or mutual[j] != 1 else ups[j] for j in js]
+    group: _Group | None = None
+    for i, up in enumerate(out):
+        if up is None:
+            if group is None:
+                group = _Group(downs, ups)
+            out[i] = group.choose(downs[i])
+    return out
+
+
 def pair(
     findings: Sequence[Finding],
     sockets: Iterable[SocketRecord],
@@ -185,51 +287,59 @@ def pair(
     owners: Mapping[int, Owner],
 ) -> list[Finding]:
     """``findings`` with ``upstream`` filled where it can be determined."""
-    by_holder: dict[Holder, list[SocketRecord]] = {}
-    for s in upstream_pool(sockets, capture_ports):
-        by_holder.setdefault(holder(s, owners), []).append(s)
+    close_wait = TcpState.CLOSE_WAIT
+    # upstream_pool(), with its three tests inline.
+    pool = [
+        s
+        for s in sockets
+        if s.state is close_wait and s.inode != 0 and s.local.port not in capture_ports
+    ]
+    by_holder = {who: [pool[j] for j in at] for who, at in _grouped(_holders(pool, owners)).items()}
+    downs = [f.socket for f in findings]
+    holders = _holders(downs, owners)
 
     chosen: dict[int, SocketRecord] = {}  # finding index -> upstream
     claimed: set[int] = set()  # upstream cookies already paired
 
     # 1. At-risk: the original destination narrows candidates to one service.
+    at_risk = Kind.AT_RISK
     by_dest: dict[tuple[Holder, Endpoint], list[int]] = {}
     for i, f in enumerate(findings):
-        if f.kind is Kind.AT_RISK and f.entry is not None:
+        if f.kind is at_risk and f.entry is not None:
             dest = Endpoint(f.entry.original.dst, f.entry.original.dport)
-            by_dest.setdefault((holder(f.socket, owners), dest), []).append(i)
+            by_dest.setdefault((holders[i], dest), []).append(i)
     for (who, dest), idxs in by_dest.items():
         group = _Group(
-            [findings[i].socket for i in idxs],
-            [u for u in by_holder.get(who, []) if u.peer == dest],
+            [downs[i] for i in idxs], [u for u in by_holder.get(who, []) if u.peer == dest]
         )
         for i in idxs:
             if len(idxs) == 1 and len(group.ups) == 1:
                 up: SocketRecord | None = group.ups[0]
             else:
-                up = group.choose(findings[i].socket)
+                up = group.choose(downs[i])
             if up is not None:
                 chosen[i] = up
                 claimed.add(up.cookie)
 
     # 2. Leaked (and at-risk left unpaired): same holder, counters and FIN time.
-    rest: dict[Holder, list[int]] = {}
-    for i, f in enumerate(findings):
-        if i not in chosen:
-            rest.setdefault(holder(f.socket, owners), []).append(i)
+    if chosen:
+        left = [i for i in range(len(findings)) if i not in chosen]
+        rest = {
+            who: [left[j] for j in at] for who, at in _grouped([holders[i] for i in left]).items()
+        }
+    else:
+        rest = _grouped(holders)
     for who, idxs in rest.items():
-        group = _Group(
-            [findings[i].socket for i in idxs],
-            [u for u in by_holder.get(who, []) if u.cookie not in claimed],
-        )
-        for i in idxs:
-            up = group.choose(findings[i].socket)
+        ups = by_holder.get(who, [])
+        if claimed:
+            ups = [u for u in ups if u.cookie not in claimed]
+        for i, up in zip(idxs, _choose_all([downs[i] for i in idxs], ups), strict=True):
             if up is not None:
                 chosen[i] = up
     # A candidate chosen twice means the evidence was not decisive for either.
-    counts: dict[int, int] = {}
-    for up in chosen.values():
-        counts[up.cookie] = counts.get(up.cookie, 0) + 1
+    counts = Counter(up.cookie for up in chosen.values())
+    if len(counts) == len(chosen):  # the usual answer: no upstream chosen twice
+        return [f.with_upstream(chosen[i]) if i in chosen else f for i, f in enumerate(findings)]
     return [
         f.with_upstream(chosen[i]) if i in chosen and counts[chosen[i].cookie] == 1 else f
         for i, f in enumerate(findings)
