@@ -102,15 +102,15 @@ class FakeConntrack:
     get_calls: int = 0
 
     def lookup_sockets(self, socks: list[SocketRecord]) -> dict[int, ConntrackEntry | None]:
+        # The scan's lookup may answer from a dump (as old as its walk of the
+        # whole hash); the kill's re-check must not.
+        raise AssertionError("the kill re-checks the NAT entry by GET (lookup_sockets_get)")
+
+    def lookup_sockets_get(self, socks: list[SocketRecord]) -> dict[int, ConntrackEntry | None]:
+        self.get_calls += 1
         if self.fail:
             raise OSError(self.fail, "injected")
         return {s.cookie: self.entries.get(s.cookie) for s in socks}
-
-    def lookup_sockets_get(self, socks: list[SocketRecord]) -> dict[int, ConntrackEntry | None]:
-        # The kill's re-check must use GETs (the entry as it is just before
-        # the destroy), never an answer the scan's dump path could give.
-        self.get_calls += 1
-        return self.lookup_sockets(socks)
 
 
 def decisions(*socks: SocketRecord) -> list[Decision]:
@@ -132,10 +132,12 @@ def run(diag: FakeDiag, ct: FakeConntrack, ds: list[Decision], **kw: object) -> 
 def test_kills_many_in_few_sends_and_keeps_order() -> None:
     socks = [record(40000 + i, i + 1) for i in range(1200)]
     diag = FakeDiag({s.cookie: s for s in socks})
-    out = run(diag, FakeConntrack(), decisions(*socks), chunk=512)
+    ct = FakeConntrack()
+    out = run(diag, ct, decisions(*socks), chunk=512)
     assert [r.outcome for r in out] == [Outcome.KILLED] * 1200
     assert diag.destroyed == [s.cookie for s in socks]
     assert diag.sends == 4  # one re-read for all, one destroy send per chunk
+    assert ct.get_calls == 3  # the NAT entries by GET, per chunk, before its destroys
 
 
 def test_each_socket_keeps_its_own_recheck_reason_inside_a_batch() -> None:

@@ -171,3 +171,88 @@ def test_no_nfnetlink_is_conntrack_unavailable(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(ConntrackUnavailable) as info:
         Conntrack.open()
     assert info.value.reason == "conntrack_unavailable"
+
+
+# -- the dump path's index (Conntrack.lookup_sockets_dump) ---------------------
+
+
+def _key(t: FlowTuple) -> bytes:
+    n = t.normalized()
+    return ct.tuple_key(n.src, n.sport, n.dst, n.dport)
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [("127.0.0.1", "192.0.2.10"), ("2001:db8::1", "2001:db8::2"), ("0.0.0.0", "255.255.255.255")],
+)
+def test_tuple_key_is_the_get_requests_tuple(src: str, dst: str) -> None:
+    t = FlowTuple(ipaddress.ip_address(src), 65535, ipaddress.ip_address(dst), 1)
+    get = ct.encode_get_by_reply(t, seq=9)
+    assert _key(t) == get[ct.TUPLE_KEY_OFFSET :]
+    assert ct.key_ports(_key(t)) == (65535, 1)
+
+
+@pytest.mark.parametrize(
+    "name", ["conntrack_dump.dump", "proof_ct_dump_v4.dump", "conntrack_get_v6.dump"]
+)
+def test_dumped_entries_are_indexed_under_both_tuples(name: str) -> None:
+    """Replayed kernel answers: the raw tuple bytes are the keys a GET would ask."""
+    seen = 0
+    for msg in _messages(name):
+        if msg.type != ct.MSG_NEW:
+            continue
+        entry = ct.decode_entry(msg.payload)
+        want = (_key(entry.original), _key(entry.reply)) if entry.l4proto == 6 else (None, None)
+        assert ct.index_dump_entry(msg.payload) == want
+        seen += entry.l4proto == 6
+    assert seen
+
+
+def _tuple_attr(t: FlowTuple, *, nested_flag: bool = True, zone: int | None = None) -> bytes:
+    """A CTA_TUPLE_* payload as a kernel might lay it out."""
+    v4 = t.src.version == 4
+    flag = nl.NLA_F_NESTED if nested_flag else 0
+    ip = nl.pack_attr(
+        ct.CTA_TUPLE_IP | flag,
+        nl.pack_attr(ct.CTA_IP_V4_SRC if v4 else ct.CTA_IP_V6_SRC, t.src.packed)
+        + nl.pack_attr(ct.CTA_IP_V4_DST if v4 else ct.CTA_IP_V6_DST, t.dst.packed),
+    )
+    proto = nl.pack_attr(
+        ct.CTA_TUPLE_PROTO | flag,
+        nl.pack_attr(ct.CTA_PROTO_NUM, bytes([6]))
+        + nl.pack_attr(ct.CTA_PROTO_SRC_PORT, t.sport.to_bytes(2, "big"))
+        + nl.pack_attr(ct.CTA_PROTO_DST_PORT, t.dport.to_bytes(2, "big")),
+    )
+    extra = b"" if zone is None else nl.pack_attr(ct.CTA_TUPLE_ZONE, zone.to_bytes(2, "big"))
+    return ip + proto + extra
+
+
+REPLY = FlowTuple(ipaddress.ip_address("127.0.0.1"), 15001, ipaddress.ip_address("192.0.2.9"), 4)
+
+
+def test_a_tuple_in_another_layout_is_read_field_by_field() -> None:
+    """Raw bytes are compared only where our layout is verified: a kernel that
+    wrote the nests without NLA_F_NESTED must still be found (else: "absent")."""
+    assert ct.dumped_tuple_key(_tuple_attr(REPLY)) == _key(REPLY)  # the fast path
+    assert ct.dumped_tuple_key(_tuple_attr(REPLY, nested_flag=False)) == _key(REPLY)
+    # A zone of its own in this direction: a zone-0 GET does not find it.
+    assert ct.dumped_tuple_key(_tuple_attr(REPLY, zone=5)) is None
+    assert ct.dumped_tuple_key(_tuple_attr(REPLY, zone=0)) == _key(REPLY)
+    udp = _tuple_attr(REPLY).replace(
+        nl.pack_attr(ct.CTA_PROTO_NUM, bytes([6])), nl.pack_attr(ct.CTA_PROTO_NUM, bytes([17]))
+    )
+    assert ct.dumped_tuple_key(udp) is None
+
+
+def test_an_entry_in_a_zone_is_indexed_under_neither_tuple() -> None:
+    orig = FlowTuple(REPLY.dst, REPLY.dport, ipaddress.ip_address("203.0.113.10"), 7777)
+    payload = (
+        ct.NFGEN.pack(socket.AF_INET, 0, 0)
+        + nl.pack_attr(ct.CTA_TUPLE_ORIG | nl.NLA_F_NESTED, _tuple_attr(orig))
+        + nl.pack_attr(ct.CTA_TUPLE_REPLY | nl.NLA_F_NESTED, _tuple_attr(REPLY))
+    )
+    assert ct.index_dump_entry(payload) == (_key(orig), _key(REPLY))
+    zoned = payload + nl.pack_attr(ct.CTA_ZONE, (3).to_bytes(2, "big"))
+    assert ct.index_dump_entry(zoned) == (None, None)
+    zero = payload + nl.pack_attr(ct.CTA_ZONE, (0).to_bytes(2, "big"))
+    assert ct.index_dump_entry(zero) == (_key(orig), _key(REPLY))

@@ -19,6 +19,7 @@ import ipaddress
 import socket
 import struct
 import sys
+from ipaddress import IPv4Address, IPv6Address
 
 from halfclose.agent.core.model import ConntrackEntry, FlowTuple, IPAddress
 from halfclose.agent.kernel import netlink as nl
@@ -190,27 +191,6 @@ def _fast_prefix(v4: bool) -> tuple[int, ...]:
         *_HDR[(ip_len, CTA_TUPLE_IP | nl.NLA_F_NESTED)],
         *_HDR[(4 + alen, CTA_IP_V4_SRC if v4 else CTA_IP_V6_SRC)],
     )
-
-
-def encode_socket_get(src: IPAddress, sport: int, dst: IPAddress, dport: int, seq: int) -> bytes:
-    """``encode_get_by_reply(FlowTuple(src, sport, dst, dport), seq)`` (zone 0), fast.
-
-    The addresses must be normalized already (``normalize_ip``).  The scan
-    builds one per candidate: no FlowTuple, no ``packed`` bytes.
-    """
-    seq = _swap32(seq)
-    if src.__class__ is _V4 and dst.__class__ is _V4:
-        h = _V4_HDRS
-        return _FAST_V4.pack(
-            h[0], h[1], h[2], seq, *h[4:], int(src),
-            *_V4_TAIL_DST, int(dst), *_TAIL_PROTO, sport, *_TAIL_DPORT, dport,
-        )  # fmt: skip
-    s6, d6 = int(src), int(dst)
-    h = _V6_HDRS
-    return _FAST_V6.pack(
-        h[0], h[1], h[2], seq, *h[4:], s6 >> 64, s6 & _LOW64,
-        *_V6_TAIL_DST, d6 >> 64, d6 & _LOW64, *_TAIL_PROTO, sport, *_TAIL_DPORT, dport,
-    )  # fmt: skip
 
 
 class _HeaderCache(dict[tuple[int, int], tuple[int, int]]):
@@ -386,12 +366,8 @@ _KEY_V4 = struct.Struct("!HH HHI HHI HH HHB3x HHH2x HHH2x")
 _KEY_V6 = struct.Struct("!HH HHQQ HHQQ HH HHB3x HHH2x HHH2x")
 
 
-def tuple_key(src: IPAddress, sport: int, dst: IPAddress, dport: int) -> bytes:
-    """The CTA_TUPLE_* payload the kernel writes for this TCP tuple in zone 0.
-
-    The addresses must be normalized already (``normalize_ip``).  Equal to
-    ``encode_socket_get(src, sport, dst, dport, seq)[TUPLE_KEY_OFFSET:]``.
-    """
+def _tuple_key_slow(src: IPAddress, sport: int, dst: IPAddress, dport: int) -> bytes:
+    # The layout, spelled out field by field (``tuple_key`` packs its constants).
     if src.__class__ is _V4 and dst.__class__ is _V4:
         h = _V4_HDRS
         return _KEY_V4.pack(
@@ -406,6 +382,43 @@ def tuple_key(src: IPAddress, sport: int, dst: IPAddress, dport: int) -> bytes:
     )  # fmt: skip
 
 
+def _constant_runs(key: bytes, fmt: str) -> tuple[struct.Struct, tuple[bytes, ...]]:
+    """A struct packing only the values, and the constant runs between them."""
+    packer = struct.Struct(fmt)
+    runs, at = [], 0
+    for part in fmt.lstrip("!").split():
+        size = struct.calcsize("!" + part)
+        if part.endswith("s"):
+            runs.append(key[at : at + size])
+        at += size
+    return packer, tuple(runs)
+
+
+# The values' places in a key: src, dst, sport, dport; the rest never changes.
+_FAST_KEY_V4, _RUNS_V4 = _constant_runs(
+    _tuple_key_slow(IPv4Address(0), 0, IPv4Address(0), 0), "!8s I 4s I 16s H 6s H 2s"
+)
+_FAST_KEY_V6, _RUNS_V6 = _constant_runs(
+    _tuple_key_slow(IPv6Address(0), 0, IPv6Address(0), 0), "!8s QQ 4s QQ 16s H 6s H 2s"
+)
+
+
+def tuple_key(src: IPAddress, sport: int, dst: IPAddress, dport: int) -> bytes:
+    """The CTA_TUPLE_* payload the kernel writes for this TCP tuple in zone 0.
+
+    The addresses must be normalized already (``normalize_ip``).  Equal to
+    ``encode_socket_get(src, sport, dst, dport, seq)[TUPLE_KEY_OFFSET:]``.
+    """
+    if src.__class__ is _V4 and dst.__class__ is _V4:
+        a, b, c, d, e = _RUNS_V4
+        return _FAST_KEY_V4.pack(a, int(src), b, int(dst), c, sport, d, dport, e)
+    s6, d6 = int(src), int(dst)
+    a, b, c, d, e = _RUNS_V6
+    return _FAST_KEY_V6.pack(
+        a, s6 >> 64, s6 & _LOW64, b, d6 >> 64, d6 & _LOW64, c, sport, d, dport, e
+    )
+
+
 def _fixed_bytes(size: int, key: bytes, variable: tuple[slice, ...]) -> tuple[int, int]:
     """(mask, value) over ``key`` as a big integer: every byte but the ``variable`` ones."""
     mask = bytearray(b"\xff" * size)
@@ -414,8 +427,8 @@ def _fixed_bytes(size: int, key: bytes, variable: tuple[slice, ...]) -> tuple[in
     return int.from_bytes(mask, "big"), int.from_bytes(key, "big") & int.from_bytes(mask, "big")
 
 
-_ZERO4 = ipaddress.IPv4Address(0)
-_ZERO6 = ipaddress.IPv6Address(0)
+_ZERO4 = IPv4Address(0)
+_ZERO6 = IPv6Address(0)
 # Value positions inside a key: src, dst, sport, dport (the rest is headers and padding).
 _MASK_V4, _FIXED_V4 = _fixed_bytes(
     _KEY_V4.size,
@@ -503,3 +516,30 @@ _PORTS_V6 = struct.Struct("!60xH6xH")
 def key_ports(key: bytes) -> tuple[int, int]:
     """(source port, destination port) of a ``tuple_key``."""
     return (_PORTS_V4 if len(key) == _SIZE_V4 else _PORTS_V6).unpack_from(key)
+
+
+# The GET's bytes before its tuple: the nlmsghdr's host-order fields around
+# the sequence number, then nfgenmsg and the CTA_TUPLE_REPLY header.
+_NLH_V4 = struct.Struct(f"=IHHII{TUPLE_KEY_OFFSET - nl.NLMSG_HDR.size}s")
+_NLH_V6 = _NLH_V4
+_AFTER_NLH_V4 = _FAST_V4.pack(*_V4_HDRS, 0, *_V4_TAIL_DST, 0, *_TAIL_PROTO, 0, *_TAIL_DPORT, 0)[
+    nl.NLMSG_HDR.size : TUPLE_KEY_OFFSET
+]
+_AFTER_NLH_V6 = _FAST_V6.pack(
+    *_V6_HDRS, 0, 0, *_V6_TAIL_DST, 0, 0, *_TAIL_PROTO, 0, *_TAIL_DPORT, 0
+)[nl.NLMSG_HDR.size : TUPLE_KEY_OFFSET]
+_GET_SIZE_V4, _GET_SIZE_V6 = _FAST_V4.size, _FAST_V6.size
+
+
+def encode_socket_get(src: IPAddress, sport: int, dst: IPAddress, dport: int, seq: int) -> bytes:
+    """``encode_get_by_reply(FlowTuple(src, sport, dst, dport), seq)`` (zone 0), fast.
+
+    The addresses must be normalized already (``normalize_ip``).  The scan
+    builds one per candidate: no FlowTuple, no ``packed`` bytes; the header
+    is packed in host order (no byte swap of ``seq``) and the tuple is
+    ``tuple_key``'s bytes.
+    """
+    key = tuple_key(src, sport, dst, dport)
+    if len(key) == _SIZE_V4:
+        return _NLH_V4.pack(_GET_SIZE_V4, MSG_GET, nl.NLM_F_REQUEST, seq, 0, _AFTER_NLH_V4) + key
+    return _NLH_V6.pack(_GET_SIZE_V6, MSG_GET, nl.NLM_F_REQUEST, seq, 0, _AFTER_NLH_V6) + key
