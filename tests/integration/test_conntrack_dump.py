@@ -174,10 +174,10 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("only_ipv4", [False, True], ids=["every-family", "ipv4"])
-@pytest.mark.parametrize("threshold", [0, 10**9], ids=["dump", "get"])
+@pytest.mark.parametrize("force_dump", [True, False], ids=["dump", "get"])
 def test_dump_and_get_answer_every_lookup_alike(
     lab: tuple[str, dict[str, SocketRecord]],
-    threshold: int,
+    force_dump: bool,
     only_ipv4: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -197,7 +197,7 @@ def test_dump_and_get_answer_every_lookup_alike(
         assert len(cases) == 10
     names = list(cases)
     socks = [cases[n] for n in names]
-    monkeypatch.setattr(ctmod, "DUMP_MIN_LOOKUPS", threshold)
+    monkeypatch.setattr(ctmod, "FORCE_DUMP", force_dump)
     with NetnsHandle.from_name(ns) as handle:
         ct = Conntrack.open(handle)
         try:
@@ -231,15 +231,29 @@ def test_threshold_picks_the_dump_only_for_many_lookups(
     monkeypatch.setattr(Conntrack, "lookup_sockets_dump", spy_dump)
     monkeypatch.setattr(Conntrack, "lookup_sockets_get", spy_get)
     socks = list(cases.values())
+    n = len(socks)
+    monkeypatch.setattr(ctmod, "DUMP_MIN_LOOKUPS", n)
+    # Costs scaled so that this table's walk is worth n lookups' GETs.
+    monkeypatch.setattr(ctmod, "GET_COST_US", 1.0)
+    monkeypatch.setattr(ctmod, "DUMP_WALK_COST_US", n - 1.0)
+    monkeypatch.setattr(ctmod, "DUMPED_ENTRY_COST_US", 1.0 / 64)
     with NetnsHandle.from_name(ns) as handle:
         ct = Conntrack.open(handle)
         try:
-            monkeypatch.setattr(ctmod, "DUMP_MIN_LOOKUPS", len(socks))
-            ct.lookup_sockets(socks)
-            ct.lookup_sockets(socks[:-1])
-            # A table much bigger than the lookups: decoding it would cost more.
-            monkeypatch.setattr(ctmod, "DUMP_MAX_ENTRIES_PER_LOOKUP", 0)
+            assert 0 < ct.count() < 64  # this netns's table, not the host's
+            ct.lookup_sockets(socks)  # worth a dump
+            ct.lookup_sockets(socks[:-1])  # below DUMP_MIN_LOOKUPS
+            # A table whose decoding would cost more than the GETs.
+            monkeypatch.setattr(ctmod, "DUMPED_ENTRY_COST_US", 1.0)
             ct.lookup_sockets(socks)
         finally:
             ct.close()
     assert calls == ["dump", "get", "get"]
+
+
+def test_dump_pays_by_count_and_table_size() -> None:
+    walk, get = ctmod.DUMP_WALK_COST_US, ctmod.GET_COST_US
+    assert not ctmod.dump_pays(ctmod.DUMP_MIN_LOOKUPS, 0)
+    assert ctmod.dump_pays(20_000, 0)
+    assert ctmod.dump_pays(int(walk / get) + 1, 0)
+    assert not ctmod.dump_pays(20_000, 40_000)  # a busy table: decoding costs more

@@ -10,8 +10,7 @@ The kill's re-check is not affected: it always asks by GET (engine/kill.py).
 
 from halfclose.agent.kernel import conntrack
 
-conntrack.DUMP_MIN_LOOKUPS = 0
-conntrack.DUMP_MAX_ENTRIES_PER_LOOKUP = 1 << 30
+conntrack.FORCE_DUMP = True
 
 # With HALFCLOSE_TEST_CT_DUMP_LOG=FILE each dump-path answer appends a line
 # there, so a run can show the dump path really answered.

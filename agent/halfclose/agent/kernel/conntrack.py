@@ -47,14 +47,26 @@ _NLMSG_HDR = nl.NLMSG_HDR.size
 # A batch of GETs is answered into our receive buffer before we read it; keep
 # the worst case (every request answered with a ~250-byte entry) well under it.
 BATCH = 1024
-# From this many lookups on, one dump answers them (``lookup_sockets``): a
-# dump walks the kernel's whole conntrack hash (global, every netns), a fixed
-# cost, while each GET costs a request, an answer datagram and a recv().
-# Measured (20k-leak farm, 262,144 buckets): see docs/performance.md.
-DUMP_MIN_LOOKUPS = 2048
-# ... unless the netns's table is so big that decoding it costs more than the
-# GETs would: at most this many entries per lookup.
-DUMP_MAX_ENTRIES_PER_LOOKUP = 4
+# When one dump answers the lookups instead of a GET each (``lookup_sockets``).
+# A dump walks the kernel's whole conntrack hash (global: every netns's
+# entries), a fixed cost, then costs per entry of *this* netns; each GET costs
+# a request, an answer datagram and a recv().  Measured on the 20k-leak farm
+# (2 cores, 262,144 buckets, an empty pod table): the walk 9-11 ms, a GET
+# ~4-5 us, a dumped entry ~3 us in Python (index_dump_entry + key_ports);
+# 2,048 GETs were still 20% faster than the dump, 4,096 were 30% slower.
+GET_COST_US = 4.5
+DUMPED_ENTRY_COST_US = 3.0
+DUMP_WALK_COST_US = 12_000.0
+# Below this many lookups the GETs win whatever the table: not even its size
+# is asked for.
+DUMP_MIN_LOOKUPS = 1024
+# Tests only: True answers every lookup_sockets by dump, False by GETs.
+FORCE_DUMP: bool | None = None
+
+
+def dump_pays(lookups: int, entries: int) -> bool:
+    """Whether one dump of a table of ``entries`` costs less than ``lookups`` GETs."""
+    return lookups * GET_COST_US >= DUMP_WALK_COST_US + entries * DUMPED_ENTRY_COST_US
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,14 +136,16 @@ class Conntrack:
         """Each socket's entry under its normalized NAT reply tuple, by cookie (zone 0).
 
         The scan's part 3.  Few sockets: one GET each (``lookup_sockets_get``).
-        Many: one TCP dump of the netns's table, indexed as a GET matches
-        (``lookup_sockets_dump``), unless the table holds so many entries that
-        decoding them would cost more than the GETs.  Same answer either way.
+        Many: one dump of the netns's table, indexed as a GET matches
+        (``lookup_sockets_dump``), when that costs less (``dump_pays``: the
+        table's size is one cheap stats request).  Same answer either way.
         """
         n = len(sockets)
-        if n and n >= DUMP_MIN_LOOKUPS and self.count() <= n * DUMP_MAX_ENTRIES_PER_LOOKUP:
-            return self.lookup_sockets_dump(sockets)
-        return self.lookup_sockets_get(sockets)
+        if FORCE_DUMP is None:
+            dump = n >= DUMP_MIN_LOOKUPS and dump_pays(n, self.count())
+        else:
+            dump = FORCE_DUMP and n > 0
+        return self.lookup_sockets_dump(sockets) if dump else self.lookup_sockets_get(sockets)
 
     def lookup_sockets_get(
         self, sockets: Sequence[SocketRecord]
