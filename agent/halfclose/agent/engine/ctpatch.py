@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -93,6 +92,8 @@ class CloseWaitPatcher:
         return True
 
     def _save(self, path: str, record: PatchRecord) -> None:
+        import tempfile  # noqa: PLC0415 - only here: with shutil, bz2, lzma ~0.6 MiB a CLI run
+
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=".tmp-", suffix=".json")
         try:
