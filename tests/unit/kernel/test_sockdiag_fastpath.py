@@ -132,11 +132,7 @@ def test_full_datagrams_take_the_bulk_path_and_the_rest_is_per_message(
     """On the real half-closed dump: the full datagrams in one go, the one with
     the timewait minisocket message by message (shape, then generic walker)."""
     calls = {"all": 0, "one": 0, "generic": 0}
-    decode_all, decode_one, generic = (
-        inetdiag._Shape.decode_all,
-        inetdiag._Shape.decode_one,
-        inetdiag._decode,
-    )
+    rows, row, generic = inetdiag._Shape.rows, inetdiag._Shape.row, inetdiag._decode
 
     def count(name: str, fn: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -145,8 +141,8 @@ def test_full_datagrams_take_the_bulk_path_and_the_rest_is_per_message(
 
         return wrapper
 
-    monkeypatch.setattr(inetdiag._Shape, "decode_all", count("all", decode_all))
-    monkeypatch.setattr(inetdiag._Shape, "decode_one", count("one", decode_one))
+    monkeypatch.setattr(inetdiag._Shape, "rows", count("all", rows))
+    monkeypatch.setattr(inetdiag._Shape, "row", count("one", row))
     monkeypatch.setattr(inetdiag, "_decode", count("generic", generic))
     seq, datagrams = _dump("v4", "half_closed")
     counts = [_count_socks(d) for d in datagrams]
@@ -307,7 +303,7 @@ def test_edited_layouts_would_decode_wrongly_at_the_template_offsets() -> None:
     for edit in ("moved-info", "renamed-sockopt"):
         edited = EDITS[edit](msgs[3])
         blind: list[SocketRecord] = []
-        shape.decode_one(edited, 0, inetdiag.Endpoints(), None, blind.append)
+        inetdiag._emit([shape.row(edited, 0)], inetdiag.Endpoints(), None, blind.append)
         assert blind != [inetdiag.decode_message(memoryview(edited)[HDR.size :])], edit
         assert not shape.matches(edited, 0)
         assert not shape.uniform(b"".join([*msgs[:3], edited]), 4 * len(edited), seq)

@@ -33,7 +33,7 @@ import ipaddress
 import socket
 import struct
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from halfclose.agent.core.model import (
@@ -297,10 +297,10 @@ def parse_buffers(
     Walks the nlmsghdrs itself instead of building a ``Message`` per socket.
     Stops at NLMSG_DONE; an NLMSG_ERROR for ``seq`` is raised.
 
-    Same-shaped messages (``_Shape``) are decoded with one ``struct`` unpack
+    Same-shaped messages (``_Shape``) are read with one ``struct`` unpack
     each, a datagram made only of them with one ``iter_unpack``; anything
-    else (timewait minisockets, other attribute layouts, DONE/ERROR) goes
-    through the generic walker ``_decode``, with the same result.
+    else (timewait minisockets, other attribute layouts) goes through the
+    generic walker ``_decode``, with the same result.
     """
     seen = 0
     out: list[SocketRecord] = []
@@ -308,7 +308,7 @@ def parse_buffers(
     endpoints = endpoints or Endpoints()
     shapes: dict[int, _Shape | None] = {}
     for buf in buffers:
-        offset, size = 0, len(buf)
+        size = len(buf)
         if size >= _NLMSG_HDR:
             # The common case: a datagram of ~80 sockets of one shape.
             first = _u32(buf, 0)[0]
@@ -318,34 +318,69 @@ def parse_buffers(
                 shape = shapes[first] = _Shape.learn(buf, 0, first, size)
             if shape is not None and shape.uniform(buf, size, seq):
                 seen += size // first
-                shape.decode_all(buf, endpoints, keep, append)
+                _emit(shape.rows(buf), endpoints, keep, append)
                 continue
-        while offset + _NLMSG_HDR <= size:
-            length, msg_type, _flags, msg_seq, _pid = _nlmsg(buf, offset)
-            if length < _NLMSG_HDR or offset + length > size:
-                raise ValueError(f"truncated netlink message at offset {offset} (len {length})")
-            if msg_seq == seq:
-                if msg_type == SOCK_DIAG_BY_FAMILY:
-                    seen += 1
-                    if length in shapes:
-                        shape = shapes[length]
-                    else:
-                        shape = shapes[length] = _Shape.learn(buf, offset, length, size)
-                    if shape is not None and shape.matches(buf, offset):
-                        shape.decode_one(buf, offset, endpoints, keep, append)
-                    else:
-                        record = _decode(buf, offset + _NLMSG_HDR, offset + length, endpoints, keep)
-                        if record is not None:
-                            append(record)
-                elif msg_type == nl.NLMSG_DONE:
-                    return seen, out
-                elif msg_type == nl.NLMSG_ERROR:
-                    err = -nl.ERRNO.unpack_from(buf, offset + _NLMSG_HDR)[0]
-                    if err:
-                        raise nl.NetlinkError(err, "sock_diag dump")
-                    return seen, out
-            offset += (length + 3) & ~3
+        count, done = _walk(buf, seq, shapes, endpoints, keep, append)
+        seen += count
+        if done:
+            break
     return seen, out
+
+
+def _walk(  # noqa: PLR0917 (private)
+    buf: memoryview | bytes,
+    seq: int,
+    shapes: dict[int, _Shape | None],
+    endpoints: Endpoints,
+    keep: PortFilter | None,
+    append: Callable[[SocketRecord], None],
+) -> tuple[int, bool]:
+    """One datagram, message by message: (sockets seen, whether the dump ended).
+
+    A message of a known shape is read with one unpack (its row held until
+    the next one that is not, so the records keep the kernel's order); any
+    other goes to ``_decode``.
+    """
+    seen = 0
+    rows: list[tuple[Any, ...]] = []
+    offset, size = 0, len(buf)
+    while offset + _NLMSG_HDR <= size:
+        length, msg_type, _flags, msg_seq, _pid = _nlmsg(buf, offset)
+        if length < _NLMSG_HDR or offset + length > size:
+            raise ValueError(f"truncated netlink message at offset {offset} (len {length})")
+        if msg_seq == seq:
+            if msg_type == SOCK_DIAG_BY_FAMILY:
+                seen += 1
+                if length in shapes:
+                    shape = shapes[length]
+                    if shape is not None and not shape.matches(buf, offset):
+                        # Another layout of the same length: learn that one.
+                        shape = _Shape.learn(buf, offset, length, size)
+                        if shape is not None:
+                            shapes[length] = shape
+                else:
+                    shape = shapes[length] = _Shape.learn(buf, offset, length, size)
+                if shape is not None:
+                    rows.append(shape.row(buf, offset))
+                else:
+                    if rows:
+                        _emit(rows, endpoints, keep, append)
+                        rows = []
+                    record = _decode(buf, offset + _NLMSG_HDR, offset + length, endpoints, keep)
+                    if record is not None:
+                        append(record)
+            elif msg_type == nl.NLMSG_DONE:
+                _emit(rows, endpoints, keep, append)
+                return seen, True
+            elif msg_type == nl.NLMSG_ERROR:
+                err = -nl.ERRNO.unpack_from(buf, offset + _NLMSG_HDR)[0]
+                if err:
+                    raise nl.NetlinkError(err, "sock_diag dump")
+                _emit(rows, endpoints, keep, append)
+                return seen, True
+        offset += (length + 3) & ~3
+    _emit(rows, endpoints, keep, append)
+    return seen, False
 
 
 _u32 = struct.Struct("=I").unpack_from
@@ -461,26 +496,13 @@ class _Shape:
                 return False
         return True
 
-    def decode_all(
-        self,
-        buf: memoryview | bytes,
-        endpoints: Endpoints,
-        keep: PortFilter | None,
-        append: Callable[[SocketRecord], None],
-    ) -> None:
-        """Decode a datagram ``uniform`` accepted: one ``iter_unpack`` over it."""
-        _emit(self._record.iter_unpack(buf), endpoints, keep, append)
+    def rows(self, buf: memoryview | bytes) -> Iterator[tuple[Any, ...]]:
+        """The rows of a datagram ``uniform`` accepted, for ``_emit``."""
+        return self._record.iter_unpack(buf)
 
-    def decode_one(
-        self,
-        buf: memoryview | bytes,
-        at: int,
-        endpoints: Endpoints,
-        keep: PortFilter | None,
-        append: Callable[[SocketRecord], None],
-    ) -> None:
-        """Decode the message at ``at``, which ``matches`` accepted."""
-        _emit((self._record.unpack_from(buf, at),), endpoints, keep, append)
+    def row(self, buf: memoryview | bytes, at: int) -> tuple[Any, ...]:
+        """The row of the message at ``at``, which ``matches`` accepted, for ``_emit``."""
+        return self._record.unpack_from(buf, at)
 
 
 def _emit(
