@@ -35,13 +35,16 @@ when the threshold is 0: an unknown age must not satisfy "idle for at least N s"
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from halfclose.agent.core.model import (
+    Capture,
     CaptureEvidence,
     ConntrackEntry,
     Finding,
+    FindingSlots,
     FlowTuple,
     HalfClosedTimeouts,
     IPAddress,
@@ -134,67 +137,81 @@ def old_enough(sock: SocketRecord, min_idle_seconds: float) -> bool:
     return idle is not None and idle >= min_idle_seconds
 
 
-# Sentinel: the candidate's cookie was not looked up by cookie.
-_NOT_BY_COOKIE = object()
+def _judge_all(
+    socks: Iterable[SocketRecord],
+    evidence: Evidence,
+    owner_of: Callable[[int], Owner | None],
+) -> list[Finding]:
+    """``judge`` for each of ``socks``, in order (None answers left out).
 
-
-class _Judge:
-    """``judge`` for one ``Evidence``: what is the same for every candidate of a
-    scan (the bar, the lookups, the capture test) is read once, not per socket.
-
-    The checks, their order and their reasons are ``judge``'s (the four-part
-    proof, docs/detection.md); only where the constants come from differs.
+    The proof's one implementation: ``judge`` runs it for one socket,
+    ``classify`` for a scan's candidates.  What is the same for every
+    candidate (the bar, the lookups, the capture test) is read once, and
+    each finding is built positionally; the checks, their order and their
+    reasons are the four-part proof of docs/detection.md.
     """
-
-    __slots__ = ("by_cookie", "evidence", "missing", "proves", "threshold")
-
-    def __init__(self, evidence: Evidence) -> None:
-        self.evidence = evidence
-        timeouts = evidence.timeouts
-        self.threshold = silence_bar(timeouts) if timeouts is not None else None
-        self.proves = evidence.capture.proves
-        self.by_cookie = evidence.by_cookie
-        self.missing = evidence.timeouts_missing
-
-    def __call__(self, sock: SocketRecord, owner: Owner | None) -> Finding | None:
-        threshold = self.threshold
-        # Part 2: the capture.
-        capture = self.proves(sock)
-        if capture is None:
-            return Finding(
-                Kind.UNPROVEN,
-                sock,
-                owner,
-                None,
-                None,
-                UnprovenReason.NOT_NAT_CAPTURED,
-                None,
-                threshold,
-            )
-        # Part 3: the mapping (not looked up: no finding at all).
-        entry = self.by_cookie.get(sock.cookie, _NOT_BY_COOKIE)
-        if entry is _NOT_BY_COOKIE:
-            looked_up, entry = self.evidence.entry(sock)
-            if not looked_up:
-                return None
-        assert entry is None or isinstance(entry, ConntrackEntry)
-        if entry is not None and not entry.opening:
-            return Finding(Kind.AT_RISK, sock, owner, entry, None, None, capture, threshold)
-        # Part 4: the expiry.  The silence is SocketRecord.silence_seconds,
-        # computed the same way (the youngest of three ages, None if any is
-        # unknown) without a property call per socket.
+    timeouts = evidence.timeouts
+    threshold = silence_bar(timeouts) if timeouts is not None else None
+    missing = evidence.timeouts_missing
+    rule_ports = evidence.capture.rule_ports
+    proves = evidence.capture.proves
+    by_cookie = evidence.by_cookie
+    entry_of = evidence.entry
+    unproven, at_risk = Kind.UNPROVEN, Kind.AT_RISK
+    leaked, collision = Kind.LEAKED, Kind.COLLISION
+    by_rule = Capture.RULE
+    not_captured = UnprovenReason.NOT_NAT_CAPTURED
+    idle_unknown = UnprovenReason.IDLE_UNKNOWN
+    removed_early = UnprovenReason.ENTRY_REMOVED_EARLY
+    new = object.__new__
+    out: list[Finding] = []
+    append = out.append
+    for sock in socks:
+        entry: ConntrackEntry | None = None
         reason: UnprovenReason | None = None
-        recv, ack, sent = sock.last_data_recv_ms, sock.last_ack_recv_ms, sock.last_data_sent_ms
-        if threshold is None:
-            reason = self.missing
-        elif recv is None or ack is None or sent is None:
-            reason = UnprovenReason.IDLE_UNKNOWN
-        elif min(recv, ack, sent) / 1000.0 < threshold:
-            reason = UnprovenReason.ENTRY_REMOVED_EARLY
-        if reason is not None:
-            return Finding(Kind.UNPROVEN, sock, owner, entry, None, reason, capture, threshold)
-        kind = Kind.LEAKED if entry is None else Kind.COLLISION
-        return Finding(kind, sock, owner, entry, None, None, capture, threshold)
+        # Part 2: the capture.  A rule port is CaptureEvidence.proves' first
+        # answer, taken here without the call.
+        capture = by_rule if sock.local.port in rule_ports else proves(sock)
+        if capture is None:
+            kind = unproven
+            reason = not_captured
+        else:
+            # Part 3: the mapping (not looked up: no finding at all).
+            if sock.cookie in by_cookie:  # Evidence.entry's first answer, without the call
+                entry = by_cookie[sock.cookie]
+            else:
+                looked_up, entry = entry_of(sock)
+                if not looked_up:
+                    continue
+            if entry is not None and not entry.opening:
+                kind = at_risk
+            else:
+                # Part 4: the expiry.  The silence is
+                # SocketRecord.silence_seconds, computed the same way (the
+                # youngest of three ages, None if any is unknown) without a
+                # property call per socket.
+                recv, ack = sock.last_data_recv_ms, sock.last_ack_recv_ms
+                sent = sock.last_data_sent_ms
+                if threshold is None:
+                    reason = missing
+                elif recv is None or ack is None or sent is None:
+                    reason = idle_unknown
+                elif min(recv, ack, sent) / 1000.0 < threshold:
+                    reason = removed_early
+                kind = unproven if reason is not None else leaked if entry is None else collision
+        # new_finding(kind, sock, owner, entry, None, reason, capture, threshold), inline.
+        f: Any = new(FindingSlots)
+        f.kind = kind
+        f.socket = sock
+        f.owner = owner_of(sock.inode)
+        f.entry = entry
+        f.upstream = None
+        f.reason = reason
+        f.capture = capture
+        f.min_silence_seconds = threshold
+        f.__class__ = Finding
+        append(f)
+    return out
 
 
 def judge(sock: SocketRecord, evidence: Evidence, owner: Owner | None) -> Finding | None:
@@ -202,7 +219,8 @@ def judge(sock: SocketRecord, evidence: Evidence, owner: Owner | None) -> Findin
 
     None when the candidate's reply tuple was not looked up.
     """
-    return _Judge(evidence)(sock, owner)
+    found = _judge_all((sock,), evidence, lambda _inode: owner)
+    return found[0] if found else None
 
 
 def classify(
@@ -213,30 +231,13 @@ def classify(
     min_idle_seconds: float = 0.0,
 ) -> list[Finding]:
     """Findings for the candidates among ``sockets``: collisions, leaks, then the rest."""
-    judged = _Judge(evidence)
-    get_owner = owners.get
-    collision = Kind.COLLISION
-    by_kind: dict[Kind, list[Finding]] = {k: [] for k in _KIND_ORDER}
-    for sock in candidates(sockets, ports, evidence.capture):
-        finding = judged(sock, get_owner(sock.inode))
-        if finding is None:
-            continue
-        if (
-            min_idle_seconds > 0
-            and finding.kind is not collision
-            and not old_enough(sock, min_idle_seconds)
-        ):
-            continue
-        by_kind[finding.kind].append(finding)
-    # Sorted kind by kind (collisions, leaks, at-risk, unproven), then by
-    # addresses and ports: the order _order gives, one key per finding.
-    key = _OrderKey()
-    findings: list[Finding] = []
-    for kind in _KIND_ORDER:
-        group = by_kind[kind]
-        group.sort(key=key)
-        findings.extend(group)
-    return findings
+    findings = _judge_all(candidates(sockets, ports, evidence.capture), evidence, owners.get)
+    if min_idle_seconds > 0:
+        collision = Kind.COLLISION
+        findings = [
+            f for f in findings if f.kind is collision or old_enough(f.socket, min_idle_seconds)
+        ]
+    return _in_order(findings)
 
 
 _KIND_ORDER = {Kind.COLLISION: 0, Kind.LEAKED: 1, Kind.AT_RISK: 2, Kind.UNPROVEN: 3}
@@ -261,28 +262,48 @@ def _ip_key(ip: IPAddress) -> int:
     return int(ip) if ip.version == 4 else int(ip) + (1 << 32)
 
 
-class _OrderKey:
-    """``_order`` within one kind, with each address's number computed once.
+# _order packed into one int: kind, local address (< 2**129), local port
+# (16 bits: TCP), peer address, peer port, most significant first.  Ints
+# compare ~3x faster than 5-tuples, and the sort compares ~300,000 times at
+# 20k findings.
+_IP_BITS = 129
+_PORT_BITS = 16
 
-    The dump shares one address object among its sockets (the proxy's local
-    address is one object for 20,000 sockets), so numbers are kept by the
-    object's identity; the findings being sorted keep every address alive.
+
+def _in_order(findings: list[Finding]) -> list[Finding]:
+    """``sorted(findings, key=_order)``: the same order (stable), cheaper.
+
+    Each address's number is computed once: the dump shares one address
+    object among its sockets (the proxy's local address is one object for
+    20,000 sockets), so numbers are kept by the object's identity while the
+    findings keep every address alive.
     """
+    numbers: dict[int, int] = {}
+    number = numbers.get
 
-    __slots__ = ("_ips",)
+    def new_number(ip: IPAddress) -> int:
+        n = numbers[id(ip)] = _ip_key(ip)
+        return n
 
-    def __init__(self) -> None:
-        self._ips: dict[int, int] = {}
-
-    def __call__(self, f: Finding) -> tuple[int, int, int, int]:
-        s = f.socket
-        local, peer = s.local, s.peer
-        ips = self._ips
-        lip, pip = local.ip, peer.ip
-        lkey = ips.get(id(lip))
-        if lkey is None:
-            lkey = ips[id(lip)] = _ip_key(lip)
-        pkey = ips.get(id(pip))
-        if pkey is None:
-            pkey = ips[id(pip)] = _ip_key(pip)
-        return (lkey, local.port, pkey, peer.port)
+    kinds = _KIND_ORDER
+    keys = [
+        (
+            (
+                (
+                    (
+                        kinds[f.kind] << _IP_BITS
+                        | (number(id((loc := (s := f.socket).local).ip)) or new_number(loc.ip))
+                    )
+                    << _PORT_BITS
+                    | loc.port
+                )
+                << _IP_BITS
+                | (number(id((peer := s.peer).ip)) or new_number(peer.ip))
+            )
+            << _PORT_BITS
+            | peer.port
+        )
+        for f in findings
+    ]
+    order = sorted(range(len(findings)), key=keys.__getitem__)
+    return [findings[i] for i in order]

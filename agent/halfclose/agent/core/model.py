@@ -473,3 +473,40 @@ def new_socket_record(  # noqa: PLR0917 (SocketRecord's own positional order)
     r.transparent = transparent
     r.__class__ = SocketRecord
     return r  # type: ignore[no-any-return]
+
+
+class FindingSlots:
+    """Finding's slots, mutable: set all, then ``__class__ = Finding``."""
+
+    __slots__ = (
+        "capture", "entry", "kind", "min_silence_seconds", "owner", "reason", "socket", "upstream",
+    )  # fmt: skip
+
+
+def new_finding(  # noqa: PLR0917 (Finding's own positional order)
+    kind: Kind,
+    socket: SocketRecord,
+    owner: Owner | None,
+    entry: ConntrackEntry | None,
+    upstream: SocketRecord | None,
+    reason: UnprovenReason | None,
+    capture: Capture | None,
+    min_silence_seconds: float | None,
+    _new: Any = object.__new__,
+) -> Finding:
+    """``Finding(...)`` with every field given (positional, in field order), ~4x faster.
+
+    The classifier builds one per candidate and pairing one per paired finding
+    (20,000 each at field scale).
+    """
+    f = _new(FindingSlots)
+    f.kind = kind
+    f.socket = socket
+    f.owner = owner
+    f.entry = entry
+    f.upstream = upstream
+    f.reason = reason
+    f.capture = capture
+    f.min_silence_seconds = min_silence_seconds
+    f.__class__ = Finding
+    return f  # type: ignore[no-any-return]

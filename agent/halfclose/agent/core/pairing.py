@@ -32,7 +32,15 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from itertools import repeat
 from operator import add
 
-from halfclose.agent.core.model import Endpoint, Finding, Kind, Owner, SocketRecord, TcpState
+from halfclose.agent.core.model import (
+    Endpoint,
+    Finding,
+    Kind,
+    Owner,
+    SocketRecord,
+    TcpState,
+    new_finding,
+)
 
 # tcp_info ages have jiffy resolution (1-4 ms); two FIN times closer than this
 # cannot be told apart.
@@ -338,9 +346,13 @@ def pair(
                 chosen[i] = up
     # A candidate chosen twice means the evidence was not decisive for either.
     counts = Counter(up.cookie for up in chosen.values())
-    if len(counts) == len(chosen):  # the usual answer: no upstream chosen twice
-        return [f.with_upstream(chosen[i]) if i in chosen else f for i, f in enumerate(findings)]
-    return [
-        f.with_upstream(chosen[i]) if i in chosen and counts[chosen[i].cookie] == 1 else f
-        for i, f in enumerate(findings)
-    ]
+    once = len(counts) == len(chosen)  # the usual answer: no upstream chosen twice
+    out = list(findings)
+    for i, up in chosen.items():
+        if once or counts[up.cookie] == 1:
+            f = out[i]
+            # f.with_upstream(up), without the frozen dataclass's per-field calls.
+            out[i] = new_finding(
+                f.kind, f.socket, f.owner, f.entry, up, f.reason, f.capture, f.min_silence_seconds
+            )
+    return out
