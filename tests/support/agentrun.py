@@ -67,10 +67,10 @@ class TimedRemediator(EngineRemediator):
         super().__init__(state_dir)
         self.acted: list[Acted] = []
 
-    def execute(self, scanner: Scanner, plan: Plan) -> ActionReport:
+    def execute(self, scanner: Scanner, plan: Plan, watch_unpaired: bool = True) -> ActionReport:
         acted = Acted(time.monotonic(), tuple(d.finding.kind for d in plan.kills))
         self.acted.append(acted)
-        report = super().execute(scanner, plan)
+        report = super().execute(scanner, plan, watch_unpaired)
         acted.outcomes = tuple((o.finding.kind, o.outcome) for o in report.outcomes)
         return report
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from halfclose.agent.core.model import Outcome
+from halfclose.agent.core.model import Outcome, SocketRecord
 from halfclose.agent.core.outcome import (
     ActionReport,
     FindingOutcome,
@@ -39,6 +39,8 @@ class FakeNetns:
     sysctl: int = 60
     open_error: BaseException | None = None
     kill_errors: dict[int, str] = field(default_factory=dict)  # cookie -> errno name
+    # What the next ``recheck`` returns (None: "only a scan can decide"), in order.
+    rechecks: list[ScanResult | BaseException | None] = field(default_factory=list)
 
 
 class FakeKernel:
@@ -49,6 +51,7 @@ class FakeKernel:
         self.patched: dict[int, int] = {}  # inode -> original
         self.calls: list[tuple[str, int]] = []
         self.plans: list[tuple[int, Plan]] = []
+        self.rechecked: list[tuple[int, tuple[SocketRecord, ...]]] = []
         self._host = frozenset(host)
         self._fd = 1000
 
@@ -113,7 +116,18 @@ class FakeKernel:
         self._ns(inode)
         return result
 
-    def remediate(self, inode: int, plan: Plan) -> ActionReport:
+    def recheck(
+        self, inode: int, sockets: tuple[SocketRecord, ...], settings: ScanSettings
+    ) -> ScanResult | None:
+        self.calls.append(("recheck", inode))
+        self.rechecked.append((inode, sockets))
+        ns = self._ns(inode)
+        item = ns.rechecks.pop(0) if ns.rechecks else None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def remediate(self, inode: int, plan: Plan, watch_unpaired: bool = True) -> ActionReport:
         self.calls.append(("remediate", inode))
         self.plans.append((inode, plan))
         ns = self._ns(inode)
@@ -133,6 +147,8 @@ class FakeKernel:
             else:
                 outcomes.append(FindingOutcome(d.finding, Outcome.SKIPPED, d.reason))
         report = ActionReport(plan.settings.action, plan.settings.dry_run, tuple(outcomes))
+        if plan.settings.action is ActionKind.KILL and report.killed and not watch_unpaired:
+            return report.replace(kills=KillSummary(killed=report.killed))
         if plan.settings.action is ActionKind.KILL and report.killed:
             check = UpstreamCheck((), report.killed, frozenset(), frozenset())
             report = report.replace(pending=check)

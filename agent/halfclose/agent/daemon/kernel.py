@@ -13,11 +13,13 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from halfclose.agent.core.model import SocketRecord
 from halfclose.agent.core.outcome import ActionReport, PatchReport
 from halfclose.agent.core.plan import Plan
 from halfclose.agent.daemon.hostnetns import host_netns_inodes
 from halfclose.agent.daemon.ports import EventBatch, OpenedNetns
 from halfclose.agent.daemon.remediate import EngineRemediator
+from halfclose.agent.engine.recheck import recheck
 from halfclose.agent.engine.scan import Scanner, ScanResult, ScanSettings, attach_owners
 from halfclose.agent.kernel.ctevents import ConntrackEventSocket
 from halfclose.agent.kernel.netlink import NETLINK_NETFILTER, open_socket
@@ -114,8 +116,13 @@ class LocalKernel:
         self._get(inode)  # the netns is still held: its sockets' holders are alive
         return attach_owners([result], proc_root=self.host_proc)[0]
 
-    def remediate(self, inode: int, plan: Plan) -> ActionReport:
-        return self.remediator.execute(self._get(inode).scanner, plan)
+    def recheck(
+        self, inode: int, sockets: tuple[SocketRecord, ...], settings: ScanSettings
+    ) -> ScanResult | None:
+        return recheck(self._get(inode).scanner, sockets, settings)
+
+    def remediate(self, inode: int, plan: Plan, watch_unpaired: bool = True) -> ActionReport:
+        return self.remediator.execute(self._get(inode).scanner, plan, watch_unpaired)
 
     def verify_upstreams(self, inode: int, report: ActionReport) -> ActionReport:
         return self.remediator.verify(self._get(inode).scanner, report)

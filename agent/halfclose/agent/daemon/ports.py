@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from halfclose.agent.core.model import SocketRecord
 from halfclose.agent.core.outcome import ActionReport, PatchReport
 from halfclose.agent.core.plan import Plan
 from halfclose.agent.engine.scan import ScanResult, ScanSettings
@@ -81,11 +82,19 @@ class Kernel(Protocol):
         """``result`` with its findings' owning processes (one /proc pass); for scans
         run with ``ScanSettings(owners=False)``, only for the findings to be reported."""
 
-    def remediate(self, inode: int, plan: Plan) -> ActionReport:
+    def recheck(
+        self, inode: int, sockets: tuple[SocketRecord, ...], settings: ScanSettings
+    ) -> ScanResult | None:
+        """The proof again for just these sockets (``engine/recheck.py``): their
+        findings as a scan would judge them now, or None when only a scan can."""
+
+    def remediate(self, inode: int, plan: Plan, watch_unpaired: bool = True) -> ActionReport:
         """Re-check and carry out the plan; never waits for upstream legs.
 
         A kill's upstream verification comes back as ``ActionReport.pending``;
-        the reconciler calls ``verify_upstreams`` once it is due.
+        the reconciler calls ``verify_upstreams`` once it is due.  With
+        ``watch_unpaired`` False only kills with a known upstream leg are
+        verified (no CLOSE_WAIT baseline dump before the kills).
         """
 
     def verify_upstreams(self, inode: int, report: ActionReport) -> ActionReport:

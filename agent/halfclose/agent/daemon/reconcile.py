@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import replace
 
-from halfclose.agent.core.model import Outcome
+from halfclose.agent.core.model import Finding, FlowTuple, Kind, Outcome
 from halfclose.agent.core.outcome import ActionReport
 from halfclose.agent.core.plan import DEFAULT_MAX_KILLS, ActionKind, Plan, make_plan
 from halfclose.agent.core.reasons import error_reason
@@ -21,6 +21,7 @@ from halfclose.agent.daemon import schedule
 from halfclose.agent.daemon.metrics import AgentMetrics
 from halfclose.agent.daemon.pods import PodReconciler, action_settings, wants_sysctl
 from halfclose.agent.daemon.ports import Kernel
+from halfclose.agent.daemon.rechecks import Due, probe_for
 from halfclose.agent.daemon.record import PodState, Recorder
 from halfclose.agent.daemon.settings import AgentSettings
 from halfclose.agent.daemon.watched import WatchedNetns, new_warnings
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 
 # The per-scan cap under the node-wide bucket (the plan's own default).
 MAX_KILLS_PER_SCAN = DEFAULT_MAX_KILLS
+# Sockets re-checked per reconcile of one netns on the fast path: the rest stay
+# due, and the netns goes back in the queue behind every netns due before it.
+MAX_RECHECKS_PER_TURN = 256
 
 
 class NetnsReconciler:
@@ -55,6 +59,7 @@ class NetnsReconciler:
         self.clock = clock
         self.wall = wall
         self.scans = 0
+        self.rechecks = 0  # fast-path turns (sockets re-checked without a scan)
 
     # -- events only say *when* -----------------------------------------------------
 
@@ -68,7 +73,10 @@ class NetnsReconciler:
             self.metrics.scan_errors.labels(reason=reason).inc()
             return []
         wall = self.wall()
+        now = self.clock()
+        fast = self._fast_path(watched)
         out: list[tuple[int, float]] = []
+        scans: list[float] = []
         relevant = batch.overflowed
         for event in batch.events:
             if event.created:
@@ -80,11 +88,18 @@ class NetnsReconciler:
                         watched.inode,
                         event.reply,
                     )
-                    out.append((watched.inode, 0.0))
+                    scans.append(0.0)
                 continue
             if leak_forming(event, watched.capture_ports):
                 known = watched.expired_at.get(event.reply)
                 watched.note_expiry(event.reply, wall)
+                if fast and (
+                    event.reply in watched.rechecks
+                    or watched.rechecks.saw_expired(event.reply, known)
+                ):
+                    # Its socket's re-check is due when the proof can hold, or
+                    # one after the predicted expiry saw it (the DESTROY is late).
+                    continue
                 # An entry predicted to expire before the last scan began: that
                 # scan saw its leak (the GC's DESTROY is just late).  No rescan.
                 relevant = relevant or known is None or known > watched.scanned_wall
@@ -92,15 +107,47 @@ class NetnsReconciler:
             countdown = leak_countdown(event, watched.capture_ports)
             if countdown is not None:
                 # The proxy just half-closed this connection: the leak can form
-                # when the entry's timer runs out.  Scan just after that.
+                # when the entry's timer runs out.  Judge it just after that:
+                # its socket alone (the fast path), else by a scan.
                 watched.note_expiry(event.reply, wall + countdown, predicted=True)
-                out.append((watched.inode, schedule.countdown_delay(countdown)))
+                delay = schedule.countdown_delay(countdown)
+                if fast and self._recheck_later(watched, event.reply, now + delay):
+                    out.append((watched.inode, delay))
+                else:
+                    scans.append(delay)
         if relevant:
-            out.append((watched.inode, self.settings.event_debounce_seconds))
-        if out:
-            now = self.clock()
-            watched.scan_at = min(watched.scan_at, now + min(d for _, d in out))
+            scans.append(self.settings.event_debounce_seconds)
+        if scans:
+            watched.scan_at = min(watched.scan_at, now + min(scans))
+            out.append((watched.inode, min(scans)))
         return out
+
+    def _fast_path(self, watched: WatchedNetns) -> bool:
+        """Re-check due sockets alone (no scan)?  Under KillSockets, not dry run:
+        the kill needs the sockets at the moment the proof holds; a report can
+        wait for the scans (which also keep its counts)."""
+        state = self.pods.owner(watched)
+        if state is None:
+            return False
+        spec = state.target.policy.spec
+        return spec.action == KILL_SOCKETS and not spec.dry_run
+
+    @staticmethod
+    def _recheck_later(
+        watched: WatchedNetns,
+        reply: FlowTuple,
+        at: float,
+        finding: Finding | None = None,
+    ) -> bool:
+        """Have the socket under ``reply`` re-checked at ``at``; False when the netns
+        has too many due (then scan).  A socket known from a scan keeps its record
+        (cookie) and upstream leg; one only an event named is asked for by tuple."""
+        if finding is not None:
+            return watched.rechecks.add(reply, Due(at, finding.socket, finding.upstream))
+        known = watched.rechecks.by_reply.get(reply)
+        if known is not None:
+            return watched.rechecks.add(reply, Due(at, known.socket, known.upstream))
+        return watched.rechecks.add(reply, Due(at, probe_for(reply)))
 
     # -- one reconcile ---------------------------------------------------------------
 
@@ -110,27 +157,23 @@ class NetnsReconciler:
         if state is None:
             return interval
         policy = state.target.policy
+        fast = self._fast_path(watched)
+        if not fast:
+            watched.rechecks.clear()  # the policy changed: scans decide again
         if watched.scan_at > self.clock():
-            # Only a kill's upstream check is due: one dump, no scan.
+            # No scan due: a kill's upstream check (one dump) and the sockets
+            # whose proof is due (a GET each), unless only a scan can judge them.
             try:
                 self._verify(watched)
+                if self._recheck(watched, state, policy, interval):
+                    return self._next(watched)
             except Exception as exc:
                 return self._failed(watched, exc, interval)
-            return self._next(watched)
         try:
             self._verify(watched)
             self._sysctl(watched, state, policy)
             watched.scanned_wall = self.wall()
-            result = self.kernel.scan(
-                watched.inode,
-                ScanSettings(
-                    capture_ports=frozenset(policy.spec.capture_ports) or None,
-                    min_idle_seconds=0.0,  # the plan applies the threshold; report all
-                    proc_root=self.settings.host_proc,
-                    rules_max_age_seconds=60.0,
-                    owners=False,  # looked up below, only for what is reported
-                ),
-            )
+            result = self.kernel.scan(watched.inode, self._scan_settings(policy))
             watched.capture_ports = frozenset(result.capture_ports)
             self._watch_new(watched, watched.remember_stale(result.findings))
             self._note_warnings(watched, result.warnings)
@@ -147,19 +190,105 @@ class NetnsReconciler:
             min_idle=float(policy.spec.thresholds.min_idle_seconds),
             kills=policy.spec.action == KILL_SOCKETS,
         )
+        self._note_expiries(watched, result.findings)
+        # The scan saw every socket: what is due again is what it found.
+        watched.rechecks.clear()
+        rest = (
+            self._schedule_rechecks(watched, result.findings, timing) if fast else result.findings
+        )
+        watched.scan_at = self.clock() + schedule.next_delay(rest, timing)
+        return self._next(watched)
+
+    def _note_expiries(self, watched: WatchedNetns, findings: list[Finding]) -> None:
         now_w = self.wall()
-        for f in result.findings:
+        for f in findings:
             expiry = schedule.expected_expiry(f)
             if expiry is not None:
                 # Leak lifetimes start at the entry's expiry, even when the GC's
                 # DESTROY event comes late.
                 watched.note_expiry(f.socket.nat_reply_tuple, now_w + expiry, predicted=True)
-        watched.scan_at = self.clock() + schedule.next_delay(result.findings, timing)
-        return self._next(watched)
+
+    def _schedule_rechecks(
+        self, watched: WatchedNetns, findings: list[Finding], timing: schedule.Timing
+    ) -> list[Finding]:
+        """Each finding due again (its expiry, its proof, its age) is re-checked
+        alone then; the ones that do not fit are left to a scan (returned)."""
+        now = self.clock()
+        rest: list[Finding] = []
+        for f in findings:
+            delay = schedule.finding_delay(f, timing)
+            if delay is None:
+                continue
+            at = now + max(schedule.MIN_SCAN_SPACING, delay)
+            if not self._recheck_later(watched, f.socket.nat_reply_tuple, at, f):
+                rest.append(f)
+        return rest
+
+    def _recheck(
+        self, watched: WatchedNetns, state: PodState, policy: Policy, interval: float
+    ) -> bool:
+        """The fast path: judge the due sockets alone, kill the proven ones.
+
+        The proof is the scan's on fresh reads (``Kernel.recheck``); the kill
+        goes through the same plan, budget and kill-time re-check.  False
+        when only a scan can judge them (the caller scans now).
+        """
+        now = self.clock()
+        due = watched.rechecks.next_at()
+        if due is None or due > now:
+            return True
+        batch = watched.rechecks.pop_due(now, MAX_RECHECKS_PER_TURN)
+        judged_at = self.wall()  # the sockets are read after this
+        result = self.kernel.recheck(
+            watched.inode, tuple(d.socket for d in batch), self._scan_settings(policy)
+        )
+        if result is None:
+            return False
+        self.rechecks += 1
+        for d in batch:
+            watched.rechecks.note_judged(d.socket.nat_reply_tuple, judged_at)
+        # The scan's pairing, kept: the kill verifies those upstream legs.
+        legs = {d.socket.cookie: d.upstream for d in batch if d.upstream is not None}
+        if legs:
+            result = replace(
+                result,
+                findings=[f.with_upstream(legs.get(f.socket.cookie)) for f in result.findings],
+            )
+        report = self._act(watched, policy, result, watch_unpaired=False)
+        self.recorder.record_actions(watched, state, policy, report)
+        self._note_expiries(watched, result.findings)
+        timing = schedule.Timing(
+            interval=interval,
+            min_idle=float(policy.spec.thresholds.min_idle_seconds),
+            kills=True,
+        )
+        killed = {o.finding.socket.cookie for o in report.outcomes if o.outcome is Outcome.KILLED}
+        left = [f for f in result.findings if f.socket.cookie not in killed]
+        if any(f.kind is not Kind.AT_RISK for f in left):
+            # A leak left alive (too young, over the budget, a failed kill) or an
+            # unproven socket: the scan's bookkeeping must see it (the report, the
+            # gauges, the stale tuples a NEW event is matched against).  Next turn.
+            watched.scan_at = min(watched.scan_at, now)
+        rest = self._schedule_rechecks(watched, left, timing)
+        if rest:
+            watched.scan_at = min(watched.scan_at, now + schedule.next_delay(rest, timing))
+        return True
+
+    def _scan_settings(self, policy: Policy) -> ScanSettings:
+        return ScanSettings(
+            capture_ports=frozenset(policy.spec.capture_ports) or None,
+            min_idle_seconds=0.0,  # the plan applies the threshold; report all
+            proc_root=self.settings.host_proc,
+            rules_max_age_seconds=60.0,
+            owners=False,  # looked up below, only for what is reported
+        )
 
     def _next(self, watched: WatchedNetns) -> float:
-        """Seconds until the netns's next scan or upstream check, whichever is first."""
+        """Seconds until the netns's next scan, re-check or upstream check, whichever is first."""
         at = watched.scan_at
+        recheck_at = watched.rechecks.next_at()
+        if recheck_at is not None:
+            at = min(at, recheck_at)
         if watched.unverified is not None and watched.verify_at is not None:
             at = min(at, watched.verify_at)
         return max(0.0, at - self.clock())
@@ -206,7 +335,14 @@ class NetnsReconciler:
         watched.scan_at = self.clock() + delay
         return delay
 
-    def _act(self, watched: WatchedNetns, policy: Policy, result: ScanResult) -> ActionReport:
+    def _act(
+        self,
+        watched: WatchedNetns,
+        policy: Policy,
+        result: ScanResult,
+        *,
+        watch_unpaired: bool = True,
+    ) -> ActionReport:
         settings = action_settings(policy, max_kills=MAX_KILLS_PER_SCAN)
         plan: Plan = make_plan(result.findings, result.capture_ports, settings)
         granted = 0
@@ -217,7 +353,7 @@ class NetnsReconciler:
             plan = plan.capped(granted)
         if not plan.kills and not plan.extends:
             return skipped(plan)  # nothing to re-check or touch: no kernel call
-        report = self.kernel.remediate(watched.inode, plan)
+        report = self.kernel.remediate(watched.inode, plan, watch_unpaired)
         if granted and bucket is not None:
             bucket.give_back(granted - report.killed)
         if report.pending is not None:

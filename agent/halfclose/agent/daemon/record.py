@@ -160,26 +160,7 @@ class Recorder:
         leaked = [f for f in findings if f.kind in (Kind.LEAKED, Kind.COLLISION)]
         for f in leaked:
             watched.leaked_since.setdefault(f.socket.cookie, wall)
-        killed_ports: dict[int, int] = {}
-        unblocked: list[Finding] = []
-        gone: set[int] = set()
-        for o in report.outcomes:
-            f = o.finding
-            if o.outcome is Outcome.KILLED:
-                gone.add(f.socket.cookie)
-                if f.kind is Kind.COLLISION:
-                    unblocked.append(f)
-                else:
-                    port = f.socket.local.port
-                    killed_ports[port] = killed_ports.get(port, 0) + 1
-                lifetime = watched.lifetime(f, wall)
-                self.metrics.leak_lifetime.observe(lifetime)
-                self.on_lifetime(lifetime)
-                self.metrics.killed.labels(ns, pod).inc()
-            elif o.outcome is Outcome.EXTENDED:
-                self.metrics.extended.labels(ns, pod).inc()
-            elif o.outcome is Outcome.FAILED:
-                self.metrics.kill_failures.labels(ns, pod, o.error or "unknown").inc()
+        killed_ports, unblocked, gone = self._outcomes(watched, state, report, wall)
         watched.prune_expiries(wall)
         seen_now = {f.socket.cookie for f in leaked}
         watched.leaked_since = {
@@ -218,6 +199,78 @@ class Recorder:
                 findings=[report_finding(f, report.of(f), stamp) for f in findings],
             ),
         )
+
+    def record_actions(
+        self, watched: WatchedNetns, state: PodState, policy: Policy, report: ActionReport
+    ) -> None:
+        """The fast path's kills (sockets re-checked without a scan): metrics,
+        lifetimes, the INFO line, Events and the report, now.
+
+        A re-check sees only its sockets, not the netns: the report's counts
+        stay the last scan's, less the killed sockets that scan reported; the
+        killed ones join its findings and ``killedTotal``.
+        """
+        wall = self.wall()
+        killed_ports, unblocked, _gone = self._outcomes(watched, state, report, wall)
+        self._log_actions(watched, state, report)
+        self._events(state, report, unblocked, [], killed_ports)
+        if not report.killed:
+            return
+        at = dt.datetime.fromtimestamp(wall, dt.UTC)
+        stamp = at.strftime("%Y-%m-%dT%H:%M:%SZ")
+        killed = [
+            report_finding(o.finding, o, stamp)
+            for o in report.outcomes
+            if o.outcome is Outcome.KILLED
+        ]
+        prev = state.status or ReportStatus()
+        was = {f.identity: f.kind for f in prev.findings}
+        gone: dict[str | None, int] = {}
+        for f in killed:
+            kind = was.get(f.identity)
+            gone[kind] = gone.get(kind, 0) + 1
+        self._report(
+            state,
+            policy,
+            ScanSummary(
+                scanned_at=at,
+                leaked=max(0, prev.leaked - gone.get(Kind.LEAKED.value, 0)),
+                collision=max(0, prev.collision - gone.get(Kind.COLLISION.value, 0)),
+                at_risk=max(0, prev.at_risk - gone.get(Kind.AT_RISK.value, 0)),
+                unproven=prev.unproven,
+                killed=report.killed,
+                conntrack_patched=watched.sysctl_patched,
+                findings=killed,
+            ),
+        )
+
+    def _outcomes(
+        self, watched: WatchedNetns, state: PodState, report: ActionReport, wall: float
+    ) -> tuple[dict[int, int], list[Finding], set[int]]:
+        """Per-outcome metrics and leak lifetimes: (kills per port, collisions
+        unblocked, cookies killed)."""
+        ns, pod = state.target.namespace, state.target.name
+        killed_ports: dict[int, int] = {}
+        unblocked: list[Finding] = []
+        gone: set[int] = set()
+        for o in report.outcomes:
+            f = o.finding
+            if o.outcome is Outcome.KILLED:
+                gone.add(f.socket.cookie)
+                if f.kind is Kind.COLLISION:
+                    unblocked.append(f)
+                else:
+                    port = f.socket.local.port
+                    killed_ports[port] = killed_ports.get(port, 0) + 1
+                lifetime = watched.lifetime(f, wall)
+                self.metrics.leak_lifetime.observe(lifetime)
+                self.on_lifetime(lifetime)
+                self.metrics.killed.labels(ns, pod).inc()
+            elif o.outcome is Outcome.EXTENDED:
+                self.metrics.extended.labels(ns, pod).inc()
+            elif o.outcome is Outcome.FAILED:
+                self.metrics.kill_failures.labels(ns, pod, o.error or "unknown").inc()
+        return killed_ports, unblocked, gone
 
     def _log_actions(self, watched: WatchedNetns, state: PodState, report: ActionReport) -> None:
         """One structured INFO line per action taken (nothing when nothing was done)."""

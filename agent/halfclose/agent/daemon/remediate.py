@@ -42,9 +42,10 @@ class EngineRemediator:
         # dump (``verify``), so its loop never sleeps for a proxy.
         self.exec_settings = exec_settings or ExecSettings(upstream_wait_seconds=0.0)
 
-    def execute(self, scanner: Scanner, plan: Plan) -> ActionReport:
+    def execute(self, scanner: Scanner, plan: Plan, watch_unpaired: bool = True) -> ActionReport:
         """Re-check and act; a kill's upstream check comes back pending."""
-        return Executor(scanner.sockdiag, scanner.conntrack, self.exec_settings).execute(plan)
+        executor = Executor(scanner.sockdiag, scanner.conntrack, self.exec_settings)
+        return executor.execute(plan, watch_unpaired=watch_unpaired)
 
     def verify(self, scanner: Scanner, report: ActionReport) -> ActionReport:
         """The pending upstream check of ``report``, in one look."""

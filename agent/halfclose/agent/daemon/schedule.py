@@ -107,13 +107,19 @@ def _ripening_delay(finding: Finding, timing: Timing) -> float | None:
     return None
 
 
+def finding_delay(finding: Finding, timing: Timing) -> float | None:
+    """Seconds until this finding needs judging again (None: not before the interval)."""
+    delay = proof_delay(finding)
+    if delay is None:
+        delay = _ripening_delay(finding, timing)
+    return delay
+
+
 def next_delay(findings: Iterable[Finding], timing: Timing) -> float:
     """Seconds until the netns's next reconcile, after a successful scan."""
     soonest = timing.interval
     for f in findings:
-        delay = proof_delay(f)
-        if delay is None:
-            delay = _ripening_delay(f, timing)
+        delay = finding_delay(f, timing)
         if delay is not None and delay < soonest:
             soonest = delay
     return max(MIN_SCAN_SPACING, soonest)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from halfclose.agent.core.model import Finding, FlowTuple, Kind, Owner, UnprovenReason
 from halfclose.agent.core.outcome import ActionReport
+from halfclose.agent.daemon.rechecks import Rechecks
 from halfclose.agent.daemon.targets import PodKey
 
 # Remembered conntrack destroy/expiry times per netns, for leak lifetimes.
@@ -58,6 +59,8 @@ class WatchedNetns:
     # A kill whose upstream legs are checked later (ActionReport.pending).
     unverified: ActionReport | None = None
     verify_at: float | None = None
+    # Sockets whose proof is due again, re-checked without a scan (KillSockets).
+    rechecks: Rechecks = field(default_factory=Rechecks)
 
     @property
     def owner(self) -> PodKey | None:

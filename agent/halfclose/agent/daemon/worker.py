@@ -31,6 +31,7 @@ from functools import cache
 from typing import Any
 
 from halfclose import errors as error_types
+from halfclose.agent.core.model import SocketRecord
 from halfclose.agent.core.outcome import ActionReport, PatchReport
 from halfclose.agent.core.plan import Plan
 from halfclose.agent.core.wire import decode, encode
@@ -216,8 +217,18 @@ class WorkerKernel:
         owned: ScanResult = self._call("attach_owners", inode=inode, result=result)
         return owned
 
-    def remediate(self, inode: int, plan: Plan) -> ActionReport:
-        report: ActionReport = self._call("remediate", inode=inode, plan=plan)
+    def recheck(
+        self, inode: int, sockets: tuple[SocketRecord, ...], settings: ScanSettings
+    ) -> ScanResult | None:
+        result: ScanResult | None = self._call(
+            "recheck", inode=inode, sockets=sockets, settings=settings
+        )
+        return result
+
+    def remediate(self, inode: int, plan: Plan, watch_unpaired: bool = True) -> ActionReport:
+        report: ActionReport = self._call(
+            "remediate", inode=inode, plan=plan, watch_unpaired=watch_unpaired
+        )
         return report
 
     def verify_upstreams(self, inode: int, report: ActionReport) -> ActionReport:

@@ -100,15 +100,19 @@ class Executor:
                 self._sleep(self._settings.poll_seconds)
         return report
 
-    def execute(self, plan: Plan) -> ActionReport:
+    def execute(self, plan: Plan, *, watch_unpaired: bool = True) -> ActionReport:
         """One outcome per decision, in the plan's order; kills' upstream check pending.
 
         Kills go through the batched kill path (``engine.kill``: re-reads,
         conntrack GETs and destroys many per ``send``), extensions one by one.
+        ``watch_unpaired`` False skips the CLOSE_WAIT baseline that kills
+        without a known upstream leg are verified by (a dump of the host's
+        whole TCP hash): the agent's fast path, whose sockets were never
+        paired, checks only the legs it knows.
         """
         dry_run = plan.settings.dry_run
         kills = plan.kills
-        unpaired = [d for d in kills if d.finding.upstream is None]
+        unpaired = [d for d in kills if d.finding.upstream is None] if watch_unpaired else []
         baseline = (
             close_wait_baseline(self._diag, unpaired, plan.capture_ports)
             if unpaired and not dry_run
@@ -136,9 +140,11 @@ class Executor:
         if not done:
             return report.replace(kills=KillSummary())
         paired = tuple((i, up) for i in done if (up := outcomes[i].finding.upstream) is not None)
+        if not paired and not watch_unpaired:
+            return report.replace(kills=KillSummary(killed=len(done)))
         check = UpstreamCheck(
             paired=paired,
-            unpaired_kills=len(done) - len(paired),
+            unpaired_kills=len(done) - len(paired) if watch_unpaired else 0,
             uids=frozenset(d.finding.socket.uid for d in unpaired),
             baseline=baseline,
             capture_ports=plan.capture_ports,
