@@ -19,9 +19,11 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterable
+from itertools import islice
 
 from halfclose.agent.core.outcome import ActionReport, report_only
-from halfclose.agent.engine.report import json_chunks, render_notes, render_table, to_json_dict
+from halfclose.agent.engine.report import json_chunks, render_notes, table_lines, to_json_dict
 from halfclose.agent.engine.scan import Scanner, ScanResult, ScanSettings
 from halfclose.agent.kernel.netns import (
     NetnsHandle,
@@ -137,6 +139,13 @@ def open_target(args: argparse.Namespace, proc_root: str) -> NetnsHandle:
     return handle
 
 
+def write_lines(lines: Iterable[str], batch: int = 1024) -> None:
+    """Write ``lines`` to stdout, ``batch`` at a time (never the whole text at once)."""
+    it = iter(lines)
+    while chunk := list(islice(it, batch)):
+        sys.stdout.write("\n".join(chunk) + "\n")
+
+
 def run(args: argparse.Namespace) -> int:
     # The environment is read here, at the entry point, and nowhere below.
     proc_root = os.environ.get("HOST_PROC", "/proc")
@@ -166,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(json.dumps(to_json_dict(result, report), indent=args.indent) + "\n")
     else:
-        print(render_table(result, report))
+        write_lines(table_lines(result, report))
         for note in render_notes(report):
             print(note)
         if report.patch is not None and report.patch.changed:

@@ -20,7 +20,7 @@ from halfclose.agent.core.model import (
 )
 from halfclose.agent.core.outcome import ActionReport, FindingOutcome, KillSummary
 from halfclose.agent.core.plan import ActionKind, Op, SkipReason
-from halfclose.agent.engine.report import json_chunks, render_table, to_json_dict
+from halfclose.agent.engine.report import json_chunks, render_table, table_lines, to_json_dict
 from halfclose.agent.engine.scan import ScanResult
 
 FINDING_KEYS = {
@@ -228,3 +228,18 @@ def test_an_outcome_field_that_replaces_a_base_field_keeps_the_dicts_text(
     text = "".join(json_chunks(r, report))
     assert text == _old_text(r, report)
     assert json.loads(text)["findings"][1]["capture"] == "overridden"
+
+
+def test_table_spells_every_endpoint_as_endpoint_str_does() -> None:
+    # The table spells endpoints through a per-address memo; each cell must
+    # still read as str(Endpoint) (IPv4, IPv6, IPv4-mapped, many ports).
+    r, report = _varied()
+    lines = render_table(r, report).splitlines()
+    assert lines == list(table_lines(r, report))
+    rows = lines[3:]  # summary, one warning, header
+    assert len(rows) == len(r.findings)
+    for f, line in zip(r.findings, rows, strict=True):
+        cells = line.split()
+        assert str(f.socket.local) in cells and str(f.socket.peer) in cells, line
+        if f.upstream is not None:
+            assert f"{f.upstream.local} -> {f.upstream.peer} CLOSE-WAIT" in line

@@ -303,6 +303,17 @@ def _idle_text(sock: SocketRecord) -> str:
 
 def render_table(result: ScanResult, report: ActionReport | None = None) -> str:
     """A summary line, then one row per finding in ``ss`` spelling (then the report's notes)."""
+    return "\n".join(table_lines(result, report))
+
+
+def table_lines(result: ScanResult, report: ActionReport | None = None) -> Iterator[str]:
+    """``render_table``'s lines, one at a time (the CLI writes them as they come).
+
+    Endpoints are spelled through one memo (at 20k findings ``str(Endpoint)``
+    per cell was most of the table's time) and the rows are kept as tuples
+    only until their widths are known: the lines and the text are never all
+    held at once.
+    """
     outcomes = report.by_cookie if report is not None and report.action != "report" else {}
     n = counts(result)
     ports = ",".join(map(str, result.capture_ports)) or "none"
@@ -311,14 +322,15 @@ def render_table(result: ScanResult, report: ActionReport | None = None) -> str:
         tally = f"{n[Kind.COLLISION]} collision, " + tally
     if n[Kind.UNPROVEN]:
         tally += f", {n[Kind.UNPROVEN]} unproven (never acted on)"
-    lines = [
+    yield (
         f"netns {result.netns}: capture ports {ports}; "
         f"{result.sockets_examined} half-closed sockets examined in "
         f"{result.duration_seconds * 1000:.1f} ms; {tally}"
-    ]
-    lines.extend(f"warning: {w}" for w in result.warnings)
+    )
+    for w in result.warnings:
+        yield f"warning: {w}"
     if not result.findings:
-        return "\n".join(lines)
+        return
     header = (
         "Kind",
         "State",
@@ -328,19 +340,26 @@ def render_table(result: ScanResult, report: ActionReport | None = None) -> str:
         "Process",
         "Upstream (local -> peer state)",
     )
-    rows = []
     show_action = bool(outcomes)
+    ep = _Spell()
+    kinds: dict[tuple[Kind, object], str] = {}
+    rows: list[tuple[str, ...]] = []
     for f in result.findings:
         up = f.upstream
-        row = [
-            f"{f.kind} ({f.reason})" if f.reason is not None else str(f.kind),
+        kind = kinds.get((f.kind, f.reason))
+        if kind is None:
+            kind = kinds[f.kind, f.reason] = (
+                f"{f.kind} ({f.reason})" if f.reason is not None else str(f.kind)
+            )
+        row: tuple[str, ...] = (
+            kind,
             f.socket.state.ss_name,
-            str(f.socket.local),
-            str(f.socket.peer),
+            ep(f.socket.local),
+            ep(f.socket.peer),
             _idle_text(f.socket),
             _process(f),
-            f"{up.local} -> {up.peer} {up.state.ss_name}" if up else "-",
-        ]
+            f"{ep(up.local)} -> {ep(up.peer)} {up.state.ss_name}" if up else "-",
+        )
         if show_action:
             o = outcomes.get(f.socket.cookie)
             text = o.action.value if o else _NONE
@@ -348,14 +367,14 @@ def render_table(result: ScanResult, report: ActionReport | None = None) -> str:
                 text += f" ({o.error})"
             elif o and o.reason and f.reason is None:
                 text += f" ({o.reason.value})"
-            row.append(text)
+            row += (text,)
         rows.append(row)
     cols = [*header, "Action"] if show_action else list(header)
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines.append(fmt.format(*cols).rstrip())
-    lines.extend(fmt.format(*r).rstrip() for r in rows)
-    return "\n".join(lines)
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths).format
+    yield fmt(*cols).rstrip()
+    for r in rows:
+        yield fmt(*r).rstrip()
 
 
 def render_notes(report: ActionReport | None) -> list[str]:
