@@ -202,15 +202,31 @@ class Conntrack:
     ) -> dict[int, ConntrackEntry | None]:
         """``lookup_sockets`` answered from one dump of the netns's table.
 
-        What a GET by tuple T finds is the zone-0 entry with T as its original
-        or reply tuple, skipping expired entries; the dump is indexed the same
-        way (``ctnetlink.index_dump_entry``: both tuples, zone 0, TCP).  The
-        kernel's dump also skips expired entries, and when a datagram fills
-        up it resumes at the entry it could not fit, re-walking that hash
-        bucket from its start if the entry vanished meanwhile: an entry present
-        throughout the dump is reported (perhaps twice), never missed
-        (ctnetlink_dump_table, Linux 6.x).  Any error is raised, never read as
-        "absent".
+        Why the answers are the GETs' (net/netfilter/nf_conntrack_netlink.c
+        and nf_conntrack_core.c, Linux 6.x, read for this):
+
+        - A GET (ctnetlink_get_conntrack -> nf_conntrack_find_get) hashes T
+          and returns the entry owning a tuplehash equal to T in *either*
+          direction, whose zone id for that direction equals the request's
+          (0 here), confirmed, of this netns; an expired one is skipped (and
+          reaped).  So every dumped entry is indexed under both its tuples,
+          and a direction carrying a zone (CTA_ZONE: both; CTA_TUPLE_ZONE:
+          that one) is not indexed (``ctnetlink.index_dump_entry``).
+        - The dump (ctnetlink_dump_table) walks every bucket of the global
+          hash under its lock, skips expired entries, other netns's and the
+          reply-direction nodes (each entry is sent once per sighting), and
+          fills datagram after datagram.  An entry that did not fit is held
+          and the next round resumes at it; if it vanished meanwhile, that
+          bucket is walked again from its start.  So an entry present
+          throughout the dump is sent (perhaps twice), never missed.  An entry
+          created or removed during the dump may or may not be seen: as with
+          GETs, each answer is the table at one moment within the call.
+        - Not covered: a resize of the hash (a write to the global
+          nf_conntrack_buckets) during the walk may skip entries.  A scan's
+          answer is never what a kill acts on alone: the kill re-checks each
+          entry by GET just before its destroy (engine/kill.py).
+
+        Any error is raised, never read as "absent".
 
         Cheap per socket: only entries whose port pair some socket has are
         kept (and decoded), and only a socket whose port pair some kept entry
