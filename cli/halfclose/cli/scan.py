@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from itertools import islice
 
 from halfclose.agent.core.outcome import ActionReport, report_only
+from halfclose.agent.engine.nogc import gc_paused
 from halfclose.agent.engine.report import json_chunks, render_notes, table_lines, to_json_dict
 from halfclose.agent.engine.scan import Scanner, ScanResult, ScanSettings
 from halfclose.agent.kernel.netns import (
@@ -147,6 +148,17 @@ def write_lines(lines: Iterable[str], batch: int = 1024) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The cyclic collector is paused for the whole command, not only inside
+    # the scan: at 20k leaks the scan leaves ~200k acyclic objects (records,
+    # findings, outcomes), and each collection after it walked them all, the
+    # deferred one at the scan's end and then some 30 while the outcomes were
+    # built (measured: 335 ms of the CLI's 1.1 s of CPU).  Reference counting
+    # frees everything; the collector resumes once ``_run``'s objects are gone.
+    with gc_paused():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     # The environment is read here, at the entry point, and nowhere below.
     proc_root = os.environ.get("HOST_PROC", "/proc")
     settings = ScanSettings(
