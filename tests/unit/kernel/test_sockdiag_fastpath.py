@@ -383,3 +383,25 @@ def test_one_memo_for_both_families_keeps_them_apart(generic: bool) -> None:
     _, got6 = inetdiag.parse_buffers([memoryview(second)], seq4, None, endpoints)
     assert {r.local.ip for r in got4} == {ipaddress.ip_address("127.0.0.1")}
     assert {r.local.ip for r in got6} == {ipaddress.ip_address("7f00:1::")}
+
+
+@pytest.mark.parametrize("family", ["v4", "v6"])
+def test_a_seeded_memo_returns_the_seeded_endpoints_and_nothing_else_changes(family: str) -> None:
+    """SockDiag.reread seeds the memo with the records' endpoints: the same dump then
+    gives the same objects (identity), equal records, and an unseeded tuple a new one."""
+    seq, datagrams = _dump(family, "all")
+    plain = _fast(datagrams, seq)[1]
+    # Seed with endpoints equal to, but not the objects of, half the sockets;
+    # and one that names an address the dump does not hold.
+    half = plain[::2]
+    copies = [Endpoint(r.local.ip, r.local.port) for r in half]
+    copies += [Endpoint(r.peer.ip, r.peer.port) for r in half]
+    stranger = Endpoint(ipaddress.ip_address("192.0.2.200"), 15001)
+    endpoints = inetdiag.Endpoints()
+    endpoints.seed([*copies, stranger])
+    seeded = inetdiag.parse_buffers((memoryview(d) for d in datagrams), seq, None, endpoints)[1]
+    _assert_same((len(seeded), seeded), (len(plain), plain))
+    ids = {id(ep) for ep in copies}
+    for r in seeded[::2]:
+        assert id(r.local) in ids and id(r.peer) in ids
+    assert stranger not in {r.local for r in seeded}

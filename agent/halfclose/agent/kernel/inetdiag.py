@@ -29,6 +29,7 @@ from an IP_TRANSPARENT listener (TPROXY) carries the bit, like its listener.
 
 from __future__ import annotations
 
+import array
 import ipaddress
 import socket
 import struct
@@ -111,6 +112,29 @@ class Endpoints:
         if ep is None:
             ep = memo[(raw, port)] = new_endpoint(self.address(family, raw), port)
         return ep
+
+    def seed(self, endpoints: Iterable[Endpoint]) -> None:
+        """Put these endpoints in the memo, so a dump that shows them again returns
+        the same objects (a re-read compares its sockets' tuples with the
+        records': by identity first, instead of ``ipaddress``'s Python ``__eq__``).
+
+        Each is filed under the raw bytes the kernel sends for it, so the memo
+        still maps those bytes to an equal Endpoint.
+        """
+        # id(ip) -> (raw, memo): a pod has a handful of address objects.
+        known: dict[int, tuple[bytes, dict[tuple[bytes, int], Endpoint]]] = {}
+        for ep in endpoints:
+            ip = ep.ip
+            raw_memo = known.get(id(ip))
+            if raw_memo is None:
+                raw = ip.packed.ljust(16, b"\0")
+                if isinstance(ip, ipaddress.IPv4Address):
+                    self._ips4.setdefault(raw, ip)
+                    raw_memo = known[id(ip)] = (raw, self._memo4)
+                else:
+                    self._ips6.setdefault(raw, ip)
+                    raw_memo = known[id(ip)] = (raw, self._memo6)
+            raw_memo[1].setdefault((raw_memo[0], ep.port), ep)
 
     def address(self, family: int, raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         """The address of a raw sock_diag address (16 bytes; IPv4 in the first 4)."""
@@ -415,7 +439,7 @@ class _Shape:
     minisockets, older kernels) always take the generic walker.
     """
 
-    __slots__ = ("_checks", "_headers", "_length", "_record", "_words")
+    __slots__ = ("_checks", "_expected", "_headers", "_length", "_record", "_words")
 
     def __init__(
         self, length: int, attrs: list[tuple[int, int]], opt_at: int, info_at: int
@@ -424,8 +448,10 @@ class _Shape:
         # The attribute headers: (offset in the message, u32 as sent).
         self._headers = tuple(word for _, word in attrs)
         self._checks = _layout([(at, "I") for at, _ in attrs], length)
-        # The same as (word index, bytes) for a datagram's strided compare.
-        self._words = [(at // 4, struct.pack("=I", word)) for at, word in attrs]
+        # The same as (word index, value) for a datagram's strided compare,
+        # whose expected rows are kept per (count, seq, type word).
+        self._words = [(at // 4, word) for at, word in attrs]
+        self._expected: dict[tuple[int, int, int], list[tuple[int, memoryview]]] = {}
         info = info_at + 4
         # family, state, sport, dport, src, dst, if, cookie lo/hi, uid, inode,
         # sockopt byte 0, last_data_sent, last_data_recv, last_ack_recv,
@@ -474,27 +500,30 @@ class _Shape:
     def uniform(self, buf: memoryview | bytes, size: int, seq: int) -> bool:
         """Whether the datagram is made only of messages of this shape, all for ``seq``.
 
-        Checked in bulk: each header word is compared across all the messages
-        with one strided slice of the datagram as u32s (C speed, no Python
-        per message).  The nlmsg_type word holds the flags too: they must be
-        the first message's (a dump's are all NLM_F_MULTI).
+        Checked in bulk: each header word (nlmsg_len, nlmsg_type with the
+        flags, nlmsg_seq, the attribute headers) is compared across all the
+        messages at once, a strided view of the datagram as u32s against a
+        row of the expected value (C speed, no Python per message).  The flags
+        must be the first message's (a dump's are all NLM_F_MULTI).
         """
         length = self._length
         if size % length:
             return False
-        count, stride = size // length, length // 4
         words = memoryview(buf).cast("I")
-        if words[1] & 0xFFFF != SOCK_DIAG_BY_FAMILY:
+        type_word = words[1]
+        if type_word & 0xFFFF != SOCK_DIAG_BY_FAMILY:
             return False
-        for index, want in (
-            (0, struct.pack("=I", length)),
-            (1, words[1:2].tobytes()),
-            (2, struct.pack("=I", seq)),
-            *self._words,
-        ):
-            if words[index::stride].tobytes() != want * count:
-                return False
-        return True
+        key = (size // length, seq, type_word)
+        expected = self._expected.get(key)
+        if expected is None:
+            expected = self._expected[key] = self._expect(*key)
+        stride = length // 4
+        return all(words[index::stride] == want for index, want in expected)
+
+    def _expect(self, count: int, seq: int, type_word: int) -> list[tuple[int, memoryview]]:
+        """(word index, ``count`` times its value) for each word ``uniform`` compares."""
+        words = [(0, self._length), (1, type_word), (2, seq), *self._words]
+        return [(index, memoryview(array.array("I", [value]) * count)) for index, value in words]
 
     def rows(self, buf: memoryview | bytes) -> Iterator[tuple[Any, ...]]:
         """The rows of a datagram ``uniform`` accepted, for ``_emit``."""

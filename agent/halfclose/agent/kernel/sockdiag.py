@@ -46,14 +46,18 @@ class SockDiag:
         states: Collection[TcpState],
         keep: PortFilter | None = None,
         families: Iterable[int] = (socket.AF_INET, socket.AF_INET6),
+        endpoints: Endpoints | None = None,
     ) -> tuple[int, list[SocketRecord]]:
-        """Dump TCP sockets in ``states`` (kernel-side filter); see ``parse_dump``."""
+        """Dump TCP sockets in ``states`` (kernel-side filter); see ``parse_dump``.
+
+        ``endpoints``: the memo to build endpoints with (one per dump if not given).
+        """
         mask = 0
         for st in states:
             mask |= st.mask
         seen_total = 0
         result: list[SocketRecord] = []
-        endpoints = Endpoints()
+        endpoints = endpoints or Endpoints()
         for family in families:
             seq = self._nl.next_seq()
             self._nl.send(encode_dump(family, mask, seq))
@@ -132,14 +136,24 @@ class SockDiag:
         def keep(_state: int, sport: int, _dport: int) -> bool:
             return sport in ports
 
-        _, socks = self.dump({r.state for r in records}, keep, families)
+        # The records' own endpoints in the memo: a socket the dump shows with
+        # the same tuple gets the very same Endpoint objects, so the tuple
+        # check below is an identity test instead of ipaddress's __eq__.
+        endpoints = Endpoints()
+        endpoints.seed(r.local for r in records)
+        endpoints.seed(r.peer for r in records)
+        _, socks = self.dump({r.state for r in records}, keep, families, endpoints)
         now = {s.cookie: s for s in socks}
         out: list[SocketRecord | int | None] = []
         for r in records:
             got = now.get(r.cookie)
             # The cookie *and* the tuple, as a GET checks them: a cookie alone
-            # could name another socket (a stale or wrong record).
-            if got is not None and (got.local != r.local or got.peer != r.peer):
+            # could name another socket (a stale or wrong record).  Identical
+            # endpoints are equal; others are compared by value.
+            if got is not None and (
+                (got.local is not r.local and got.local != r.local)
+                or (got.peer is not r.peer and got.peer != r.peer)
+            ):
                 got = None
             out.append(got)
         missing = [i for i, found in enumerate(out) if found is None]
