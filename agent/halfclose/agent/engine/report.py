@@ -14,8 +14,10 @@ Endpoints and states are spelled as ``ss`` prints them.  Actions are the
 remediation's business: its ``ActionReport`` (one outcome per finding) is
 read here as it is everywhere else; its fields are additive (``would``,
 ``upstream_closed``, ``timeout_before``/``timeout_after``; top level
-``kill_summary``, ``conntrack_patch``).  The document is plain dicts and
-lists, built once: ``json.dumps`` without indent encodes it in C.
+``kill_summary``, ``conntrack_patch``).  ``to_json_dict`` builds the
+document as plain dicts and lists; ``json_chunks`` writes the same compact
+text piece by piece (what the CLI prints: at 20k findings the dicts and the
+whole text were ~25 MB of its peak RSS).
 An unproven finding's ``reason`` is always the proof's (``not-nat-captured``,
 ``entry-removed-early``, ...): nothing acts on it, so no action reason is due.
 Additive fields: ``capture`` (how part 2 was shown: rule, conntrack, tproxy)
