@@ -278,6 +278,8 @@ def _in_order(findings: list[Finding]) -> list[Finding]:
     20,000 sockets), so numbers are kept by the object's identity while the
     findings keep every address alive.
     """
+    if len(findings) < 2:
+        return findings
     numbers: dict[int, int] = {}
     number = numbers.get
 

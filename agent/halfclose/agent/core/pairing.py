@@ -230,6 +230,10 @@ def _grouped(keys: Sequence[Holder]) -> dict[Holder, list[int]]:
     return out
 
 
+# Below this many downstreams _choose_all asks choose() for each directly.
+_FEW = 8
+
+
 def _choose_all(
     downs: Sequence[SocketRecord], ups: Sequence[SocketRecord]
 ) -> list[SocketRecord | None]:
@@ -245,6 +249,10 @@ def _choose_all(
     lists: at 20k leaks a per-socket loop touching each matched upstream's
     keys at random cost ~3x more (cache misses, not hashing).
     """
+    if len(downs) <= _FEW:
+        # A few leaks (the usual netns): the lists cost less than the counts.
+        few = _Group(downs, ups)
+        return [few.choose(d) for d in downs]
     n = len(ups)
     # The keys of _up_keys / _down_key: (received, acked - 1) and
     # (received, acked) for an upstream, (acked, received) for a downstream.
@@ -278,7 +286,7 @@ def _choose_all(
     down_count = Counter(keys)
     rivals = down_count.get
     mutual = list(map(add, map(rivals, lo, repeat(0)), map(rivals, hi, repeat(0))))
-    out = [None if j is None or mutual[j] != 1 else ups[j] for j in js]
+    out: list[SocketRecord | None] = [None if j is None or mutual[j] != 1 else ups[j] for j in js]
     group: _Group | None = None
     for i, up in enumerate(out):
         if up is None:

@@ -10,18 +10,24 @@ cyclic is created in between that could not wait for the next collection.
 
 from __future__ import annotations
 
-import contextlib
 import gc
-from collections.abc import Iterator
 
 
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Disable the cyclic collector for the block; restore it as it was."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
+class gc_paused:  # lower case: used like the function it was, ``with gc_paused():``
+    """Disable the cyclic collector for the block; restore it as it was.
+
+    A class rather than a ``contextlib.contextmanager``: the agent enters it
+    once per scan of every netns (110 per node every 10 s), and a generator
+    based manager costs ~5x more to enter and leave.  Nested blocks leave the
+    collector as the outermost found it.
+    """
+
+    __slots__ = ("_was_enabled",)
+
+    def __enter__(self) -> None:
+        self._was_enabled = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._was_enabled:
             gc.enable()

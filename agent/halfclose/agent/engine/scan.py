@@ -16,7 +16,7 @@ import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from halfclose.agent.core.classify import Evidence, classify, is_candidate
+from halfclose.agent.core.classify import Evidence, candidates, classify
 from halfclose.agent.core.model import (
     CaptureEvidence,
     Endpoint,
@@ -272,18 +272,26 @@ class Scanner:
         *,
         lap: Laps,
     ) -> tuple[list[Finding], tuple[str, ...]]:
-        candidates = [s for s in sockets if is_candidate(s, ports, capture)]
+        judged = candidates(sockets, ports, capture)
         lap("classify")
-        if not candidates:
+        if not judged:
             return [], ()
-        unshown = [s for s in candidates if capture.proves(s) is None]
-        if nat_eps is None and unshown:
-            # The rules do not show every candidate's capture: conntrack's
-            # DST_NAT entries may (one filtered dump, only when needed).
-            found = self._nat_endpoints(settings.rules_max_age_seconds, unshown)
-            capture = dataclasses.replace(capture, nat_endpoints=found)
-            lap("dst-nat")
-        proven = [s for s in candidates if capture.proves(s) is not None]
+        # Part 2 once per candidate: a rule port is CaptureEvidence.proves'
+        # first answer (taken without the call); usually every candidate is
+        # on one, and then all are proven.
+        rule_ports = capture.rule_ports
+        unshown = [
+            s for s in judged if s.local.port not in rule_ports and capture.proves(s) is None
+        ]
+        proven = judged
+        if unshown:
+            if nat_eps is None:
+                # The rules do not show every candidate's capture: conntrack's
+                # DST_NAT entries may (one filtered dump, only when needed).
+                found = self._nat_endpoints(settings.rules_max_age_seconds, unshown)
+                capture = dataclasses.replace(capture, nat_endpoints=found)
+                lap("dst-nat")
+            proven = [s for s in judged if capture.proves(s) is not None]
         # One GET per proven candidate, many per send(), keyed back by cookie.
         by_cookie = self._ct.lookup_sockets(proven)
         lap("conntrack")
@@ -305,10 +313,10 @@ class Scanner:
                 [s.inode for s in sockets if not s.orphan],
                 self.handle.inode,
                 proc_root=settings.proc_root,
-                uid_hint={s.uid for s in candidates},
+                uid_hint={s.uid for s in judged},
             )
             lap("owners")
-        findings = classify(candidates, ports, evidence, owners, settings.min_idle_seconds)
+        findings = classify(judged, ports, evidence, owners, settings.min_idle_seconds)
         lap("classify")
         paired = pair(findings, sockets, ports, owners)
         lap("pairing")
