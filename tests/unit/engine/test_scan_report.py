@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
+from collections.abc import Callable
 
 import pytest
 
@@ -243,3 +245,29 @@ def test_table_spells_every_endpoint_as_endpoint_str_does() -> None:
         assert str(f.socket.local) in cells and str(f.socket.peer) in cells, line
         if f.upstream is not None:
             assert f"{f.upstream.local} -> {f.upstream.peer} CLOSE-WAIT" in line
+
+
+def test_streamed_json_never_holds_the_document() -> None:
+    # 5,000 findings written to a sink that keeps nothing: the writer's peak
+    # is a piece of the document, the dict renderer's the whole of it twice.
+    r, report = _varied()
+    many = ScanResult("x", (15001,), 0, 0.0, r.findings * 125)
+    report = ActionReport(ActionKind.KILL, False, report.outcomes * 125)
+    text = "".join(json_chunks(many, report))
+    assert text == _old_text(many, report)
+
+    def peak(write_all: Callable[[], object]) -> int:
+        tracemalloc.start()
+        try:
+            write_all()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    def streamed() -> None:
+        for piece in json_chunks(many, report, batch=256):
+            len(piece)  # written and dropped
+
+    streaming, whole = peak(streamed), peak(lambda: _old_text(many, report))
+    assert whole > len(text)
+    assert streaming < len(text) / 4, (streaming, whole, len(text))
