@@ -204,8 +204,11 @@ def test_dump_and_get_answer_every_lookup_alike(
             dumped = ct.lookup_sockets_dump(socks)
             got = ct.lookup_sockets_get(socks)
             auto = ct.lookup_sockets(socks)
+            # The oracle: the generic GET (FlowTuple, generic encoder and decoder).
+            replies = ct.lookup_replies([s.nat_reply_tuple for s in socks])
         finally:
             ct.close()
+    assert got == {s.cookie: replies[s.nat_reply_tuple] for s in socks}
     assert {n: state(got[cases[n].cookie]) for n in names} == expected
     assert dumped == got  # every field of every entry, and every absence
     assert auto == got

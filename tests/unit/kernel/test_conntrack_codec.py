@@ -256,3 +256,69 @@ def test_an_entry_in_a_zone_is_indexed_under_neither_tuple() -> None:
     assert ct.index_dump_entry(zoned) == (None, None)
     zero = payload + nl.pack_attr(ct.CTA_ZONE, (0).to_bytes(2, "big"))
     assert ct.index_dump_entry(zero) == (_key(orig), _key(REPLY))
+
+
+def _replayed_entries() -> list[bytes]:
+    out = []
+    for path in sorted(DATA.glob("*.dump")):
+        for msg in _messages(path.name):
+            if msg.type == ct.MSG_NEW and msg.payload[0] in (socket.AF_INET, socket.AF_INET6):
+                out.append(bytes(msg.payload))
+    return out
+
+
+def test_fast_decoder_gives_the_generic_decoders_entry_on_every_replayed_answer() -> None:
+    entries = _replayed_entries()
+    assert len(entries) >= 8
+    memo: dict[bytes, Any] = {}
+    for payload in entries:
+        assert ct.decode_entry_fast(payload, memo) == ct.decode_entry(memoryview(payload))
+
+
+def _entry_payload(*, nested_flag: bool = True, protoinfo: bytes | None = None) -> bytes:
+    orig = FlowTuple(REPLY.dst, REPLY.dport, ipaddress.ip_address("203.0.113.10"), 7777)
+    if protoinfo is None:
+        protoinfo = nl.pack_nested(
+            ct.CTA_PROTOINFO_TCP,
+            nl.pack_attr(ct.CTA_PROTOINFO_TCP_STATE, bytes([5])),
+            nl.pack_attr(2, bytes([7])),  # WSCALE_ORIGINAL
+        )
+    return (
+        ct.NFGEN.pack(socket.AF_INET, 0, 0)
+        + nl.pack_attr(
+            ct.CTA_TUPLE_ORIG | nl.NLA_F_NESTED, _tuple_attr(orig, nested_flag=nested_flag)
+        )
+        + nl.pack_attr(ct.CTA_TUPLE_REPLY | nl.NLA_F_NESTED, _tuple_attr(REPLY, zone=4))
+        + nl.pack_attr(ct.CTA_STATUS, (0x1AE).to_bytes(4, "big"))
+        + nl.pack_attr(ct.CTA_TIMEOUT, (55).to_bytes(4, "big"))
+        + nl.pack_attr(ct.CTA_PROTOINFO | nl.NLA_F_NESTED, protoinfo)
+        + nl.pack_attr(ct.CTA_ID, (99).to_bytes(4, "big"))
+        + nl.pack_attr(ct.CTA_ZONE, (4).to_bytes(2, "big"))
+    )
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        _entry_payload(),
+        _entry_payload(nested_flag=False),  # tuples read field by field
+        _entry_payload(protoinfo=b""),  # no TCP state: NONE
+        _entry_payload(  # the state not first in the TCP nest
+            protoinfo=nl.pack_nested(
+                ct.CTA_PROTOINFO_TCP,
+                nl.pack_attr(2, bytes([7])),
+                nl.pack_attr(ct.CTA_PROTOINFO_TCP_STATE, bytes([1])),
+            )
+        ),
+        _entry_payload(  # two TCP nests: the generic decoder keeps the last state
+            protoinfo=nl.pack_nested(
+                ct.CTA_PROTOINFO_TCP, nl.pack_attr(ct.CTA_PROTOINFO_TCP_STATE, bytes([3]))
+            )
+            + nl.pack_nested(
+                ct.CTA_PROTOINFO_TCP, nl.pack_attr(ct.CTA_PROTOINFO_TCP_STATE, bytes([7]))
+            )
+        ),
+    ],
+)
+def test_fast_decoder_matches_the_generic_one_off_the_common_layout(payload: bytes) -> None:
+    assert ct.decode_entry_fast(payload) == ct.decode_entry(memoryview(payload))

@@ -17,7 +17,13 @@ from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from halfclose.agent.core.model import ConntrackEntry, FlowTuple, SocketRecord, normalize_ip
+from halfclose.agent.core.model import (
+    ConntrackEntry,
+    FlowTuple,
+    IPAddress,
+    SocketRecord,
+    normalize_ip,
+)
 from halfclose.agent.kernel import netlink as nl
 from halfclose.agent.kernel.ctnetlink import (
     BE32,
@@ -27,6 +33,7 @@ from halfclose.agent.kernel.ctnetlink import (
     NFGEN,
     NFNETLINK_V0,
     decode_entry,
+    decode_entry_fast,
     encode_dump_all,
     encode_dump_dst_nat,
     encode_dump_tcp,
@@ -160,6 +167,7 @@ class Conntrack:
         """
         out: dict[int, ConntrackEntry | None] = {}
         nls = self._nl
+        memo: dict[bytes, IPAddress] = {}  # each address built once per call
         for start in range(0, len(sockets), BATCH):
             pending: dict[int, SocketRecord] = {}
             chunks = []
@@ -191,8 +199,8 @@ class Conntrack:
                                 )
                             out[asked.cookie] = None
                         else:
-                            out[asked.cookie] = decode_entry(
-                                buf[offset + _NLMSG_HDR : offset + length]
+                            out[asked.cookie] = decode_entry_fast(
+                                buf[offset + _NLMSG_HDR : offset + length], memo
                             )
                     offset += (length + 3) & ~3
         return out
@@ -286,6 +294,7 @@ class Conntrack:
         pairs: Container[tuple[int, int]],
     ) -> Iterator[tuple[bytes, ConntrackEntry]]:
         nls = self._nl
+        memo: dict[bytes, IPAddress] = {}
         seq = nls.next_seq()
         nls.send(encode(family, seq))
         while True:
@@ -312,7 +321,7 @@ class Conntrack:
                 for key in index_dump_entry(payload):
                     if key is not None and key_ports(key) in pairs:
                         if entry is None:
-                            entry = decode_entry(payload)  # now: the buffer is reused
+                            entry = decode_entry_fast(payload, memo)  # now: buffer reused
                         yield key, entry
 
     def get_by_reply(self, reply: FlowTuple, zone: int = 0) -> ConntrackEntry | None:

@@ -543,3 +543,103 @@ def encode_socket_get(src: IPAddress, sport: int, dst: IPAddress, dport: int, se
     if len(key) == _SIZE_V4:
         return _NLH_V4.pack(_GET_SIZE_V4, MSG_GET, nl.NLM_F_REQUEST, seq, 0, _AFTER_NLH_V4) + key
     return _NLH_V6.pack(_GET_SIZE_V6, MSG_GET, nl.NLM_F_REQUEST, seq, 0, _AFTER_NLH_V6) + key
+
+
+def _tuple_from_raw(raw: bytes, memo: dict[bytes, IPAddress]) -> tuple[FlowTuple, int]:
+    """``_decode_tuple`` of a CTA_TUPLE_* payload, without a parse when it has our layout."""
+    n = len(raw)
+    if n == _SIZE_V4 and _from_bytes(raw, "big") & _MASK_V4 == _FIXED_V4:
+        s, d = raw[8:12], raw[16:20]
+        src = memo.get(s) or memo.setdefault(s, IPv4Address(s))
+        dst = memo.get(d) or memo.setdefault(d, IPv4Address(d))
+        sport, dport = _PORTS_V4.unpack_from(raw)
+        return FlowTuple(src, sport, dst, dport), socket.IPPROTO_TCP
+    if n == _SIZE_V6 and _from_bytes(raw, "big") & _MASK_V6 == _FIXED_V6:
+        s, d = raw[8:24], raw[28:44]
+        src = memo.get(s) or memo.setdefault(s, IPv6Address(s))
+        dst = memo.get(d) or memo.setdefault(d, IPv6Address(d))
+        sport, dport = _PORTS_V6.unpack_from(raw)
+        return FlowTuple(src, sport, dst, dport), socket.IPPROTO_TCP
+    return _decode_tuple(memoryview(raw))
+
+
+def decode_entry_fast(
+    payload: bytes | memoryview, memo: dict[bytes, IPAddress] | None = None
+) -> ConntrackEntry:
+    """``decode_entry``, same result, ~4x cheaper: one pass with ``struct`` over the
+    attributes, TCP tuples of the verified layout read at fixed offsets, and each
+    address built once per ``memo`` (a dict the caller keeps for one lookup).
+    """
+    memo = {} if memo is None else memo
+    original = reply = None
+    proto = socket.IPPROTO_TCP
+    tcp_state = "NONE"
+    timeout = status = mark = zone = entry_id = 0
+    offset, end = NFGEN.size, len(payload)
+    unpack = nl.NLA_HDR.unpack_from
+    while offset + 4 <= end:
+        length, attr_type = unpack(payload, offset)
+        if length < 4 or offset + length > end:
+            raise ValueError(f"truncated netlink attribute at offset {offset} (len {length})")
+        attr_type &= nl.NLA_TYPE_MASK
+        start, stop = offset + 4, offset + length
+        if attr_type == CTA_TUPLE_ORIG:
+            original, proto = _tuple_from_raw(bytes(payload[start:stop]), memo)
+        elif attr_type == CTA_TUPLE_REPLY:
+            reply, _ = _tuple_from_raw(bytes(payload[start:stop]), memo)
+        elif attr_type == CTA_STATUS:
+            status = BE32.unpack_from(payload[start:stop])[0]
+        elif attr_type == CTA_TIMEOUT:
+            timeout = BE32.unpack_from(payload[start:stop])[0]
+        elif attr_type == CTA_MARK:
+            mark = BE32.unpack_from(payload[start:stop])[0]
+        elif attr_type == CTA_ID:
+            entry_id = BE32.unpack_from(payload[start:stop])[0]
+        elif attr_type == CTA_ZONE:
+            zone = _BE16.unpack_from(payload[start:stop])[0]
+        elif attr_type == CTA_PROTOINFO:
+            tcp_state = _tcp_state(memoryview(payload)[start:stop], tcp_state)
+        offset += (length + 3) & ~3
+    if original is None or reply is None:
+        raise ValueError("conntrack entry without both tuples")
+    return ConntrackEntry(
+        original=original,
+        reply=reply,
+        tcp_state=tcp_state,
+        timeout=timeout,
+        status=status,
+        mark=mark,
+        zone=zone,
+        entry_id=entry_id,
+        l4proto=proto,
+    )
+
+
+_PROTOINFO_HDRS = struct.Struct("=HHHHB")  # TCP nest len, type; STATE len, type; state
+
+
+def _tcp_state(protoinfo: memoryview, state: str) -> str:
+    if len(protoinfo) >= _PROTOINFO_HDRS.size:
+        # tcp_to_nlattr writes the TCP nest first and the state first in it.
+        tcp_len, tcp_type, st_len, st_type, n = _PROTOINFO_HDRS.unpack_from(protoinfo)
+        if (
+            tcp_type & nl.NLA_TYPE_MASK == CTA_PROTOINFO_TCP
+            and st_type & nl.NLA_TYPE_MASK == CTA_PROTOINFO_TCP_STATE
+            and st_len == 5
+            and 9 <= tcp_len <= len(protoinfo)
+            and not _later_state(protoinfo, tcp_len)
+        ):
+            return TCP_CONNTRACK_STATES[n] if n < len(TCP_CONNTRACK_STATES) else str(n)
+    for pt, pv in nl.iter_attrs(protoinfo):
+        if pt != CTA_PROTOINFO_TCP:
+            continue
+        for st, sv in nl.iter_attrs(pv):
+            if st == CTA_PROTOINFO_TCP_STATE and len(sv) >= 1:
+                n = sv[0]
+                state = TCP_CONNTRACK_STATES[n] if n < len(TCP_CONNTRACK_STATES) else str(n)
+    return state
+
+
+def _later_state(protoinfo: memoryview, tcp_len: int) -> bool:
+    """Another TCP nest after the first (never from the kernel): take the slow path."""
+    return (tcp_len + 3) & ~3 < len(protoinfo)
