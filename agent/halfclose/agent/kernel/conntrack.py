@@ -229,6 +229,10 @@ class Conntrack:
           throughout the dump is sent (perhaps twice), never missed.  An entry
           created or removed during the dump may or may not be seen: as with
           GETs, each answer is the table at one moment within the call.
+        - An entry can sit in the hash by its reply tuple only, invisible to
+          dumps (nf_ct_resolve_clash_harder: a NAT clash loser), but only for
+          protocols that allow clashes (UDP, generic), never TCP: for TCP the
+          two agree.
         - Not covered: a resize of the hash (a write to the global
           nf_conntrack_buckets) during the walk may skip entries.  A scan's
           answer is never what a kill acts on alone: the kill re-checks each
