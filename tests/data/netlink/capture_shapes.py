@@ -15,7 +15,9 @@ scratch netns, per family (127.0.0.1 and ::1):
 - one orphaned FIN_WAIT2 (``close()``, not shutdown): a timewait minisocket,
   shorter, without tcp_info, somewhere among them (hash order);
 - the same netns dumped for all states too (listeners first, IPv6 ones
-  with INET_DIAG_SKV6ONLY).
+  with INET_DIAG_SKV6ONLY);
+- at the end, both families by one legacy TCPDIAG_GETSOCK dump (what
+  ``SockDiag.dump`` sends): replies of type 18, the families interleaved.
 
 The file holds the datagrams as hex, the request's sequence number, and each
 socket as recorded from the socket objects (getsockname, fstat inode,
@@ -45,12 +47,17 @@ ALL = 0xFFFFFFFF
 
 
 def dump(family: int, states: int, seq: int) -> list[str]:
+    """SOCK_DIAG_BY_FAMILY (inet_diag_req_v2), or with AF_UNSPEC TCPDIAG_GETSOCK (inet_diag_req)."""
     s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 4)
     s.bind((0, 0))
-    req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 1 << 1, 0, states)
-    req += struct.pack("!HH16s16s", 0, 0, b"\0" * 16, b"\0" * 16)
-    req += struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF)
-    s.send(nlmsg(20, 0x1 | 0x300, seq, req))
+    sockid = struct.pack("!HH16s16s", 0, 0, b"\0" * 16, b"\0" * 16)
+    sockid += struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF)
+    if family == socket.AF_UNSPEC:
+        req = struct.pack("=BBBB", 0, 0, 0, 1 << 1) + sockid + struct.pack("=II", states, 0)
+        s.send(nlmsg(18, 0x1 | 0x300, seq, req))
+    else:
+        req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 1 << 1, 0, states) + sockid
+        s.send(nlmsg(20, 0x1 | 0x300, seq, req))
     try:
         return [d.hex() for d in recv_all(s, seq, until_done=True)]
     finally:
@@ -112,6 +119,7 @@ def inside() -> None:
             }
         )
         sockets.append(describe(lst, "LISTEN", info=False))
+    dumps["both"] = {"half_closed": {"seq": 9, "datagrams": dump(socket.AF_UNSPEC, HALF_CLOSED, 9)}}
     data = {"kernel": os.uname().release, "dumps": dumps, "sockets": sockets}
     with gzip.open(HERE / "sockdiag_shapes.json.gz", "wt") as f:
         json.dump(data, f, indent=0)

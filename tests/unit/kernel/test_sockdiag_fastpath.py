@@ -60,7 +60,7 @@ def _reference(
                 continue
             if msg.type in {nl.NLMSG_DONE, nl.NLMSG_ERROR}:
                 return seen, out
-            if msg.type != inetdiag.SOCK_DIAG_BY_FAMILY:
+            if msg.type not in {inetdiag.SOCK_DIAG_BY_FAMILY, inetdiag.TCPDIAG_GETSOCK}:
                 continue
             seen += 1
             r = inetdiag.decode_message(msg.payload)
@@ -96,6 +96,7 @@ def _drop_all(_state: int, _sport: int, _dport: int) -> bool:
 
 
 CAPTURES = [(f, k) for f in ("v4", "v6") for k in ("half_closed", "all")]
+CAPTURES.append(("both", "half_closed"))  # TCPDIAG_GETSOCK: type 18, families interleaved
 
 
 @pytest.mark.parametrize(("family", "kind"), CAPTURES)
@@ -405,3 +406,40 @@ def test_a_seeded_memo_returns_the_seeded_endpoints_and_nothing_else_changes(fam
     for r in seeded[::2]:
         assert id(r.local) in ids and id(r.peer) in ids
     assert stranger not in {r.local for r in seeded}
+
+
+def test_the_one_walk_dump_holds_what_the_two_family_dumps_hold() -> None:
+    """TCPDIAG_GETSOCK (SockDiag.dump's request for both families): the same sockets as
+    a SOCK_DIAG_BY_FAMILY dump per family, in one walk, with IPv4 and IPv6 interleaved."""
+
+    def stable(records: list[SocketRecord]) -> set[tuple[Any, ...]]:
+        return {
+            (r.state, r.local, r.peer, r.cookie if not r.orphan else 0, r.inode, r.uid,
+             r.bytes_acked, r.bytes_received, r.transparent)
+            for r in records
+        }  # fmt: skip
+
+    seq, datagrams = _dump("both", "half_closed")
+    assert {HDR.unpack_from(d, 0)[1] for d in datagrams[:-1]} == {inetdiag.TCPDIAG_GETSOCK}
+    seen, both = _fast(datagrams, seq)
+    per_family: list[SocketRecord] = []
+    for family in ("v4", "v6"):
+        s, d = _dump(family, "half_closed")
+        per_family += _fast(d, s)[1]
+    assert seen == len(both) == len(per_family) == 2 * 202
+    assert stable(both) == stable(per_family)
+    families = [r.local.ip.version for r in both]
+    assert families != sorted(families)  # interleaved: one walk, not two
+
+
+def test_both_families_request_is_a_legacy_inet_diag_req() -> None:
+    mask = TcpState.FIN_WAIT2.mask | TcpState.CLOSE_WAIT.mask
+    (msg,) = nl.iter_messages(memoryview(inetdiag.encode_dump_both(mask, 5)))
+    assert msg.type == inetdiag.TCPDIAG_GETSOCK == 18
+    assert msg.flags & nl.NLM_F_DUMP == nl.NLM_F_DUMP
+    assert len(msg.payload) == 60  # sizeof(struct inet_diag_req)
+    _family, _src_len, _dst_len, ext = struct.unpack_from("=BBBB", msg.payload, 0)
+    assert ext == 1 << (inetdiag.INET_DIAG_INFO - 1)
+    assert struct.unpack_from("=II", msg.payload, 52) == (mask, 0)
+    cookie = struct.unpack_from("=II", msg.payload, 4 + 40)
+    assert cookie == (inetdiag.NO_COOKIE, inetdiag.NO_COOKIE)

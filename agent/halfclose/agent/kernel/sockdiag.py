@@ -20,6 +20,7 @@ from halfclose.agent.kernel.inetdiag import (
     decode_message,
     encode_destroy,
     encode_dump,
+    encode_dump_both,
     encode_get,
     parse_buffers,
 )
@@ -35,6 +36,8 @@ class SockDiag:
 
     def __init__(self, sock: socket.socket) -> None:
         self._nl = nl.NetlinkSocket(sock)
+        # Both families by one TCPDIAG_GETSOCK dump, until the kernel refuses it.
+        self._both = True
 
     @classmethod
     def open(cls, netns: NetnsHandle | None = None) -> SockDiag:
@@ -51,13 +54,28 @@ class SockDiag:
         """Dump TCP sockets in ``states`` (kernel-side filter); see ``parse_dump``.
 
         ``endpoints``: the memo to build endpoints with (one per dump if not given).
+        Both families are asked for with one legacy TCPDIAG_GETSOCK dump (one
+        walk of the kernel's TCP hash instead of one per family); a kernel
+        that refuses it (EINVAL, EOPNOTSUPP) gets one dump per family, from
+        then on.  The records are the same; only their order differs.
         """
         mask = 0
         for st in states:
             mask |= st.mask
+        endpoints = endpoints or Endpoints()
+        families = tuple(families)
+        if self._both and sorted(families) == [socket.AF_INET, socket.AF_INET6]:
+            seq = self._nl.next_seq()
+            self._nl.send(encode_dump_both(mask, seq))
+            try:
+                return parse_buffers(self._nl.datagrams(), seq, keep, endpoints)
+            except nl.NetlinkError as exc:
+                # Refused (at once, in practice): whatever was parsed is dropped.
+                if exc.errno not in {errno.EINVAL, errno.EOPNOTSUPP}:
+                    raise
+                self._both = False
         seen_total = 0
         result: list[SocketRecord] = []
-        endpoints = endpoints or Endpoints()
         for family in families:
             seq = self._nl.next_seq()
             self._nl.send(encode_dump(family, mask, seq))
