@@ -5,7 +5,11 @@ the socket that sends these is ``sockdiag.SockDiag``.
 
 The parser is ours: fixed offsets with ``struct.unpack_from`` over the receive buffer, a port
 filter applied *before* any object is built, and only the ``tcp_info`` fields the
-classifier and pairing use.
+classifier and pairing use.  The kernel sends the sockets of a dump with one
+layout (~80 per datagram): ``_Shape`` learns it from one message and reads the
+others with one unpack each (one ``iter_unpack`` for a datagram made only of
+them), once the header words that decide where ``_decode``'s attribute walk
+lands are checked equal; any other message goes through ``_decode`` itself.
 
 Layouts (include/uapi/linux/inet_diag.h, include/uapi/linux/tcp.h):
 
@@ -44,6 +48,7 @@ from halfclose.agent.core.model import (
     SocketRecordSlots,
     TcpState,
     new_endpoint,
+    new_socket_record,
 )
 from halfclose.agent.kernel import netlink as nl
 
@@ -292,7 +297,7 @@ def _decode(
         if attr_type == INET_DIAG_SOCKOPT and length > 4:
             transparent = buf[offset + 4] & SOCKOPT_TRANSPARENT != 0
         offset += (length + 3) & ~3
-    return SocketRecord(
+    return new_socket_record(
         _STATES[state],
         endpoints.get(family, src, sport),
         endpoints.get(family, dst, dport),
