@@ -273,3 +273,36 @@ def test_unusable_configurations_are_one_clear_error(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="'exec': not supported"):
         load_api_client(str(path))
+
+
+def _relative_kubeconfig(kube: ControlPlane, folder: Path, **cluster_extra: object) -> Path:
+    """The admin kubeconfig with its files copied beside it, named by relative paths
+    (kubectl reads them relative to the kubeconfig's folder, not the working directory)."""
+    doc = yaml.safe_load(Path(kube.kubeconfig).read_text())
+    cluster, user = doc["clusters"][0]["cluster"], doc["users"][0]["user"]
+    for body, key in ((cluster, "certificate-authority"), (user, "client-certificate"),
+                      (user, "client-key")):  # fmt: skip
+        shutil.copy(body[key], folder / f"{key}.pem")
+        body[key] = f"{key}.pem"
+    cluster.update(cluster_extra)
+    path = folder / "relative.kubeconfig"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_kubeconfig_relative_paths_and_tls_server_name(
+    kube: ControlPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir("/")  # not the kubeconfig's folder
+    path = _relative_kubeconfig(kube, tmp_path, **{"tls-server-name": "localhost"})
+    assert _whoami(RawClient(load_api_client(str(path)))) == "halfclose-test-admin"
+
+
+def test_the_server_certificate_is_verified(kube: ControlPlane, tmp_path: Path) -> None:
+    """A name the serving certificate does not carry is refused before any request is
+    sent (status 0: no answer), never sent anyway."""
+    path = _relative_kubeconfig(kube, tmp_path, **{"tls-server-name": "other.example"})
+    client = RawClient(load_api_client(str(path)), 5.0)
+    with pytest.raises(ApiError) as err:
+        client.get("/api/v1/namespaces")
+    assert err.value.status == 0 and "CERTIFICATE_VERIFY_FAILED" in str(err.value)
