@@ -21,7 +21,7 @@ from halfclose.agent.daemon.ports import EventBatch, OpenedNetns
 from halfclose.agent.daemon.remediate import EngineRemediator
 from halfclose.agent.engine.recheck import recheck
 from halfclose.agent.engine.scan import Scanner, ScanResult, ScanSettings, attach_owners
-from halfclose.agent.kernel.ctevents import ConntrackEventSocket
+from halfclose.agent.kernel.ctevents import COUNTDOWN_STATES, ConntrackEventSocket
 from halfclose.agent.kernel.netlink import NETLINK_NETFILTER, open_socket
 from halfclose.agent.kernel.netns import NetnsHandle
 from halfclose.agent.kernel.podnetns import PodNetns, PodNetnsSource
@@ -131,7 +131,9 @@ class LocalKernel:
         events = self._get(inode).events
         if events is None:
             return EventBatch((), False)
-        got, overflowed = events.drain()
+        # UPDATEs matter only into CLOSE_WAIT (a leak's countdown starts);
+        # the others are skipped before their tuples are decoded.
+        got, overflowed = events.drain(update_states=COUNTDOWN_STATES)
         return EventBatch(tuple(got), overflowed)
 
     def watch_new(self, inode: int, on: bool) -> None:

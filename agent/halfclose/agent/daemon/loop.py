@@ -53,6 +53,10 @@ RECONCILE_SECONDS = 5.0
 # At most this many netns reconciles per pass: the loop then looks at events
 # and the pods again, so a large due batch never hides a collision for long.
 MAX_RECONCILES_PER_PASS = 32
+# ... and for at most about this long: conntrack events wait while reconciles
+# run, and an event drained late is a leak killed late (a scan can take tens
+# of milliseconds on a loaded node; a re-check about one).
+PASS_SECONDS = 0.05
 
 # The decisions the tests reach through this module's old names.
 __all__ = ["Agent", "action_settings", "error_reason", "new_warnings", "wants_sysctl"]
@@ -169,7 +173,13 @@ class Agent:
             except Exception:
                 log.exception("reconcile of pods failed")
                 self.metrics.scan_errors.labels(reason="internal").inc()
-        for inode in self.queue.pop_due(self.clock(), MAX_RECONCILES_PER_PASS):
+        started = self.clock()
+        for _ in range(MAX_RECONCILES_PER_PASS):
+            # One at a time: a pass cut short leaves the rest queued.
+            popped = self.queue.pop_due(self.clock(), 1)
+            if not popped:
+                break
+            inode = popped[0]
             watched = self.netns.get(inode)
             if watched is None or self._stop.is_set():
                 continue
@@ -180,9 +190,22 @@ class Agent:
                 # keep the loop, and every other netns, going.
                 log.exception("reconcile of netns %d failed", inode)
                 self.metrics.scan_errors.labels(reason="internal").inc()
-                delay = RECONCILE_SECONDS
-            self.queue.add_after(inode, delay, self.clock())
+                self.queue.add_after(inode, RECONCILE_SECONDS, self.clock())
+            else:
+                self._requeue(inode, watched, delay)
+            if self.clock() - started >= PASS_SECONDS:
+                break  # drain the events (and see the pods) before more work
         self._wait(max_wait)
+
+    def _requeue(self, inode: int, watched: WatchedNetns, delay: float) -> None:
+        """Back in the queue: its urgent work (re-checks, event scans) as urgent,
+        its interval scan or upstream check as routine (served after urgent work)."""
+        now = self.clock()
+        urgent = self.reconciler.urgent_delay(watched)
+        if urgent is not None:
+            self.queue.add_after(inode, urgent, now)
+        if urgent is None or delay < urgent:
+            self.queue.add_after(inode, delay, now, routine=True)
 
     def _wait(self, max_wait: float) -> None:
         now = self.clock()

@@ -7,6 +7,14 @@ has passed; asking again for a key already waiting keeps the *earlier* time
 re-queueing itself for "now" goes behind every netns that was due before it:
 no key starves another.  Single-threaded by design: only the agent's loop
 thread touches it (other threads enqueue through the loop's wake-up).
+
+Two classes: *urgent* work (a leak's proof coming due, an event's scan) and
+*routine* work (``routine=True``: the interval scan, an upstream check).  A
+key may wait in both, each at its own time; ``pop_due`` hands out due urgent
+keys first, then due routine ones (each class earliest first), and a key
+handed out leaves both.  So when the loop falls behind in a burst, the
+interval scans of idle netns wait and the kills do not; routine work is
+bounded (one scan per netns per interval), so nothing waits for long.
 """
 
 from __future__ import annotations
@@ -21,53 +29,79 @@ K = TypeVar("K", bound=Hashable)
 
 class DelayQueue(Generic[K]):
     def __init__(self) -> None:
-        self._due: dict[K, float] = {}
+        self._urgent = _Timeline[K]()
+        self._routine = _Timeline[K]()
+
+    def __len__(self) -> int:
+        return len(self._urgent.due.keys() | self._routine.due.keys())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._urgent.due or key in self._routine.due
+
+    def add_after(self, key: K, delay: float, now: float, *, routine: bool = False) -> None:
+        """Hand ``key`` out at ``now + delay`` at the latest (de-duplicated, earliest wins)."""
+        (self._routine if routine else self._urgent).add(key, now + max(0.0, delay))
+
+    def due_at(self, key: K) -> float | None:
+        times = [
+            t for t in (self._urgent.due.get(key), self._routine.due.get(key)) if t is not None
+        ]
+        return min(times) if times else None
+
+    def forget(self, key: K) -> None:
+        self._urgent.due.pop(key, None)
+        self._routine.due.pop(key, None)
+
+    def next_due(self) -> float | None:
+        """When the earliest key is due (None: nothing queued)."""
+        times = [t for t in (self._urgent.first(), self._routine.first()) if t is not None]
+        return min(times) if times else None
+
+    def pop_due(self, now: float, limit: int | None = None) -> list[K]:
+        """The keys due by ``now``, urgent ones first, each class earliest first
+        (at most ``limit``); they leave the queue."""
+        out: list[K] = []
+        for timeline in (self._urgent, self._routine):
+            while limit is None or len(out) < limit:
+                key = timeline.pop(now)
+                if key is None:
+                    break
+                self.forget(key)
+                out.append(key)
+        return out
+
+
+class _Timeline(Generic[K]):
+    """Keys by due time: a dict (the truth) and a heap (the order)."""
+
+    def __init__(self) -> None:
+        self.due: dict[K, float] = {}
         # (due, sequence, key); stale rows (the key's due moved earlier, or it
         # was popped/dropped) are skipped when they surface.
         self._heap: list[tuple[float, int, K]] = []
         self._seq = itertools.count()
 
-    def __len__(self) -> int:
-        return len(self._due)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._due
-
-    def add_after(self, key: K, delay: float, now: float) -> None:
-        """Hand ``key`` out at ``now + delay`` at the latest (de-duplicated, earliest wins)."""
-        at = now + max(0.0, delay)
-        known = self._due.get(key)
+    def add(self, key: K, at: float) -> None:
+        known = self.due.get(key)
         if known is not None and known <= at:
             return
-        self._due[key] = at
+        self.due[key] = at
         heapq.heappush(self._heap, (at, next(self._seq), key))
 
-    def due_at(self, key: K) -> float | None:
-        return self._due.get(key)
-
-    def forget(self, key: K) -> None:
-        self._due.pop(key, None)
-
-    def next_due(self) -> float | None:
-        """When the earliest key is due (None: nothing queued)."""
+    def first(self) -> float | None:
         self._drop_stale()
         return self._heap[0][0] if self._heap else None
 
-    def pop_due(self, now: float, limit: int | None = None) -> list[K]:
-        """The keys due by ``now``, earliest first (at most ``limit``); they leave the queue."""
-        out: list[K] = []
-        while self._heap and (limit is None or len(out) < limit):
-            self._drop_stale()
-            if not self._heap or self._heap[0][0] > now:
-                break
-            _at, _seq, key = heapq.heappop(self._heap)
-            del self._due[key]
-            out.append(key)
-        return out
+    def pop(self, now: float) -> K | None:
+        self._drop_stale()
+        if not self._heap or self._heap[0][0] > now:
+            return None
+        _at, _seq, key = heapq.heappop(self._heap)
+        return key
 
     def _drop_stale(self) -> None:
         while self._heap:
             at, _seq, key = self._heap[0]
-            if self._due.get(key) == at:
+            if self.due.get(key) == at:
                 return
             heapq.heappop(self._heap)

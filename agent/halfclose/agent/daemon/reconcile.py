@@ -118,9 +118,16 @@ class NetnsReconciler:
         if relevant:
             scans.append(self.settings.event_debounce_seconds)
         if scans:
-            watched.scan_at = min(watched.scan_at, now + min(scans))
+            self._scan_soon(watched, now + min(scans))
             out.append((watched.inode, min(scans)))
         return out
+
+    @staticmethod
+    def _scan_soon(watched: WatchedNetns, at: float) -> None:
+        """A scan by ``at`` for a reason other than the interval (urgent work)."""
+        if at < watched.scan_at or watched.scan_routine:
+            watched.scan_at = min(watched.scan_at, at)
+            watched.scan_routine = False
 
     def _fast_path(self, watched: WatchedNetns) -> bool:
         """Re-check due sockets alone (no scan)?  Under KillSockets, not dry run:
@@ -160,15 +167,25 @@ class NetnsReconciler:
         fast = self._fast_path(watched)
         if not fast:
             watched.rechecks.clear()  # the policy changed: scans decide again
-        if watched.scan_at > self.clock():
-            # No scan due: a kill's upstream check (one dump) and the sockets
-            # whose proof is due (a GET each), unless only a scan can judge them.
+        now = self.clock()
+        recheck_at = watched.rechecks.next_at()
+        scan_due = watched.scan_at <= now
+        if recheck_at is not None and recheck_at <= now and (watched.scan_routine or not scan_due):
+            # Sockets whose proof is due, alone (a GET each); a routine scan
+            # waits behind every netns's urgent work (the loop requeues it).
             try:
-                self._verify(watched)
                 if self._recheck(watched, state, policy, interval):
                     return self._next(watched)
             except Exception as exc:
                 return self._failed(watched, exc, interval)
+            # Only a scan can judge them: now.
+        elif not scan_due:
+            # Only a kill's upstream check is due: one dump, no scan.
+            try:
+                self._verify(watched)
+            except Exception as exc:
+                return self._failed(watched, exc, interval)
+            return self._next(watched)
         try:
             self._verify(watched)
             self._sysctl(watched, state, policy)
@@ -193,10 +210,12 @@ class NetnsReconciler:
         self._note_expiries(watched, result.findings)
         # The scan saw every socket: what is due again is what it found.
         watched.rechecks.clear()
-        rest = (
-            self._schedule_rechecks(watched, result.findings, timing) if fast else result.findings
-        )
-        watched.scan_at = self.clock() + schedule.next_delay(rest, timing)
+        rest = result.findings
+        if fast:
+            rest = self._schedule_rechecks(watched, rest, timing)
+        delay = schedule.next_delay(rest, timing)
+        watched.scan_at = self.clock() + delay
+        watched.scan_routine = delay >= timing.interval
         return self._next(watched)
 
     def _note_expiries(self, watched: WatchedNetns, findings: list[Finding]) -> None:
@@ -268,11 +287,19 @@ class NetnsReconciler:
             # A leak left alive (too young, over the budget, a failed kill) or an
             # unproven socket: the scan's bookkeeping must see it (the report, the
             # gauges, the stale tuples a NEW event is matched against).  Next turn.
-            watched.scan_at = min(watched.scan_at, now)
+            self._scan_soon(watched, now)
         rest = self._schedule_rechecks(watched, left, timing)
         if rest:
-            watched.scan_at = min(watched.scan_at, now + schedule.next_delay(rest, timing))
+            self._scan_soon(watched, now + schedule.next_delay(rest, timing))
         return True
+
+    def urgent_delay(self, watched: WatchedNetns) -> float | None:
+        """Seconds until the netns's next urgent work (a re-check or a scan not the
+        interval's), None when only routine work (interval scan, upstream check) waits."""
+        times = [t for t in (watched.rechecks.next_at(),) if t is not None]
+        if not watched.scan_routine:
+            times.append(watched.scan_at)
+        return max(0.0, min(times) - self.clock()) if times else None
 
     def _scan_settings(self, policy: Policy) -> ScanSettings:
         return ScanSettings(
@@ -333,6 +360,7 @@ class NetnsReconciler:
             self.pods.wants_pass = True
         delay = schedule.backoff(watched.failures, interval)
         watched.scan_at = self.clock() + delay
+        watched.scan_routine = False
         return delay
 
     def _act(

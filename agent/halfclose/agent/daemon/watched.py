@@ -53,6 +53,9 @@ class WatchedNetns:
     owners: dict[int, Owner | None] = field(default_factory=dict)
     # When a scan is due (the queue may also run the netns for a due upstream check).
     scan_at: float = 0.0
+    # That scan is the policy interval's (routine): due re-checks and other
+    # netns's urgent work go first when the loop is behind.
+    scan_routine: bool = False
     # Wall time the last scan started: DESTROYs of entries known expired before
     # it need no scan of their own (the scan saw their leaks).
     scanned_wall: float = float("-inf")

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import socket
 import struct
@@ -76,6 +77,9 @@ NETLINK_DROP_MEMBERSHIP = 2
 NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
 
+# The UPDATE that starts a leak's countdown: a proxied entry turning CLOSE_WAIT.
+COUNTDOWN_STATES = frozenset({"CLOSE_WAIT"})
+
 # include/uapi/linux/netfilter/nf_conntrack_tcp.h, enum tcp_conntrack
 TCP_CONNTRACK_STATES = (
     "NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT",
@@ -99,6 +103,12 @@ class ConntrackEvent:
     created: bool = False
 
 
+@functools.lru_cache(maxsize=4096)
+def _address(raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    # A pod's events name the same few addresses over and over.
+    return ipaddress.ip_address(raw)
+
+
 def _tuple(view: memoryview) -> FlowTuple | None:
     src = dst = None
     sport = dport = proto = 0
@@ -106,9 +116,9 @@ def _tuple(view: memoryview) -> FlowTuple | None:
         if kind == CTA_TUPLE_IP:
             for ip_kind, ip in iter_attrs(value):
                 if ip_kind in (CTA_IP_V4_SRC, CTA_IP_V6_SRC):
-                    src = ipaddress.ip_address(bytes(ip))
+                    src = _address(bytes(ip))
                 elif ip_kind in (CTA_IP_V4_DST, CTA_IP_V6_DST):
-                    dst = ipaddress.ip_address(bytes(ip))
+                    dst = _address(bytes(ip))
         elif kind == CTA_TUPLE_PROTO:
             for p_kind, p in iter_attrs(value):
                 if p_kind == CTA_PROTO_NUM:
@@ -132,23 +142,34 @@ def _tcp_state(view: memoryview) -> str | None:
     return None
 
 
-def parse_events(buf: memoryview) -> Iterator[ConntrackEvent]:
-    """Decode the TCP conntrack events in one datagram (other messages skipped)."""
+def parse_events(
+    buf: memoryview, update_states: Collection[str] | None = None
+) -> Iterator[ConntrackEvent]:
+    """Decode the TCP conntrack events in one datagram (other messages skipped).
+
+    ``update_states``: keep only UPDATE events into these TCP states (None:
+    all).  Every connection's every state change is an UPDATE; a caller that
+    needs only some skips the others before their tuple is decoded.
+    """
     for msg in iter_messages(buf):
         if msg.type not in (CT_DELETE, CT_NEW):
             continue
-        reply: FlowTuple | None = None
+        raw_reply: memoryview | None = None
         state: str | None = None
         timeout: int | None = None
         for kind, value in iter_attrs(msg.payload, NFGENMSG.size):
             if kind == CTA_TUPLE_REPLY:
-                reply = _tuple(value)
+                raw_reply = value
             elif kind == CTA_PROTOINFO:
                 state = _tcp_state(value)
             elif kind == CTA_TIMEOUT and len(value) >= 4:
                 timeout = int.from_bytes(value[:4], "big")
+        created = msg.type == CT_NEW and bool(msg.flags & NLM_F_CREATE)
+        update = msg.type == CT_NEW and not created
+        if update and update_states is not None and state not in update_states:
+            continue
+        reply = _tuple(raw_reply) if raw_reply is not None else None
         if reply is not None:
-            created = msg.type == CT_NEW and bool(msg.flags & NLM_F_CREATE)
             yield ConntrackEvent(msg.type == CT_DELETE, reply, state, timeout, created)
 
 
@@ -189,7 +210,9 @@ def leak_countdown(event: ConntrackEvent, capture_ports: frozenset[int] | None) 
     A proxied entry entering CLOSE_WAIT: when its timeout runs out with the
     app not having closed, the proxy's FIN_WAIT2 socket is leaked.
     """
-    if event.destroyed or event.created or event.tcp_state != "CLOSE_WAIT" or event.timeout is None:
+    if event.destroyed or event.created or event.tcp_state not in COUNTDOWN_STATES:
+        return None
+    if event.timeout is None:
         return None
     return event.timeout if _proxied(event, capture_ports) else None
 
@@ -226,8 +249,12 @@ class ConntrackEventSocket:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def drain(self, max_datagrams: int = 256) -> tuple[list[ConntrackEvent], bool]:
+    def drain(
+        self, max_datagrams: int = 256, update_states: Collection[str] | None = None
+    ) -> tuple[list[ConntrackEvent], bool]:
         """Read what is queued: (events, overflowed).  Never blocks.
+
+        ``update_states`` as in ``parse_events`` (None: every UPDATE).
 
         ``overflowed`` is True when the kernel dropped events (ENOBUFS): the
         caller must assume it missed a leak and scan.
@@ -247,7 +274,7 @@ class ConntrackEventSocket:
                     continue
                 raise
             try:
-                events.extend(parse_events(view[:n]))
+                events.extend(parse_events(view[:n], update_states))
             except ValueError:
                 overflowed = True  # a truncated datagram: treat as lost events
         return events, overflowed
