@@ -30,7 +30,7 @@ import bisect
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from itertools import repeat
-from operator import add, attrgetter
+from operator import add
 from typing import Any
 
 from halfclose.agent.core.model import (
@@ -209,8 +209,10 @@ class _Group:
 
 def _holders(socks: Sequence[SocketRecord], owners: Mapping[int, Owner]) -> list[Holder]:
     """``holder(s, owners)`` for each of ``socks`` (one comprehension, not a call each)."""
-    if not owners:
-        return [("uid", s.uid) for s in socks]
+    if not owners:  # one key per uid, not per socket
+        uids = [s.uid for s in socks]
+        keys: dict[int, Holder] = {uid: ("uid", uid) for uid in set(uids)}
+        return list(map(keys.__getitem__, uids))
     get = owners.get
     return [("pid", o.pid) if (o := get(s.inode)) is not None else ("uid", s.uid) for s in socks]
 
@@ -315,7 +317,8 @@ def pair(
     downs = [f.socket for f in findings]
     holders = _holders(downs, owners)
 
-    chosen: dict[int, SocketRecord] = {}  # finding index -> upstream
+    # chosen[i]: finding i's upstream (None: not paired).
+    chosen: list[SocketRecord | None] = [None] * len(findings)
     claimed: set[int] = set()  # upstream cookies already paired
 
     # 1. At-risk: the original destination narrows candidates to one service.
@@ -339,8 +342,8 @@ def pair(
                 claimed.add(up.cookie)
 
     # 2. Leaked (and at-risk left unpaired): same holder, counters and FIN time.
-    if chosen:
-        left = [i for i in range(len(findings)) if i not in chosen]
+    if claimed:
+        left = [i for i, up in enumerate(chosen) if up is None]
         rest = {
             who: [left[j] for j in at] for who, at in _grouped([holders[i] for i in left]).items()
         }
@@ -351,18 +354,21 @@ def pair(
         if claimed:
             ups = [u for u in ups if u.cookie not in claimed]
         if len(idxs) == len(findings):  # one holder, nothing chosen in step 1: all of them
-            chosen.update((i, up) for i, up in enumerate(_choose_all(downs, ups)) if up is not None)
+            chosen = _choose_all(downs, ups)
             continue
-        found = _choose_all([downs[i] for i in idxs], ups)
-        chosen.update((i, up) for i, up in zip(idxs, found, strict=True) if up is not None)
+        for i, up in zip(idxs, _choose_all([downs[i] for i in idxs], ups), strict=True):
+            chosen[i] = up
     # A candidate chosen twice means the evidence was not decisive for either.
-    cookies = list(map(_cookie, chosen.values()))
-    once = len(set(cookies)) == len(cookies)  # the usual answer: no upstream chosen twice
-    counts = Counter() if once else Counter(cookies)
+    # The usual answer: no upstream chosen twice.  Told without reading each
+    # chosen record (at random places in memory): distinct objects, from a
+    # pool whose cookies are distinct, have distinct cookies.
+    picked = [id(up) for up in chosen if up is not None]
+    once = len(set(picked)) == len(picked) and len({u.cookie for u in pool}) == len(pool)
+    counts = Counter() if once else Counter(up.cookie for up in chosen if up is not None)
     out = list(findings)
     new = object.__new__
-    for i, up in chosen.items():
-        if once or counts[up.cookie] == 1:
+    for i, up in enumerate(chosen):
+        if up is not None and (once or counts[up.cookie] == 1):
             f = out[i]
             # f.with_upstream(up) (new_finding, inline: 20,000 at field scale).
             g: Any = new(FindingSlots)
@@ -377,6 +383,3 @@ def pair(
             g.__class__ = Finding
             out[i] = g
     return out
-
-
-_cookie = attrgetter("cookie")
