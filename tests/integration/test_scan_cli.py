@@ -64,6 +64,21 @@ def test_malformed_arguments(args: list[str], fragment: str) -> None:
     assert_user_error(halfclose("scan", *args), fragment)
 
 
+def test_only_the_named_subcommand_is_imported() -> None:
+    # `halfclose scan` registers scan alone (the lab and the demo stay
+    # unimported); anything else gets every subcommand and the full message.
+    code = (
+        "import json, sys; from halfclose.cli.main import build_parser; build_parser(['scan']); "
+        "print(json.dumps(sorted(m for m in sys.modules "
+        "if m.startswith(('halfclose.lab', 'halfclose.demo', 'halfclose.cli.')))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = json.loads(out.stdout)
+    assert loaded == ["halfclose.cli.main", "halfclose.cli.remediate", "halfclose.cli.scan"]
+    assert_user_error(halfclose("scna"), "choose from 'scan', 'lab', 'demo', 'conntrack'")
+    assert halfclose("scan", "--help").returncode == 0
+
+
 @pytest.mark.kernel
 def test_missing_netns_and_pid() -> None:
     skip_unless_root()
