@@ -79,6 +79,20 @@ def test_only_the_named_subcommand_is_imported() -> None:
     assert halfclose("scan", "--help").returncode == 0
 
 
+def test_the_collector_is_paused_for_the_command_and_restored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gc
+
+    from halfclose.cli import scan
+
+    seen: list[bool] = []
+    monkeypatch.setattr(scan, "_run", lambda _args: seen.append(gc.isenabled()) or 0)
+    assert gc.isenabled()
+    assert scan.run(argparse.Namespace()) == 0
+    assert seen == [False] and gc.isenabled()
+
+
 @pytest.mark.kernel
 def test_missing_netns_and_pid() -> None:
     skip_unless_root()
