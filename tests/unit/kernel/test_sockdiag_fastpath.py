@@ -7,7 +7,8 @@ hold it to one rule: the records are exactly what the generic walker
 (``decode_message``, one attribute walk per message) gives, field by field,
 on the real captures (tests/data/netlink/capture_shapes.py: datagrams full of
 one shape, a timewait minisocket among them, an IPv6 listener with
-INET_DIAG_SKV6ONLY) and on datagrams edited to look alike but not be.
+INET_DIAG_SKV6ONLY, both families in one TCPDIAG_GETSOCK dump) and on
+datagrams edited to look alike but not be.
 """
 
 from __future__ import annotations
