@@ -13,7 +13,7 @@ the same run on the same netns, because the machine is shared:
           and without owners, as the agent does) vs ``ss -tin state fin-wait-2
           state close-wait`` (and ``ss -tinp``, which walks /proc like we do)
 - stages: the scan's own stage times (``ScanResult.stages``)
-- JSON:   compact ``json.dumps`` of the CLI's document for the 20k findings
+- JSON:   the CLI's compact JSON of the 20k findings (``report.json_chunks``, streamed)
 - RSS:    ``halfclose scan --output json`` peak RSS vs ``ss -tin``'s
 - kill:   scan + plan + ``engine.kill.kill`` of all N vs ``ss -K state
           fin-wait-2 '( sport = :15001 )'``, each on a fresh set of N leaks
@@ -25,7 +25,6 @@ The last two lines are ``scan-20k-ratio-vs-ss: X`` and ``kill-20k-ratio-vs-ss-K:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import subprocess
@@ -126,18 +125,14 @@ def scan_phase(out: dict[str, object]) -> None:
 
 
 def _json_times(result: object) -> list[float]:
-    """Compact json.dumps of the CLI's document (the CLI's renderer, if importable)."""
-    try:
-        from halfclose.agent.engine.report import to_json_dict
-    except ImportError:
-        return []
+    """The CLI's compact JSON of the findings, written as the CLI writes it (streamed)."""
+    from halfclose.agent.engine.report import json_chunks
+
     times = []
     for _ in range(REPEATS):
         t = time.perf_counter()
-        try:
-            json.dumps(to_json_dict(result), separators=(",", ":"))  # type: ignore[call-arg]
-        except TypeError:
-            return []  # the renderer's signature is changing (H-RECON): not measured
+        for _chunk in json_chunks(result):  # type: ignore[arg-type]
+            pass
         times.append(time.perf_counter() - t)
     return times
 
