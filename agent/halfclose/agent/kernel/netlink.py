@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -39,9 +40,11 @@ NETLINK_NETFILTER = 12
 
 # One recv() never returns more than one dump skb, and the kernel sizes those
 # at most ~32 KiB (netlink_recvmsg clamps max_recvmsg_len to
-# SKB_WITH_OVERHEAD(32768)): a larger buffer only costs memory (the agent holds
-# two sockets per watched netns), so 64 KiB leaves headroom and no more.
-# Measured: scan times identical to a 1 MiB buffer at 10k and 25k sockets.
+# SKB_WITH_OVERHEAD(32768)): a larger buffer only costs memory, so 64 KiB leaves
+# headroom and no more.  Measured: scan times identical to a 1 MiB buffer at 10k
+# and 25k sockets.  It is one buffer per *thread*, not per socket: the agent
+# holds two sockets per watched netns, and 220 zero-filled 64 KiB buffers were
+# 13.4 MiB of its RSS at 110 netns (issue 11).
 RECV_BUFFER = 64 << 10
 SOCKET_RCVBUF = 4 << 20
 
@@ -126,8 +129,27 @@ def open_socket(protocol: int, netns: SocketFactory | None = None) -> socket.soc
     return socket.socket(*args) if netns is None else netns.socket(*args)
 
 
+_thread = threading.local()
+
+
+def receive_buffer() -> tuple[bytearray, memoryview]:
+    """The calling thread's receive buffer and a view of all of it.
+
+    Every ``NetlinkSocket`` used on a thread receives into the same one, so a
+    view of a datagram is valid until that thread's next recv on *any* netlink
+    socket: decode a datagram (or copy what you keep) before receiving another,
+    and never hold a datagram's view across another socket's I/O (``dump``
+    copies its datagrams, so its iterator may be interleaved freely).
+    """
+    pair: tuple[bytearray, memoryview] | None = getattr(_thread, "buffer", None)
+    if pair is None:
+        buf = bytearray(RECV_BUFFER)
+        pair = _thread.buffer = (buf, memoryview(buf))
+    return pair
+
+
 class NetlinkSocket:
-    """A raw netlink socket with sequence numbers and a reusable receive buffer.
+    """A raw netlink socket with sequence numbers (its thread's receive buffer).
 
     The socket must be created in the target netns (see ``NetnsHandle.socket``):
     a netlink socket talks to the netns it was created in, whatever thread uses
@@ -143,8 +165,6 @@ class NetlinkSocket:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_RCVBUF)
         sock.bind((0, 0))
         self._seq = 0
-        self._buf = bytearray(RECV_BUFFER)
-        self._view = memoryview(self._buf)
 
     def next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFFFFFF or 1
@@ -154,12 +174,15 @@ class NetlinkSocket:
         self.sock.send(data)
 
     def recv(self) -> memoryview:
-        """One datagram's worth of messages (a view valid until the next recv)."""
-        n = self.sock.recv_into(self._buf)
-        return self._view[:n]
+        """One datagram's worth of messages (a view valid until this thread's
+        next recv on any netlink socket: ``receive_buffer``)."""
+        buf, view = receive_buffer()
+        n = self.sock.recv_into(buf)
+        return view[:n]
 
     def datagrams(self) -> Iterator[memoryview]:
-        """Received datagrams, each a view valid until the next one is read.
+        """Received datagrams, each a view valid until the next one is read
+        (on this thread, by any netlink socket).
 
         Endless: the caller walks the messages itself and stops at its
         NLMSG_DONE (``inetdiag.parse_buffers``), so no ``Message`` is built
@@ -171,13 +194,13 @@ class NetlinkSocket:
     def dump(self, request: bytes, seq: int) -> Iterator[Message]:
         """Send a dump request and yield its messages until NLMSG_DONE.
 
-        Messages are yielded as views into the shared buffer: consume each one
-        before advancing the iterator past the buffer (the caller decodes
-        immediately, so no copies are made).
+        Each datagram is copied out of the thread's receive buffer first, so a
+        caller may do other netlink I/O between items (no hot path dumps this
+        way: the scan's dumps parse the buffer in place).
         """
         self.send(request)
         while True:
-            for msg in iter_messages(self.recv()):
+            for msg in iter_messages(memoryview(bytes(self.recv()))):
                 if msg.seq != seq:
                     continue  # a stale reply to an earlier, abandoned request
                 if msg.type == NLMSG_DONE:
