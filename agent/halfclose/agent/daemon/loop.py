@@ -57,6 +57,9 @@ MAX_RECONCILES_PER_PASS = 32
 # run, and an event drained late is a leak killed late (a scan can take tens
 # of milliseconds on a loaded node; a re-check about one).
 PASS_SECONDS = 0.05
+# Routine work (an interval scan: tens of milliseconds, more on a loaded node)
+# starts only when no urgent work comes due within this long.
+ROUTINE_GUARD_SECONDS = 0.2
 
 # The decisions the tests reach through this module's old names.
 __all__ = ["Agent", "action_settings", "error_reason", "new_warnings", "wants_sysctl"]
@@ -176,7 +179,7 @@ class Agent:
         started = self.clock()
         for _ in range(MAX_RECONCILES_PER_PASS):
             # One at a time: a pass cut short leaves the rest queued.
-            popped = self.queue.pop_due(self.clock(), 1)
+            popped = self.queue.pop_due(self.clock(), 1, guard=ROUTINE_GUARD_SECONDS)
             if not popped:
                 break
             inode = popped[0]
@@ -210,7 +213,7 @@ class Agent:
     def _wait(self, max_wait: float) -> None:
         now = self.clock()
         deadline = min(now + max_wait, self._next_pods)
-        due = self.queue.next_due()
+        due = self.queue.next_due(ROUTINE_GUARD_SECONDS)
         if due is not None:
             deadline = min(deadline, due)
         timeout = max(0.0, deadline - now)

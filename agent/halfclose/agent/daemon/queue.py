@@ -52,16 +52,26 @@ class DelayQueue(Generic[K]):
         self._urgent.due.pop(key, None)
         self._routine.due.pop(key, None)
 
-    def next_due(self) -> float | None:
-        """When the earliest key is due (None: nothing queued)."""
-        times = [t for t in (self._urgent.first(), self._routine.first()) if t is not None]
+    def next_due(self, guard: float = 0.0) -> float | None:
+        """When the earliest key is due (None: nothing queued); with ``guard``,
+        routine keys count only as ``pop_due`` hands them out."""
+        urgent, routine = self._urgent.first(), self._routine.first()
+        if urgent is not None and routine is not None and guard > 0:
+            routine = max(routine, urgent + 1e-3) if routine >= urgent - guard else routine
+        times = [t for t in (urgent, routine) if t is not None]
         return min(times) if times else None
 
-    def pop_due(self, now: float, limit: int | None = None) -> list[K]:
+    def pop_due(self, now: float, limit: int | None = None, *, guard: float = 0.0) -> list[K]:
         """The keys due by ``now``, urgent ones first, each class earliest first
-        (at most ``limit``); they leave the queue."""
+        (at most ``limit``); they leave the queue.  Routine keys only while no
+        urgent key comes due within ``guard`` seconds: routine work (a scan)
+        cannot be interrupted, and urgent work must not wait behind it."""
         out: list[K] = []
         for timeline in (self._urgent, self._routine):
+            if timeline is self._routine and guard > 0:
+                soon = self._urgent.first()
+                if soon is not None and soon <= now + guard:
+                    break
             while limit is None or len(out) < limit:
                 key = timeline.pop(now)
                 if key is None:
