@@ -26,6 +26,9 @@ from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
+# A routine key held back by urgent work is handed out anyway after this long.
+ROUTINE_MAX_WAIT = 5.0
+
 
 class DelayQueue(Generic[K]):
     def __init__(self) -> None:
@@ -64,13 +67,15 @@ class DelayQueue(Generic[K]):
     def pop_due(self, now: float, limit: int | None = None, *, guard: float = 0.0) -> list[K]:
         """The keys due by ``now``, urgent ones first, each class earliest first
         (at most ``limit``); they leave the queue.  Routine keys only while no
-        urgent key comes due within ``guard`` seconds: routine work (a scan)
-        cannot be interrupted, and urgent work must not wait behind it."""
+        urgent key comes due within ``guard`` seconds (routine work, a scan,
+        cannot be interrupted, and urgent work must not wait behind it), unless
+        a routine key has waited ``ROUTINE_MAX_WAIT`` already: nothing starves."""
         out: list[K] = []
         for timeline in (self._urgent, self._routine):
             if timeline is self._routine and guard > 0:
-                soon = self._urgent.first()
-                if soon is not None and soon <= now + guard:
+                soon, oldest = self._urgent.first(), self._routine.first()
+                starving = oldest is not None and oldest <= now - ROUTINE_MAX_WAIT
+                if soon is not None and soon <= now + guard and not starving:
                     break
             while limit is None or len(out) < limit:
                 key = timeline.pop(now)
