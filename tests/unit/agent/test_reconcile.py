@@ -413,3 +413,109 @@ def test_a_bug_in_one_reconcile_is_counted_and_the_loop_goes_on(tmp_path: Path) 
     rig.step()
     assert rig.sample("halfclose_scan_errors_total", reason="internal") == 1
     assert rig.agent.queue.due_at(INODE) is not None  # still scheduled
+
+
+# -- urgent before routine; the fast path (due sockets re-checked without a scan) ---------
+
+
+def test_queue_hands_out_urgent_keys_before_routine_ones_due_earlier() -> None:
+    q: DelayQueue[str] = DelayQueue()
+    q.add_after("interval-scan", 0.0, now=0.0, routine=True)
+    q.add_after("recheck", 0.5, now=0.0)
+    assert q.pop_due(1.0) == ["recheck", "interval-scan"]
+
+
+def test_queue_holds_routine_work_while_urgent_work_comes_due_within_the_guard() -> None:
+    q: DelayQueue[str] = DelayQueue()
+    q.add_after("scan", 0.0, now=0.0, routine=True)
+    q.add_after("recheck", 1.1, now=0.0)
+    assert q.pop_due(1.0, guard=0.2) == []  # a scan now would delay the re-check
+    assert q.next_due(0.2, now=1.0) == pytest.approx(1.1)  # the loop sleeps until then
+    assert q.pop_due(1.1, guard=0.2) == ["recheck", "scan"]
+    # Never for long: a routine key that waited ROUTINE_MAX_WAIT goes anyway.
+    q.add_after("scan", 0.0, now=0.0, routine=True)
+    q.add_after("recheck", 6.1, now=0.0)
+    assert q.pop_due(6.0, guard=0.2) == ["scan"]
+
+
+def at_risk_silent(port: int, timeout: int, silence_ms: int, bar: float) -> Finding:
+    entry = ConntrackEntry(reply(port), reply(port), "CLOSE_WAIT", timeout)
+    return Finding(
+        Kind.AT_RISK,
+        sock(port, idle_ms=silence_ms),
+        None,
+        entry,
+        capture=Capture.RULE,
+        min_silence_seconds=bar,
+    )
+
+
+def test_under_kill_a_predicted_leak_is_rechecked_alone_and_killed_without_a_scan(
+    tmp_path: Path,
+) -> None:
+    rig = Rig(tmp_path, action="KillSockets", thresholds={"minIdleSeconds": 0})
+    rig.scans(result(at_risk_silent(1, 7, silence_ms=53_000, bar=60.2)))
+    rig.step()
+    assert rig.calls("scan") == 1
+    rig.ns.rechecks = [result(leaked(1))]
+    rig.step(7.3)  # the proof's time: expiry (7 s) and the bar (60.2 s of silence)
+    assert rig.calls("scan") == 1 and rig.calls("recheck") == 1
+    ((inode, asked),) = rig.kernel.rechecked
+    assert inode == INODE and [s.cookie for s in asked] == [1]  # the scan's record
+    assert rig.calls("remediate") == 1
+    assert rig.sample("halfclose_sockets_killed_total", namespace="shop", pod="web") == 1
+    assert rig.reports.reports[("shop", "web")]["killedTotal"] == 1
+
+
+def test_when_only_a_scan_can_judge_the_recheck_becomes_a_scan_at_once(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, action="KillSockets", thresholds={"minIdleSeconds": 0})
+    rig.scans(result(at_risk(1, 7)), result(leaked(1)))
+    rig.step()
+    rig.ns.rechecks = [None]  # e.g. the capture is shown by DST_NAT entries only
+    rig.step(7.1)
+    assert rig.calls("recheck") == 1 and rig.calls("scan") == 2
+    assert rig.sample("halfclose_sockets_killed_total", namespace="shop", pod="web") == 1
+
+
+def test_a_countdown_event_schedules_a_probe_by_tuple_not_a_scan(tmp_path: Path) -> None:
+    from halfclose.agent.engine.recheck import NO_COOKIE
+    from halfclose.agent.kernel.ctevents import ConntrackEvent
+
+    rig = Rig(tmp_path, action="KillSockets", thresholds={"minIdleSeconds": 0})
+    rig.step()
+    (w,) = rig.agent.netns.values()
+    scan_at = w.scan_at
+    rig.ns.events = [ConntrackEvent(False, reply(5), "CLOSE_WAIT", timeout=2)]
+    keys = rig.agent.reconciler.on_events(w)
+    assert keys == [(INODE, schedule.countdown_delay(2))]
+    assert w.scan_at == scan_at  # no scan for it
+    for key, delay in keys:
+        rig.agent.queue.add_after(key, delay, rig.clock.now)
+    # The entry's DESTROY (reaped by the GC) is no reason to scan either.
+    rig.ns.events = [ConntrackEvent(True, reply(5), "CLOSE_WAIT")]
+    assert rig.agent.reconciler.on_events(w) == []
+    rig.ns.rechecks = [result(leaked(5))]
+    rig.step(schedule.countdown_delay(2))
+    ((_, asked),) = rig.kernel.rechecked
+    assert [(s.cookie, s.local.port, s.peer.port) for s in asked] == [(NO_COOKIE, 15001, 5)]
+    assert rig.calls("scan") == 1 and rig.calls("remediate") == 1
+
+
+def test_a_leak_the_recheck_leaves_alive_goes_to_a_scan_for_the_books(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, action="KillSockets", thresholds={"minIdleSeconds": 3600})
+    rig.scans(result(at_risk(1, 7)), result(leaked(1)))
+    rig.step()
+    rig.ns.rechecks = [result(leaked(1))]  # too young to kill: the report must show it
+    rig.step(7.1)
+    assert rig.calls("remediate") == 0 or all(not p.kills for _, p in rig.kernel.plans)
+    rig.step(0.0)
+    assert rig.calls("scan") == 2
+    assert rig.reports.reports[("shop", "web")]["leaked"] == 1
+
+
+def test_report_only_never_rechecks(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, action="Report")
+    rig.scans(result(at_risk(1, 7)))
+    rig.step()
+    rig.step(7.1)
+    assert rig.calls("recheck") == 0 and rig.calls("scan") == 2

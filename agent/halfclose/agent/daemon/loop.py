@@ -213,7 +213,7 @@ class Agent:
     def _wait(self, max_wait: float) -> None:
         now = self.clock()
         deadline = min(now + max_wait, self._next_pods)
-        due = self.queue.next_due(ROUTINE_GUARD_SECONDS)
+        due = self.queue.next_due(ROUTINE_GUARD_SECONDS, now)
         if due is not None:
             deadline = min(deadline, due)
         timeout = max(0.0, deadline - now)

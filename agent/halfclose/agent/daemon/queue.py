@@ -55,12 +55,15 @@ class DelayQueue(Generic[K]):
         self._urgent.due.pop(key, None)
         self._routine.due.pop(key, None)
 
-    def next_due(self, guard: float = 0.0) -> float | None:
-        """When the earliest key is due (None: nothing queued); with ``guard``,
-        routine keys count only as ``pop_due`` hands them out."""
+    def next_due(self, guard: float = 0.0, now: float | None = None) -> float | None:
+        """When ``pop_due`` (with the same ``guard``) next hands a key out, from
+        ``now`` on (None: nothing queued)."""
         urgent, routine = self._urgent.first(), self._routine.first()
-        if urgent is not None and routine is not None and guard > 0:
-            routine = max(routine, urgent + 1e-3) if routine >= urgent - guard else routine
+        if urgent is not None and routine is not None and guard > 0 and now is not None:
+            held = max(routine, now) >= urgent - guard  # inside the guard: not before urgent
+            starving = routine <= now - ROUTINE_MAX_WAIT
+            if held and not starving:
+                routine = None
         times = [t for t in (urgent, routine) if t is not None]
         return min(times) if times else None
 
