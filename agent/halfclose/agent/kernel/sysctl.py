@@ -54,6 +54,17 @@ def read_sysctl(netns: NetnsHandle | None, name: str, proc_root: str = PROC_ROOT
         os.close(fd)
 
 
+def open_sysctl(netns: NetnsHandle | None, name: str, proc_root: str = PROC_ROOT) -> int:
+    """A read-only fd of the sysctl, opened inside ``netns``: it stays bound to
+    that netns (see above), so ``reread`` needs no namespace switch."""
+    return _open(netns, sysctl_path(name, proc_root), os.O_RDONLY)
+
+
+def reread(fd: int) -> str:
+    """The value behind an ``open_sysctl`` fd now (each read asks the kernel again)."""
+    return os.pread(fd, 4096, 0).decode().strip()
+
+
 def write_sysctl(
     netns: NetnsHandle | None, name: str, value: str, proc_root: str = PROC_ROOT
 ) -> None:
