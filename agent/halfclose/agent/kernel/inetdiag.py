@@ -91,6 +91,11 @@ NO_COOKIE = 0xFFFFFFFF  # INET_DIAG_NOCOOKIE, per half
 _STATES = {int(st): st for st in TcpState}
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# One address of a dump: its ipaddress object and its Endpoints by port.
+AddressEntry = tuple[IPAddress, dict[int, Endpoint]]
+
+
 class Endpoints:
     """Endpoints built from raw sock_diag addresses, memoised for one dump.
 
@@ -100,29 +105,41 @@ class Endpoints:
     neither thrashes (the old module-wide cache was cleared at 8,192 entries,
     every ~4k leaks) nor grows across scans.
 
-    One memo per family: a raw address is 16 bytes, IPv4 in the first 4, so
-    IPv4 192.0.2.1 and IPv6 c000:201:: have the same raw bytes (one shared
-    memo once gave an IPv6 socket the IPv4 endpoint of the other family's
-    dump).  ``memo(family)`` is (raw address, port) -> Endpoint, read
-    directly by the decoder's loop.
+    ``addresses(family)`` maps a raw address to its ``AddressEntry``: two
+    lookups per endpoint (raw bytes, then port), no key tuple to build; the
+    decoder's loop reads it directly.  One map per family: a raw address is
+    16 bytes, IPv4 in the first 4, so IPv4 192.0.2.1 and IPv6 c000:201:: have
+    the same raw bytes (one shared memo once gave an IPv6 socket the IPv4
+    endpoint of the other family's dump).
     """
 
-    __slots__ = ("_ips4", "_ips6", "_memo4", "_memo6")
+    __slots__ = ("_v4", "_v6")
 
     def __init__(self) -> None:
-        self._ips4: dict[bytes, ipaddress.IPv4Address] = {}
-        self._ips6: dict[bytes, ipaddress.IPv6Address] = {}
-        self._memo4: dict[tuple[bytes, int], Endpoint] = {}
-        self._memo6: dict[tuple[bytes, int], Endpoint] = {}
+        self._v4: dict[bytes, AddressEntry] = {}
+        self._v6: dict[bytes, AddressEntry] = {}
 
-    def memo(self, family: int) -> dict[tuple[bytes, int], Endpoint]:
-        return self._memo4 if family == socket.AF_INET else self._memo6
+    def addresses(self, family: int) -> dict[bytes, AddressEntry]:
+        return self._v4 if family == socket.AF_INET else self._v6
+
+    def entry(self, family: int, raw: bytes) -> AddressEntry:
+        """The entry of a raw address (16 bytes; IPv4 in the first 4), made if new."""
+        addresses = self.addresses(family)
+        entry = addresses.get(raw)
+        if entry is None:
+            ip = (
+                ipaddress.IPv4Address(raw[:4])
+                if family == socket.AF_INET
+                else ipaddress.IPv6Address(raw)
+            )
+            entry = addresses[raw] = (ip, {})
+        return entry
 
     def get(self, family: int, raw: bytes, port: int) -> Endpoint:
-        memo = self.memo(family)
-        ep = memo.get((raw, port))
+        ip, ports = self.entry(family, raw)
+        ep = ports.get(port)
         if ep is None:
-            ep = memo[(raw, port)] = new_endpoint(self.address(family, raw), port)
+            ep = ports[port] = new_endpoint(ip, port)
         return ep
 
     def seed(self, endpoints: Iterable[Endpoint]) -> None:
@@ -133,32 +150,21 @@ class Endpoints:
         Each is filed under the raw bytes the kernel sends for it, so the memo
         still maps those bytes to an equal Endpoint.
         """
-        # id(ip) -> (raw, memo): a pod has a handful of address objects.
-        known: dict[int, tuple[bytes, dict[tuple[bytes, int], Endpoint]]] = {}
+        known: dict[int, dict[int, Endpoint]] = {}  # id(ip) -> its ports
         for ep in endpoints:
             ip = ep.ip
-            raw_memo = known.get(id(ip))
-            if raw_memo is None:
+            ports = known.get(id(ip))
+            if ports is None:
+                family = (
+                    socket.AF_INET if isinstance(ip, ipaddress.IPv4Address) else socket.AF_INET6
+                )
+                addresses = self.addresses(family)
                 raw = ip.packed.ljust(16, b"\0")
-                if isinstance(ip, ipaddress.IPv4Address):
-                    self._ips4.setdefault(raw, ip)
-                    raw_memo = known[id(ip)] = (raw, self._memo4)
-                else:
-                    self._ips6.setdefault(raw, ip)
-                    raw_memo = known[id(ip)] = (raw, self._memo6)
-            raw_memo[1].setdefault((raw_memo[0], ep.port), ep)
-
-    def address(self, family: int, raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-        """The address of a raw sock_diag address (16 bytes; IPv4 in the first 4)."""
-        if family == socket.AF_INET:
-            ip4 = self._ips4.get(raw)
-            if ip4 is None:
-                ip4 = self._ips4[raw] = ipaddress.IPv4Address(raw[:4])
-            return ip4
-        ip6 = self._ips6.get(raw)
-        if ip6 is None:
-            ip6 = self._ips6[raw] = ipaddress.IPv6Address(raw)
-        return ip6
+                entry = addresses.get(raw)
+                if entry is None:
+                    entry = addresses[raw] = (ip, {})
+                ports = known[id(ip)] = entry[1]
+            ports.setdefault(ep.port, ep)
 
 
 def _raw_addr(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
@@ -576,9 +582,9 @@ def _emit(
     (``core.model.new_socket_record`` explains); a call per object would cost
     as much as the whole rest.
     """
-    memo4, memo6 = endpoints.memo(socket.AF_INET), endpoints.memo(socket.AF_INET6)
+    v4, v6 = endpoints.addresses(socket.AF_INET), endpoints.addresses(socket.AF_INET6)
     af_inet = socket.AF_INET
-    address = endpoints.address
+    entry_of = endpoints.entry
     states = _STATES
     be16 = _BE16
     new: Callable[..., Any] = object.__new__  # the twins, untyped: the fields are SocketRecord's
@@ -589,23 +595,23 @@ def _emit(
         dport = be16[dport_be]
         if keep is not None and not keep(state, sport, dport):
             continue
-        memo = memo4 if family == af_inet else memo6
-        key = (src, sport)
-        local = memo.get(key)
+        addresses = v4 if family == af_inet else v6
+        entry = addresses.get(src) or entry_of(family, src)
+        local = entry[1].get(sport)
         if local is None:
             ep = new(EndpointSlots)
-            ep.ip = address(family, src)
+            ep.ip = entry[0]
             ep.port = sport
             ep.__class__ = endpoint_cls
-            local = memo[key] = ep
-        key = (dst, dport)
-        peer = memo.get(key)
+            local = entry[1][sport] = ep
+        entry = addresses.get(dst) or entry_of(family, dst)
+        peer = entry[1].get(dport)
         if peer is None:
             ep = new(EndpointSlots)
-            ep.ip = address(family, dst)
+            ep.ip = entry[0]
             ep.port = dport
             ep.__class__ = endpoint_cls
-            peer = memo[key] = ep
+            peer = entry[1][dport] = ep
         r = new(SocketRecordSlots)
         r.state = states[state]
         r.local = local
