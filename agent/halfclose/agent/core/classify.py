@@ -137,6 +137,10 @@ def old_enough(sock: SocketRecord, min_idle_seconds: float) -> bool:
     return idle is not None and idle >= min_idle_seconds
 
 
+# by_cookie's answer for a socket that was not looked up by cookie.
+_NOT_LOOKED_UP: Any = object()
+
+
 def _judge_all(
     socks: Iterable[SocketRecord],
     evidence: Evidence,
@@ -177,12 +181,14 @@ def _judge_all(
             reason = not_captured
         else:
             # Part 3: the mapping (not looked up: no finding at all).
-            if sock.cookie in by_cookie:  # Evidence.entry's first answer, without the call
-                entry = by_cookie[sock.cookie]
-            else:
+            # Evidence.entry's first answer, taken without the call.
+            got = by_cookie.get(sock.cookie, _NOT_LOOKED_UP)
+            if got is _NOT_LOOKED_UP:
                 looked_up, entry = entry_of(sock)
                 if not looked_up:
                     continue
+            else:
+                entry = got  # a ConntrackEntry or None
             if entry is not None and not entry.opening:
                 kind = at_risk
             else:
@@ -268,6 +274,7 @@ def _ip_key(ip: IPAddress) -> int:
 # 20k findings.
 _IP_BITS = 129
 _PORT_BITS = 16
+_PEER_BITS = _IP_BITS + _PORT_BITS
 
 
 def _in_order(findings: list[Finding]) -> list[Finding]:
@@ -287,24 +294,21 @@ def _in_order(findings: list[Finding]) -> list[Finding]:
         n = numbers[id(ip)] = _ip_key(ip)
         return n
 
-    kinds = _KIND_ORDER
+    # The kind, local address and local port, packed and shifted, once per
+    # (kind, local endpoint object): one per kind at a proxy's capture port.
+    prefixes: dict[Kind, dict[int, int]] = {kind: {} for kind in _KIND_ORDER}
+
+    def new_prefix(f: Finding) -> int:
+        local = f.socket.local
+        rank = _KIND_ORDER[f.kind]
+        n = ((rank << _IP_BITS | _ip_key(local.ip)) << _PORT_BITS | local.port) << _PEER_BITS
+        prefixes[f.kind][id(local)] = n
+        return n
+
     keys = [
-        (
-            (
-                (
-                    (
-                        kinds[f.kind] << _IP_BITS
-                        | (number(id((loc := (s := f.socket).local).ip)) or new_number(loc.ip))
-                    )
-                    << _PORT_BITS
-                    | loc.port
-                )
-                << _IP_BITS
-                | (number(id((peer := s.peer).ip)) or new_number(peer.ip))
-            )
-            << _PORT_BITS
-            | peer.port
-        )
+        (prefixes[f.kind].get(id((s := f.socket).local)) or new_prefix(f))
+        | (number(id((peer := s.peer).ip)) or new_number(peer.ip)) << _PORT_BITS
+        | peer.port
         for f in findings
     ]
     order = sorted(range(len(findings)), key=keys.__getitem__)
