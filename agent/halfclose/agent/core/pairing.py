@@ -214,7 +214,14 @@ def _holders(socks: Sequence[SocketRecord], owners: Mapping[int, Owner]) -> list
         keys: dict[int, Holder] = {uid: ("uid", uid) for uid in set(uids)}
         return list(map(keys.__getitem__, uids))
     get = owners.get
-    return [("pid", o.pid) if (o := get(s.inode)) is not None else ("uid", s.uid) for s in socks]
+    by_pid: dict[int, Holder] = {}
+    by_uid: dict[int, Holder] = {}
+    return [
+        (by_pid.get(o.pid) or by_pid.setdefault(o.pid, ("pid", o.pid)))
+        if (o := get(s.inode)) is not None
+        else (by_uid.get(s.uid) or by_uid.setdefault(s.uid, ("uid", s.uid)))
+        for s in socks
+    ]
 
 
 def _grouped(keys: Sequence[Holder]) -> dict[Holder, list[int]]:
@@ -290,12 +297,11 @@ def _choose_all(
     rivals = down_count.get
     mutual = list(map(add, map(rivals, lo, repeat(0)), map(rivals, hi, repeat(0))))
     out: list[SocketRecord | None] = [None if j is None or mutual[j] != 1 else ups[j] for j in js]
-    group: _Group | None = None
-    for i, up in enumerate(out):
-        if up is None:
-            if group is None:
-                group = _Group(downs, ups)
-            out[i] = group.choose(downs[i])
+    if None in out:  # some not decided by the counters alone
+        group = _Group(downs, ups)
+        for i, up in enumerate(out):
+            if up is None:
+                out[i] = group.choose(downs[i])
     return out
 
 
