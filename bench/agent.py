@@ -97,17 +97,42 @@ def lab_with_containers(tag: str, pods: int) -> Iterator[tuple[Lab, FakeContaine
         lab.down()
 
 
+class SilenceClock(EngineRemediator):
+    """Each killed socket's lifetime by the kernel's own clock: its silence as
+    read just before the kill (tcp_info: the last packet either way) less the
+    CLOSE_WAIT timeout (the entry expired that long after the last packet).
+
+    Independent of when the agent drained the event it predicted the expiry
+    from, which is what the agent's own measure (``Agent.lifetimes``) rests on.
+    """
+
+    def __init__(self, state_dir: str) -> None:
+        super().__init__(state_dir)
+        self.lifetimes: list[float] = []
+
+    def execute(self, scanner: Any, plan: Any, *args: Any, **kwargs: Any) -> Any:
+        report = super().execute(scanner, plan, *args, **kwargs)
+        for o in report.outcomes:
+            silence = o.finding.socket.silence_seconds
+            if o.outcome.value == "killed" and silence is not None:
+                self.lifetimes.append(max(0.0, silence - CLOSE_WAIT))
+        return report
+
+
 @contextlib.contextmanager
 def running_agent(world: FakeWorld, state_dir: str) -> Iterator[Agent]:
     """The production agent loop on a thread over ``world`` with the bench KillSockets
-    policy; stopped and joined on exit."""
+    policy; stopped and joined on exit.  ``agent.silence_clock`` is the remediator
+    (``SilenceClock``)."""
+    remediator = SilenceClock(state_dir)
     agent = Agent(
         AgentSettings(node_name=NODE, state_dir=state_dir),
         AgentMetrics(CollectorRegistry(), NODE),
         world,
         FakeReports(),
-        EngineRemediator(state_dir),
+        remediator,
     )
+    agent.silence_clock = remediator  # type: ignore[attr-defined]
     world.on_change = agent.notify
     world.put_policy(kill_policy(interval=10))
     thread = threading.Thread(target=agent.run, daemon=True)
