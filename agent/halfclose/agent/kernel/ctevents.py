@@ -46,7 +46,12 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 from halfclose.agent.core.model import FlowTuple
-from halfclose.agent.kernel.netlink import NETLINK_NETFILTER, iter_attrs, iter_messages
+from halfclose.agent.kernel.netlink import (
+    NETLINK_NETFILTER,
+    iter_attrs,
+    iter_messages,
+    receive_buffer,
+)
 
 NFNLGRP_CONNTRACK_NEW = 1
 NFNLGRP_CONNTRACK_UPDATE = 2
@@ -234,7 +239,6 @@ class ConntrackEventSocket:
             sock.setsockopt(socket.SOL_SOCKET, 33, 1 << 20)
         groups = (1 << (NFNLGRP_CONNTRACK_DESTROY - 1)) | (1 << (NFNLGRP_CONNTRACK_UPDATE - 1))
         sock.bind((0, groups))
-        self._buf = bytearray(1 << 16)
         self.overflows = 0
         self.new_events = False
 
@@ -261,10 +265,12 @@ class ConntrackEventSocket:
         """
         events: list[ConntrackEvent] = []
         overflowed = False
-        view = memoryview(self._buf)
+        # The thread's receive buffer (one for all its netlink sockets): each
+        # datagram is decoded whole (events copy what they keep) before the next recv.
+        buf, view = receive_buffer()
         for _ in range(max_datagrams):  # bounded: a storm cannot pin the thread
             try:
-                n = self.sock.recv_into(self._buf)
+                n = self.sock.recv_into(buf)
             except BlockingIOError:
                 break
             except OSError as exc:
