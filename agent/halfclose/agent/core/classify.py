@@ -54,6 +54,7 @@ from halfclose.agent.core.model import (
     TcpState,
     UnprovenReason,
 )
+from halfclose.agent.core.pairing import upstreams
 
 # Part 4's margin.  The leaked socket's own pure ACKs re-arm the conntrack
 # entry, and tcp_info records no age for them: after the last data it received,
@@ -145,7 +146,9 @@ def _judge_all(
     socks: Iterable[SocketRecord],
     evidence: Evidence,
     owner_of: Callable[[int], Owner | None],
-) -> list[Finding]:
+    *,
+    seal: bool = True,
+) -> list[Any]:
     """``judge`` for each of ``socks``, in order (None answers left out).
 
     The proof's one implementation: ``judge`` runs it for one socket,
@@ -153,6 +156,9 @@ def _judge_all(
     candidate (the bar, the lookups, the capture test) is read once, and
     each finding is built positionally; the checks, their order and their
     reasons are the four-part proof of docs/detection.md.
+
+    ``seal=False`` leaves each finding a mutable ``FindingSlots`` (every field
+    set, ``upstream`` None) for ``classify_paired`` to finish.
     """
     timeouts = evidence.timeouts
     threshold = silence_bar(timeouts) if timeouts is not None else None
@@ -215,7 +221,8 @@ def _judge_all(
         f.reason = reason
         f.capture = capture
         f.min_silence_seconds = threshold
-        f.__class__ = Finding
+        if seal:
+            f.__class__ = Finding
         append(f)
     return out
 
@@ -244,6 +251,40 @@ def classify(
             f for f in findings if f.kind is collision or old_enough(f.socket, min_idle_seconds)
         ]
     return _in_order(findings)
+
+
+def classify_paired(
+    sockets: Iterable[SocketRecord],
+    ports: Collection[int],
+    evidence: Evidence,
+    owners: Mapping[int, Owner],
+    min_idle_seconds: float,
+    *,
+    pool: Iterable[SocketRecord],
+    capture_ports: Collection[int],
+    lap: Callable[[str], None] = lambda _stage: None,
+) -> list[Finding]:
+    """``pair(classify(sockets, ...), pool, capture_ports, owners)``, each finding built once.
+
+    A scan's 20,000 findings would be built by ``classify`` and built again by
+    ``pair`` to add the upstream: here they stay mutable twins until the
+    upstream is known, then become Findings (``lap`` marks the two stages).
+    """
+    # Mutable twins (FindingSlots) until the upstream is set below.
+    found: list[Any] = _judge_all(
+        candidates(sockets, ports, evidence.capture), evidence, owners.get, seal=False
+    )
+    if min_idle_seconds > 0:
+        collision = Kind.COLLISION
+        found = [f for f in found if f.kind is collision or old_enough(f.socket, min_idle_seconds)]
+    found = _in_order(found)
+    lap("classify")
+    twin: Any
+    for twin, up in zip(found, upstreams(found, pool, capture_ports, owners), strict=True):
+        twin.upstream = up
+        twin.__class__ = Finding
+    lap("pairing")
+    return found
 
 
 _KIND_ORDER = {Kind.COLLISION: 0, Kind.LEAKED: 1, Kind.AT_RISK: 2, Kind.UNPROVEN: 3}

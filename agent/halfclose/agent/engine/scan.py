@@ -18,7 +18,7 @@ import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from halfclose.agent.core.classify import Evidence, candidates, classify
+from halfclose.agent.core.classify import Evidence, candidates, classify_paired
 from halfclose.agent.core.model import (
     CaptureEvidence,
     Endpoint,
@@ -29,7 +29,6 @@ from halfclose.agent.core.model import (
     TcpState,
     UnprovenReason,
 )
-from halfclose.agent.core.pairing import pair
 from halfclose.agent.engine.nogc import gc_paused
 from halfclose.agent.kernel import procfs, sysctl
 from halfclose.agent.kernel.conntrack import Conntrack
@@ -319,11 +318,18 @@ class Scanner:
                 uid_hint={s.uid for s in judged},
             )
             lap("owners")
-        findings = classify(judged, ports, evidence, owners, settings.min_idle_seconds)
-        lap("classify")
-        paired = pair(findings, sockets, ports, owners)
-        lap("pairing")
-        return paired, warnings
+        # classify then pair (each finding built once), laps "classify" and "pairing".
+        findings = classify_paired(
+            judged,
+            ports,
+            evidence,
+            owners,
+            settings.min_idle_seconds,
+            pool=sockets,
+            capture_ports=ports,
+            lap=lap,
+        )
+        return findings, warnings
 
     def close(self) -> None:
         self._diag.close()
