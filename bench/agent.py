@@ -119,6 +119,12 @@ class SilenceClock(EngineRemediator):
         return report
 
 
+def thread_cpu(thread: threading.Thread) -> float:
+    """CPU seconds (user + system, the kernel's dump walks included) the thread used."""
+    assert thread.ident is not None
+    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+
+
 @contextlib.contextmanager
 def running_agent(world: FakeWorld, state_dir: str) -> Iterator[Agent]:
     """The production agent loop on a thread over ``world`` with the bench KillSockets
@@ -137,6 +143,7 @@ def running_agent(world: FakeWorld, state_dir: str) -> Iterator[Agent]:
     world.put_policy(kill_policy(interval=10))
     thread = threading.Thread(target=agent.run, daemon=True)
     thread.start()
+    agent.loop_thread = thread  # type: ignore[attr-defined]
     try:
         yield agent
     finally:
