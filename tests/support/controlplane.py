@@ -813,9 +813,10 @@ class ControlPlane:
 
     def _purge_namespace(self, ns: str) -> None:
         """Delete a namespace now.  The namespace controller (not run here, see
-        CONTROLLERS) takes 4-5 s per namespace; doing its work in-process takes a fraction of that: mark the
-        namespace terminating (nothing new can be created in it), delete every
-        collection in it (pods with grace 0, finalizers stripped), then finalize."""
+        CONTROLLERS) takes 4-5 s per namespace; doing its work in-process takes a
+        fraction of that: mark the namespace terminating (nothing new can be
+        created in it), delete every collection in it (pods with grace 0,
+        finalizers stripped), then finalize."""
         self.delete_object("", "v1", "namespaces", ns)
         for collection in self._namespaced_collections():
             path = collection.format(namespace=ns)
