@@ -8,7 +8,8 @@
 #
 #   agent    = halfclose-core + halfclose-agent + halfclose (the node CLI, for
 #              `kubectl exec ... halfclose scan`) + requirements/agent.txt; the
-#              iptables/nft tools it reads pods' rules with. No kopf.
+#              iptables/nft tools it reads pods' rules with. No kopf, no
+#              kubernetes client (the agent speaks to the API server itself).
 #   operator = halfclose-core + halfclose-operator + requirements/operator.txt.
 #              No pyroute2, no iptables/nftables.
 #
@@ -58,7 +59,8 @@ RUN python -m venv /opt/halfclose \
       /wheels/halfclose_core-*.whl /wheels/halfclose_agent-*.whl /wheels/halfclose-[0-9]*.whl \
  && /opt/halfclose/bin/pip check \
  && /opt/halfclose/bin/python -P -c "import halfclose.agent.daemon.main, halfclose.cli.main" \
- && if /opt/halfclose/bin/python -P -c "import kopf" 2>/dev/null; then exit 1; fi
+ && if /opt/halfclose/bin/python -P -c "import kopf" 2>/dev/null; then exit 1; fi \
+ && if /opt/halfclose/bin/python -P -c "import kubernetes" 2>/dev/null; then exit 1; fi
 
 FROM builder AS operator-venv
 RUN python -m venv /opt/halfclose \
