@@ -3,11 +3,14 @@
 2,000+ connections are half-closed at the same moment across 110 lab pods
 (every pod's proxy at once, from a thread pool), so their NAT entries expire,
 and the leaks form, within about a second of each other, while the agent runs
-a KillSockets policy.  Leak lifetime = socket destroyed - NAT entry expiry, as
-the agent measures it.  Issue 11 §3's goal: p99 <= 1 s (the loop never waits
-on one netns while another has due work).  Repeated (default 3): the median
-and spread of the per-repeat p99 are printed; the last line reads
-``burst-leak-lifetime-p99-seconds: <median p99>``.
+a KillSockets policy.  Leak lifetime = socket destroyed - NAT entry expiry,
+measured two ways: as the agent measures it (from the DESTROY event it read)
+and by the kernel's clock (the socket's tcp_info silence just before the kill
+minus the conntrack timeout; this includes part 4's 0.2 s delayed-ACK margin).
+Issue 11 §3's goal: p99 <= 1 s (the loop never waits on one netns while
+another has due work).  Repeated (default 3): the median and spread of the
+per-repeat p99 are printed; the last line reads
+``burst-leak-lifetime-p99-seconds: <median p99 by the kernel's clock>``.
 
 The agent is the production loop (``halfclose.agent.daemon.loop.Agent``) over
 the in-memory Kubernetes fake, as in ``bench/agent.py``.  The half-closes are
@@ -124,6 +127,7 @@ def main() -> int:
         return 2
     state_dir = f"/run/halfclose/bench-burst-{os.getpid()}"
     p99s: list[float] = []
+    k99s: list[float] = []
     ok = True
     for r in range(args.repeats):
         lifetimes, spread, want, kernel, work = burst(
@@ -132,6 +136,7 @@ def main() -> int:
         p50, p99 = percentile(lifetimes, 0.5), percentile(lifetimes, 0.99)
         k50, k99 = percentile(kernel, 0.5), percentile(kernel, 0.99)
         p99s.append(p99)
+        k99s.append(k99)
         ok = ok and len(lifetimes) >= want
         print(
             f"burst {r + 1}/{args.repeats}: {want} leaks across {args.pods} pods "
@@ -142,11 +147,19 @@ def main() -> int:
             f"{work['rechecks']:.0f} re-checks"
         )
     median = statistics.median(p99s)
+    kernel_median = statistics.median(k99s)
     print(
-        f"burst p99 over {len(p99s)} repeats: median {median:.3f} s, "
-        f"spread {min(p99s):.3f}-{max(p99s):.3f} s"
+        f"burst p99 over {len(p99s)} repeats, as the agent measures it (kill - the DESTROY "
+        f"event it read): median {median:.3f} s, spread {min(p99s):.3f}-{max(p99s):.3f} s"
     )
-    print(f"burst-leak-lifetime-p99-seconds: {median:.3f}")
+    print(
+        f"burst p99 over {len(k99s)} repeats, by the kernel's silence clock (tcp_info silence "
+        f"at the kill - the timeout): median {kernel_median:.3f} s, "
+        f"spread {min(k99s):.3f}-{max(k99s):.3f} s"
+    )
+    # The headline is the kernel's clock: the agent's own figure starts when it
+    # read the DESTROY event, so it leaves out how late it read it.
+    print(f"burst-leak-lifetime-p99-seconds: {kernel_median:.3f}")
     return 0 if ok else 1
 
 
