@@ -102,6 +102,53 @@ def test_destroy_request_carries_tuple_state_and_cookie() -> None:
     assert (ifindex, lo | hi << 32) == (1, 0x1_0000_0002)
 
 
+def _by_parts(
+    msg_type: int, flags: int, seq: int, r: SocketRecord, *, ext: int, states: int
+) -> bytes:
+    """The request as the uapi layout spells it, one struct per part (the reference)."""
+    family = socket.AF_INET if r.local.ip.version == 4 else socket.AF_INET6
+    payload = (
+        inetdiag.REQ.pack(family, socket.IPPROTO_TCP, ext, 0, states)
+        + inetdiag.SOCKID.pack(
+            r.local.port, r.peer.port, r.local.ip.packed.ljust(16, b"\0"),
+            r.peer.ip.packed.ljust(16, b"\0"),
+        )
+        + inetdiag.SOCKID_TAIL.pack(r.ifindex, r.cookie & 0xFFFFFFFF, r.cookie >> 32)
+    )  # fmt: skip
+    return nl.pack_message(msg_type, flags, seq, payload)
+
+
+@pytest.mark.parametrize(
+    ("local", "peer"),
+    [("127.0.0.1", "192.0.2.10"), ("2001:db8::1", "2001:db8::2"), ("::ffff:192.0.2.1", "::1")],
+)
+@pytest.mark.parametrize("port", [1, 256, 15001, 65535])
+def test_destroy_and_get_requests_are_the_uapi_layout_byte_for_byte(
+    local: str, peer: str, port: int
+) -> None:
+    """One struct.pack builds each request (ports byte-swapped into a host-order
+    struct): every byte must be what the part-by-part layout gives."""
+    r = SocketRecord(
+        state=TcpState.FIN_WAIT2,
+        local=Endpoint(ipaddress.ip_address(local), port),
+        peer=Endpoint(ipaddress.ip_address(peer), 65535 - port),
+        cookie=0x8000_0001_F00D_0002,
+        inode=5,
+        uid=1337,
+        ifindex=7,
+    )
+    seq = 0x8000_0003
+    ack = nl.NLM_F_REQUEST | nl.NLM_F_ACK
+    req, fw2, every = nl.NLM_F_REQUEST, 1 << 5, 0xFFFFFFFF
+    info = 1 << (inetdiag.INET_DIAG_INFO - 1)
+    assert inetdiag.encode_destroy(r, seq) == _by_parts(21, ack, seq, r, ext=0, states=fw2)
+    no_ack = _by_parts(21, req, seq, r, ext=0, states=fw2)
+    assert inetdiag.encode_destroy(r, seq, ack=False) == no_ack
+    assert inetdiag.encode_get(r, seq) == _by_parts(20, ack, seq, r, ext=info, states=every)
+    no_info = _by_parts(20, ack, seq, r, ext=0, states=every)
+    assert inetdiag.encode_get(r, seq, with_info=False) == no_info
+
+
 @pytest.mark.parametrize("cookie", [0, 0xFFFF_FFFF_FFFF_FFFF])
 def test_destroy_refuses_a_record_without_cookie(cookie: int) -> None:
     with pytest.raises(ValueError, match="cookie"):

@@ -167,10 +167,6 @@ class Endpoints:
             ports.setdefault(ep.port, ep)
 
 
-def _raw_addr(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
-    return ip.packed.ljust(16, b"\0")
-
-
 def encode_dump(family: int, states: int, seq: int, *, with_info: bool = True) -> bytes:
     """An inet_diag_req_v2 dump request for TCP sockets in ``states`` (a bit mask)."""
     ext = (1 << (INET_DIAG_INFO - 1)) if with_info else 0
@@ -198,6 +194,41 @@ def encode_dump_both(states: int, seq: int, *, with_info: bool = True) -> bytes:
     return nl.pack_message(TCPDIAG_GETSOCK, nl.NLM_F_REQUEST | nl.NLM_F_DUMP, seq, payload)
 
 
+# A whole SOCK_DESTROY (or GET) request in one pack: nlmsghdr, inet_diag_req_v2
+# with its sockid.  The ports are network order inside a host-order struct, so
+# they go in byte-swapped (``_BE16`` is its own inverse).  At 20k kills the
+# five packs and four concatenations per request cost ~5 us; this, ~1.5 us.
+_REQUEST = struct.Struct("=IHHIIBBBBIHH16s16sIII")
+
+
+def _pack_request(
+    msg_type: int, flags: int, seq: int, record: SocketRecord, *, ext: int, states: int
+) -> bytes:
+    local, peer = record.local, record.peer
+    lip, pip = local.ip, peer.ip
+    v4 = lip.version == 4
+    cookie = record.cookie
+    return _REQUEST.pack(
+        _REQUEST.size,
+        msg_type,
+        flags,
+        seq,
+        0,
+        socket.AF_INET if v4 else socket.AF_INET6,
+        socket.IPPROTO_TCP,
+        ext,
+        0,
+        states,
+        _BE16[local.port],
+        _BE16[peer.port],
+        lip.packed,  # "16s" pads an IPv4 address with zeros, as the kernel reads it
+        pip.packed,
+        record.ifindex,
+        cookie & 0xFFFFFFFF,
+        cookie >> 32,
+    )
+
+
 def encode_destroy(record: SocketRecord, seq: int, *, ack: bool = True) -> bytes:
     """SOCK_DESTROY for exactly this socket: its tuple, its state and its cookie.
 
@@ -207,36 +238,15 @@ def encode_destroy(record: SocketRecord, seq: int, *, ack: bool = True) -> bytes
     """
     if record.cookie in (0, (NO_COOKIE << 32) | NO_COOKIE):
         raise ValueError("refusing SOCK_DESTROY without a socket cookie")
-    family = socket.AF_INET if record.local.ip.version == 4 else socket.AF_INET6
-    payload = (
-        REQ.pack(family, socket.IPPROTO_TCP, 0, 0, record.state.mask)
-        + SOCKID.pack(
-            record.local.port,
-            record.peer.port,
-            _raw_addr(record.local.ip),
-            _raw_addr(record.peer.ip),
-        )
-        + SOCKID_TAIL.pack(record.ifindex, record.cookie & 0xFFFFFFFF, record.cookie >> 32)
-    )
     flags = nl.NLM_F_REQUEST | (nl.NLM_F_ACK if ack else 0)
-    return nl.pack_message(SOCK_DESTROY, flags, seq, payload)
+    return _pack_request(SOCK_DESTROY, flags, seq, record, ext=0, states=record.state.mask)
 
 
 def encode_get(record: SocketRecord, seq: int, *, with_info: bool = True) -> bytes:
     """A non-dump SOCK_DIAG_BY_FAMILY for one socket by tuple and cookie (a re-check)."""
-    family = socket.AF_INET if record.local.ip.version == 4 else socket.AF_INET6
     ext = (1 << (INET_DIAG_INFO - 1)) if with_info else 0
-    payload = (
-        REQ.pack(family, socket.IPPROTO_TCP, ext, 0, 0xFFFFFFFF)
-        + SOCKID.pack(
-            record.local.port,
-            record.peer.port,
-            _raw_addr(record.local.ip),
-            _raw_addr(record.peer.ip),
-        )
-        + SOCKID_TAIL.pack(record.ifindex, record.cookie & 0xFFFFFFFF, record.cookie >> 32)
-    )
-    return nl.pack_message(SOCK_DIAG_BY_FAMILY, nl.NLM_F_REQUEST | nl.NLM_F_ACK, seq, payload)
+    flags = nl.NLM_F_REQUEST | nl.NLM_F_ACK
+    return _pack_request(SOCK_DIAG_BY_FAMILY, flags, seq, record, ext=ext, states=0xFFFFFFFF)
 
 
 PortFilter = Callable[[int, int, int], bool]
