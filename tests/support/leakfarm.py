@@ -143,7 +143,7 @@ class Proc:
         self.p.wait(timeout=10)
 
 
-def _nat_entries(netns: str) -> int:
+def _nat_lines(netns: str) -> list[str]:
     """Live conntrack entries of connections to the redirected service."""
     out = subprocess.run(
         [IP, "netns", "exec", netns, "conntrack", "-L", "-p", "tcp", "--dport", "7777"],
@@ -152,7 +152,11 @@ def _nat_entries(netns: str) -> int:
         check=False,
         timeout=60,
     ).stdout
-    return len(out.splitlines())
+    return out.splitlines()
+
+
+def _nat_entries(netns: str) -> int:
+    return len(_nat_lines(netns))
 
 
 def count(netns: str, *state: str) -> int:
@@ -214,9 +218,13 @@ def leaked_pairs(n: int, prefix: str = "hct") -> Iterator[Leaks]:
         # (a dump skips expired entries), then the delayed-ACK margin.
         time.sleep(1.0)
         deadline = time.monotonic() + 60
-        while _nat_entries(ns):
+        while left := _nat_lines(ns):
             if time.monotonic() > deadline:
-                raise TimeoutError("fixture: the NAT entries did not expire")
+                states = sorted({line.split()[3] for line in left if len(line.split()) > 3})
+                raise TimeoutError(
+                    f"fixture: {len(left)} NAT entries did not expire (states {states}); "
+                    f"first: {left[0]}"
+                )
             time.sleep(0.2)
         time.sleep(0.3)
         for a in apps:
