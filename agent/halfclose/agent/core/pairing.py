@@ -63,10 +63,12 @@ def upstream_pool(
     sockets: Iterable[SocketRecord], capture_ports: Collection[int]
 ) -> list[SocketRecord]:
     """CLOSE_WAIT sockets held by a process that could be a proxy's upstream leg."""
+    close_wait = TcpState.CLOSE_WAIT
+    # inode 0 is SocketRecord.orphan, read without the property (40,000 sockets at 20k leaks).
     return [
         s
         for s in sockets
-        if s.state is TcpState.CLOSE_WAIT and not s.orphan and s.local.port not in capture_ports
+        if s.state is close_wait and s.inode != 0 and s.local.port not in capture_ports
     ]
 
 
@@ -342,13 +344,7 @@ def upstreams(
 
     Reads only each finding's ``kind``, ``entry`` and ``socket``.
     """
-    close_wait = TcpState.CLOSE_WAIT
-    # upstream_pool(), with its three tests inline.
-    pool = [
-        s
-        for s in sockets
-        if s.state is close_wait and s.inode != 0 and s.local.port not in capture_ports
-    ]
+    pool = upstream_pool(sockets, capture_ports)
     by_holder = {who: [pool[j] for j in at] for who, at in _grouped(_holders(pool, owners)).items()}
     downs = [f.socket for f in findings]
     holders = _holders(downs, owners)

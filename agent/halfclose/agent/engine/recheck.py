@@ -25,10 +25,10 @@ import errno
 import time
 from collections.abc import Sequence
 
-from halfclose.agent.core.classify import Evidence, classify, is_candidate
-from halfclose.agent.core.model import HalfClosedTimeouts, SocketRecord
+from halfclose.agent.core.classify import classify, is_candidate
+from halfclose.agent.core.model import SocketRecord
 from halfclose.agent.engine.nogc import gc_paused
-from halfclose.agent.engine.scan import Scanner, ScanResult, ScanSettings, _capture_evidence
+from halfclose.agent.engine.scan import Scanner, ScanResult, ScanSettings, capture_evidence
 
 # A socket named by its tuple only (a conntrack event): the kernel then skips
 # the cookie check of a GET (INET_DIAG_NOCOOKIE in both halves), and the
@@ -67,7 +67,7 @@ def _recheck(
         ports = rules.found.ports
     else:
         return None  # the scan adds DST_NAT entries' evidence: only it can judge
-    capture = _capture_evidence(rules.found, settings.capture_ports, None)
+    capture = capture_evidence(rules.found, settings.capture_ports, None)
     now: list[SocketRecord] = []
     for asked, got in zip(sockets, scanner.sockdiag.get_many(sockets), strict=True):
         if isinstance(got, int) and got not in GONE:
@@ -83,16 +83,7 @@ def _recheck(
     if any(capture.proves(s) is None for s in candidates):
         return None  # only DST_NAT entries could show this capture: the scan reads them
     by_cookie = scanner.conntrack.lookup_sockets(candidates) if candidates else {}
-    timeouts = scanner.timeouts(settings)
-    warnings: tuple[str, ...] = ()
-    if isinstance(timeouts, HalfClosedTimeouts):
-        evidence = Evidence(capture, timeouts=timeouts, by_cookie=by_cookie)
-    else:
-        evidence = Evidence(capture, timeouts_missing=timeouts, by_cookie=by_cookie)
-        warnings = (
-            f"the conntrack timeouts of {scanner.handle.label} could not be read "
-            f"({timeouts}): no leak can be proven",
-        )
+    evidence, warnings = scanner.evidence(capture, by_cookie, settings)
     findings = classify(candidates, ports, evidence, {}, settings.min_idle_seconds)
     return ScanResult(
         netns=scanner.handle.label,
@@ -102,5 +93,5 @@ def _recheck(
         findings=findings,
         port_origins=rules.found,
         warnings=warnings,
-        timeouts=timeouts if isinstance(timeouts, HalfClosedTimeouts) else None,
+        timeouts=evidence.timeouts,
     )

@@ -15,12 +15,13 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from halfclose.agent.core.classify import Evidence, candidates, classify_paired
 from halfclose.agent.core.model import (
     CaptureEvidence,
+    ConntrackEntry,
     Endpoint,
     Finding,
     HalfClosedTimeouts,
@@ -195,7 +196,7 @@ class Scanner:
             if rules.found is None and not nat_eps:
                 raise UserError(rules.error or f"cannot read NAT rules in {self.handle.label}")
             ports = (rules.found.ports if rules.found else frozenset()) | {e.port for e in nat_eps}
-        capture = _capture_evidence(rules.found, settings.capture_ports, nat_eps)
+        capture = capture_evidence(rules.found, settings.capture_ports, nat_eps)
         tproxy_all = capture.tproxy_examined
         dump_ports = ports
 
@@ -264,6 +265,21 @@ class Scanner:
         self._nat_eps_at = now
         return self._nat_eps
 
+    def evidence(
+        self,
+        capture: CaptureEvidence,
+        by_cookie: Mapping[int, ConntrackEntry | None],
+        settings: ScanSettings,
+    ) -> tuple[Evidence, tuple[str, ...]]:
+        """Parts 2-4's evidence with this netns's timeouts (and a warning if unknown)."""
+        timeouts = self.timeouts(settings)
+        if isinstance(timeouts, HalfClosedTimeouts):
+            return Evidence(capture, timeouts=timeouts, by_cookie=by_cookie), ()
+        return Evidence(capture, timeouts_missing=timeouts, by_cookie=by_cookie), (
+            f"the conntrack timeouts of {self.handle.label} could not be read "
+            f"({timeouts}): no leak can be proven",
+        )
+
     def _judge(
         self,
         sockets: list[SocketRecord],
@@ -297,17 +313,8 @@ class Scanner:
         # One GET per proven candidate, many per send(), keyed back by cookie.
         by_cookie = self._ct.lookup_sockets(proven)
         lap("conntrack")
-        warnings: tuple[str, ...] = ()
-        timeouts = self.timeouts(settings)
+        evidence, warnings = self.evidence(capture, by_cookie, settings)
         lap("timeouts")
-        if isinstance(timeouts, HalfClosedTimeouts):
-            evidence = Evidence(capture, timeouts=timeouts, by_cookie=by_cookie)
-        else:
-            evidence = Evidence(capture, timeouts_missing=timeouts, by_cookie=by_cookie)
-            warnings = (
-                f"the conntrack timeouts of {self.handle.label} could not be read "
-                f"({timeouts}): no leak can be proven",
-            )
         owners: dict[int, Owner] = {}
         if settings.owners:
             # Owners for the candidates and for the CLOSE_WAIT sockets they may pair with.
@@ -412,7 +419,7 @@ class TimeoutFiles:
                 os.close(fd)
 
 
-def _capture_evidence(
+def capture_evidence(
     rules: CapturePorts | None,
     given: frozenset[int] | None,
     nat_endpoints: frozenset[Endpoint] | None,
