@@ -18,7 +18,6 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
-import sys
 from ipaddress import IPv4Address, IPv6Address
 
 from halfclose.agent.core.model import ConntrackEntry, FlowTuple, IPAddress
@@ -168,11 +167,6 @@ def _pack_reply_get(reply: FlowTuple) -> bytes:
 # pre-swapped into this big-endian layout once (``_fast_header``).
 _FAST_V4 = struct.Struct("!IHHII BBH HH HH HHI HHI HH HHB3x HHH2x HHH2x")
 _FAST_V6 = struct.Struct("!IHHII BBH HH HH HHQQ HHQQ HH HHB3x HHH2x HHH2x")
-_SWAP32 = sys.byteorder == "little"
-
-
-def _swap32(v: int) -> int:
-    return int.from_bytes(v.to_bytes(4, "little"), "big") if _SWAP32 else v
 
 
 def _fast_prefix(v4: bool) -> tuple[int, ...]:
