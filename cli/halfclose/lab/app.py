@@ -185,10 +185,10 @@ class App:
 
     async def _connect(self, mode: Mode) -> AppConnection:
         async with self._connect_slots:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.settings.service_host, self.settings.service_port),
-                STEP_TIMEOUT,
-            )
+            async with asyncio.timeout(STEP_TIMEOUT):
+                reader, writer = await asyncio.open_connection(
+                    self.settings.service_host, self.settings.service_port
+                )
             try:
                 # Real apps send different amounts; identical traffic would make
                 # every proxied pair indistinguishable by its byte counters, which
@@ -198,7 +198,8 @@ class App:
                 # counters, so lengths one apart would look alike.
                 pad = "-" * (2 * (self._serial % PAD_CYCLE))
                 writer.write(f"{mode} {pad}\n".encode())
-                line = await asyncio.wait_for(reader.readline(), STEP_TIMEOUT)
+                async with asyncio.timeout(STEP_TIMEOUT):
+                    line = await reader.readline()
                 word, _, upstream = line.decode(errors="replace").strip().partition(" ")
                 if word != "peer":
                     raise OpError(f"unexpected greeting from upstream: {line[:80]!r}")
@@ -216,7 +217,8 @@ class App:
                 pass
 
         try:
-            await asyncio.wait_for(asyncio.gather(*(eof(c) for c in conns)), STEP_TIMEOUT)
+            async with asyncio.timeout(STEP_TIMEOUT):
+                await asyncio.gather(*(eof(c) for c in conns))
         except TimeoutError as exc:
             raise OpError(f"the proxy did not half-close within {STEP_TIMEOUT:.0f}s") from exc
 

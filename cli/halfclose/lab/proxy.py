@@ -186,7 +186,10 @@ class Connection:
 
     async def _connect(self, dst: tuple[str, int]) -> None:
         try:
-            await asyncio.wait_for(self._dial_upstream(dst), self.proxy.settings.connect_timeout)
+            # asyncio.timeout, not wait_for: 3.11's wait_for drops a cancel that
+            # arrives in the loop turn the dial completes in.
+            async with asyncio.timeout(self.proxy.settings.connect_timeout):
+                await self._dial_upstream(dst)
         except (OSError, TimeoutError) as exc:
             log.info("upstream %s:%d: %s", dst[0], dst[1], exc)
             self.downstream.close()

@@ -38,7 +38,8 @@ class Mode(enum.StrEnum):
 
 async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
-        line = await asyncio.wait_for(reader.readline(), FIRST_LINE_TIMEOUT)
+        async with asyncio.timeout(FIRST_LINE_TIMEOUT):
+            line = await reader.readline()
         try:
             # The first word is the mode; the app pads the rest of the line so
             # every connection carries a different byte count (see app.py).

@@ -110,11 +110,14 @@ class Reconciler:
             if delay > 0:
                 await asyncio.sleep(delay)
             if not self._retry:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the
+                # result when the event is set in the same loop turn as a cancel, and
+                # the cancel is lost -- the operator then never stops (seen in CI).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self.changed.wait(),
-                        timeout=max(self.settings.debounce_seconds, _IDLE_RECHECK_SECONDS),
-                    )
+                    async with asyncio.timeout(
+                        max(self.settings.debounce_seconds, _IDLE_RECHECK_SECONDS)
+                    ):
+                        await self.changed.wait()
             self.changed.clear()
             started = time.monotonic()
             if await self.reconcile():

@@ -145,3 +145,26 @@ def test_an_older_operators_finalizer_is_removed() -> None:
             "annotations": {"halfclose.io/last-handled-configuration": None},
         }
     }
+
+
+def test_a_cancel_that_meets_a_change_still_stops_the_loop() -> None:
+    """Shutdown cancels the loop while a watch event may set ``changed`` in the same
+    loop turn (kopf's peering PATCH on exit does).  The cancel must win: Python
+    3.11's ``asyncio.wait_for`` returned the event's result and dropped it, so the
+    operator never stopped (a CI run waited 30 s for it)."""
+
+    async def main() -> str:
+        rec = _reconciler(Inventory(), FakeClient())
+        task = asyncio.create_task(rec.run())
+        for _ in range(20):  # reach the idle wait for a change
+            await asyncio.sleep(0)
+        rec.notify()
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=2.0)
+        if not done:
+            task.cancel()  # the fixed loop never gets here; the old one needs a second cancel
+            await asyncio.gather(task, return_exceptions=True)
+            return "still running"
+        return "cancelled" if task.cancelled() else f"ended: {task.exception()!r}"
+
+    assert asyncio.run(main()) == "cancelled"
