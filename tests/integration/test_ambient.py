@@ -100,7 +100,7 @@ def test_leak_is_found_with_ztunnel_as_owner_and_killed(make_lab: LabFactory) ->
     lab = make_lab(style="ambient", close_wait_timeout=CW)
     leaks = lab.leak(2)
     live = lab.live_half_close(1)
-    report = product.scan(lab.pod_netns(0), "--min-idle", "0")
+    report = product.scan(lab.pod_netns(0), "--min-idle", "0", "--processes")
     assert report["capture_ports"] == [15001, 15006]
     found = product.by_peer(report)
     assert [found[mapped(p)]["kind"] for p in leaks] == ["leaked", "leaked"]

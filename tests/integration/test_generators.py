@@ -225,7 +225,7 @@ def test_a_leak_through_the_generated_rules_is_found_exactly(
             leaking = t.connection(client, server, dst, inbound)
             healthy = t.connection(client, server, dst, inbound)  # stays ESTABLISHED
             conn = t.leak(leaking, client, server)
-            doc = scan(p)
+            doc = scan(p, "--processes")
     port = in_port if inbound else out_port
     assert conn.local.rpartition(":")[2] == str(port)
     assert t.conns[healthy].local != conn.local or t.conns[healthy].peer != conn.peer

@@ -60,7 +60,7 @@ def test_given_ports_find_pair_and_kill_with_the_charts_capabilities(make_lab: A
     leaks = lab.leak(count=2)
     lab.idle(count=1)  # live traffic, as in any pod: conntrack is visibly tracking
     ports = ",".join(map(str, lab.capture_ports))
-    doc = scan_as_agent("--netns", lab.pod_netns(0), "--capture-ports", ports)
+    doc = scan_as_agent("--netns", lab.pod_netns(0), "--capture-ports", ports, "--processes")
     found = {(f["local"], f["peer"]): f for f in doc["findings"] if f["kind"] == "leaked"}
     assert set(found) == {(str(p.proxy_downstream), str(p.app)) for p in leaks}
     for p in leaks:

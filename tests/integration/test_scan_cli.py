@@ -177,7 +177,8 @@ def test_json_and_table_on_real_leaks() -> None:
     skip_unless_root("iptables", "conntrack", "ss", "nsenter")
     with minimesh(leaks=2, live=1) as mm:
         before = run("conntrack", "-L", netns=mm.netns, check=False).stdout.count("\n")
-        proc = halfclose("scan", "--netns", mm.netns, "--output", "json")
+        proc = halfclose("scan", "--netns", mm.netns, "--output", "json", "--processes")
+        bare = halfclose("scan", "--netns", mm.netns, "--output", "json")
         table = halfclose("scan", "--pid", str(mm.proxy.pid), "--min-idle", "0")
         after = run("conntrack", "-L", netns=mm.netns, check=False).stdout.count("\n")
     assert proc.returncode == 0, proc.stderr
@@ -193,6 +194,16 @@ def test_json_and_table_on_real_leaks() -> None:
         assert f["local"] == "127.0.0.1:15001" and f["state"] == "FIN-WAIT-2"
         assert f["upstream"] == {"local": c.up, "peer": "203.0.113.10:7777", "state": "CLOSE-WAIT"}
         assert f["pid"] == mm.proxy.pid and f["action"] == "none"
+    # Without --processes (as `ss` without -p): the same findings, legs paired
+    # by socket uid, and no pid or process name.
+    assert bare.returncode == 0, bare.stderr
+    unowned = json.loads(bare.stdout)["findings"]
+    assert all(f["pid"] is None and f["process"] is None for f in unowned)
+    assert sorted(f["kind"] for f in unowned) == kinds
+    same = ("local", "peer", "state", "upstream", "capture", "action")
+    assert {f["peer"]: {k: f[k] for k in same} for f in unowned if f["kind"] == "leaked"} == {
+        peer: {k: f[k] for k in same} for peer, f in leaked.items()
+    }
     assert table.returncode == 0, table.stderr
     assert table.stdout.splitlines()[0].startswith(
         f"netns pid:{mm.proxy.pid}: capture ports 15001;"

@@ -1,7 +1,7 @@
 """``halfclose scan``: find leaked, collision, at-risk and unproven sidecar sockets in one netns.
 
     halfclose scan (--netns NAME|PATH | --pid PID) [--capture-ports 15001,15006]
-                   [--min-idle SECONDS] [--output table|json]
+                   [--min-idle SECONDS] [--output table|json] [-p|--processes]
                    [--action report|kill|extend-conntrack|patch-conntrack] [--dry-run]
                    [--max-kills N] [--close-wait-timeout SECONDS] [--state-dir DIR]
 
@@ -11,6 +11,10 @@ Actions are pluggable: ``ACTIONS`` maps an ``--action`` name to a function run
 after the scan, which returns the engine's ``ActionReport`` (one outcome per
 finding).  ``report`` does nothing; remediation registers ``kill`` and friends.
 JSON is compact (C-encoded) unless ``--indent N`` asks for pretty printing.
+The process holding each socket is looked up only with ``-p`` (as ``ss -p``):
+it reads every fd link of the netns's processes, which at 20,000 leaks costs as
+much as the whole rest of the scan; without it ``pid``/``process`` are null and
+the legs are paired by socket uid, as the agent pairs them.
 """
 
 from __future__ import annotations
@@ -101,6 +105,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--action kill kills only leaks idle that long (default 60) and collisions "
         "regardless; nothing is killed without the four-part proof (docs/detection.md)",
     )
+    p.add_argument(
+        "-p",
+        "--processes",
+        action="store_true",
+        help="show the process holding each socket, as `ss -p` does (reads every fd "
+        "of the netns's processes: at 20k leaks as long as the rest of the scan)",
+    )
     p.add_argument("--action", choices=sorted(ACTIONS), default="report")
     remediate.add_arguments(p)
     p.add_argument("--output", choices=("table", "json"), default="table")
@@ -165,6 +176,7 @@ def _run(args: argparse.Namespace) -> int:
         capture_ports=args.capture_ports,
         min_idle_seconds=args.min_idle or 0.0,
         proc_root=proc_root,
+        owners=args.processes,
     )
     with open_target(args, proc_root) as handle:
         try:
