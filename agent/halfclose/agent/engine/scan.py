@@ -34,6 +34,7 @@ from halfclose.agent.engine.nogc import gc_paused
 from halfclose.agent.kernel import procfs, sysctl
 from halfclose.agent.kernel.conntrack import Conntrack
 from halfclose.agent.kernel.natrules.capture import CapturePorts
+from halfclose.agent.kernel.natrules.generation import RulesGeneration
 from halfclose.agent.kernel.natrules.sources import detect
 from halfclose.agent.kernel.netns import NetnsHandle
 from halfclose.agent.kernel.sockdiag import SockDiag
@@ -58,6 +59,12 @@ class ScanSettings:
     # Detected ports are re-read when older than this (0: every scan).  NAT
     # rules are written once at pod start, so a long-running agent can cache.
     rules_max_age_seconds: float = 0.0
+    # > 0: check each scan whether the rule set changed (natrules.generation:
+    # nftables' generation id, no iptables-legacy table) and re-read at once
+    # when it did; while it provably did not, keep the rules up to this age
+    # instead.  Where it cannot be told (legacy tables), rules_max_age_seconds
+    # applies.  0: no check.
+    rules_unchanged_max_age_seconds: float = 0.0
     # The netns's half-closed conntrack timeouts (part 4) are re-read when
     # older than this.  Short: a raised timeout must raise the bar soon.
     timeouts_max_age_seconds: float = 5.0
@@ -131,6 +138,8 @@ class Scanner:
             raise
         self._rules: _Rules | None = None
         self._rules_at = 0.0
+        self._rules_token: tuple[int] | None = None
+        self._generation = RulesGeneration(handle)
         self._timeouts: HalfClosedTimeouts | UnprovenReason | None = None
         self._timeouts_at = 0.0
         self._timeout_files = TimeoutFiles(handle)
@@ -146,14 +155,27 @@ class Scanner:
         return self._ct
 
     def rules(self, settings: ScanSettings) -> _Rules:
-        """The netns's NAT/TPROXY rules, cached for ``rules_max_age_seconds``."""
+        """The netns's NAT/TPROXY rules, cached (``ScanSettings.rules_*``)."""
         now = time.monotonic()
-        if self._rules is None or now - self._rules_at >= settings.rules_max_age_seconds:
+        token = None
+        if settings.rules_unchanged_max_age_seconds > 0:
+            # Before reading the rules: a change made meanwhile moves the
+            # token past the one kept, and the next scan reads again.
+            token = self._generation.read(settings.proc_root)
+        age = now - self._rules_at
+        if self._rules is None or token != self._rules_token:
+            fresh = False  # changed, or the check came or went (a legacy table)
+        elif token is not None:
+            fresh = age < settings.rules_unchanged_max_age_seconds
+        else:
+            fresh = age < settings.rules_max_age_seconds
+        if not fresh:
             try:
                 self._rules = _Rules(detect(self.handle))
             except UserError as exc:
                 self._rules = _Rules(None, str(exc))
-            self._rules_at = now
+            self._rules_at, self._rules_token = now, token
+        assert self._rules is not None
         return self._rules
 
     def capture_ports(self, settings: ScanSettings) -> tuple[frozenset[int], CapturePorts | None]:
@@ -342,6 +364,7 @@ class Scanner:
         self._diag.close()
         self._ct.close()
         self._timeout_files.close()
+        self._generation.close()
 
     def __enter__(self) -> Scanner:
         return self
