@@ -388,25 +388,25 @@ def test_one_memo_for_both_families_keeps_them_apart(generic: bool) -> None:
 
 
 @pytest.mark.parametrize("family", ["v4", "v6"])
-def test_a_seeded_memo_returns_the_seeded_endpoints_and_nothing_else_changes(family: str) -> None:
-    """SockDiag.reread seeds the memo with the records' endpoints: the same dump then
-    gives the same objects (identity), equal records, and an unseeded tuple a new one."""
+def test_seeded_addresses_are_the_dumps_address_objects_and_nothing_else_changes(
+    family: str,
+) -> None:
+    """SockDiag.reread seeds the memo with the records' address objects: the same dump
+    then builds its endpoints on those very objects (identity), with equal records; an
+    address the dump does not hold changes nothing."""
     seq, datagrams = _dump(family, "all")
     plain = _fast(datagrams, seq)[1]
-    # Seed with endpoints equal to, but not the objects of, half the sockets;
-    # and one that names an address the dump does not hold.
-    half = plain[::2]
-    copies = [Endpoint(r.local.ip, r.local.port) for r in half]
-    copies += [Endpoint(r.peer.ip, r.peer.port) for r in half]
-    stranger = Endpoint(ipaddress.ip_address("192.0.2.200"), 15001)
+    # Objects equal to, but not, the dump's own addresses; and one it does not hold.
+    copies = {ipaddress.ip_address(str(ip)) for r in plain for ip in (r.local.ip, r.peer.ip)}
+    stranger = ipaddress.ip_address("192.0.2.200")
     endpoints = inetdiag.Endpoints()
-    endpoints.seed([*copies, stranger])
+    endpoints.seed_addresses([*copies, stranger])
     seeded = inetdiag.parse_buffers((memoryview(d) for d in datagrams), seq, None, endpoints)[1]
     _assert_same((len(seeded), seeded), (len(plain), plain))
-    ids = {id(ep) for ep in copies}
-    for r in seeded[::2]:
-        assert id(r.local) in ids and id(r.peer) in ids
-    assert stranger not in {r.local for r in seeded}
+    ids = {id(ip) for ip in copies}
+    for r in seeded:
+        assert id(r.local.ip) in ids and id(r.peer.ip) in ids
+    assert stranger not in {ep.ip for r in seeded for ep in (r.local, r.peer)}
 
 
 def test_the_one_walk_dump_holds_what_the_two_family_dumps_hold() -> None:

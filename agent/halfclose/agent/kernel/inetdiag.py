@@ -142,29 +142,17 @@ class Endpoints:
             ep = ports[port] = new_endpoint(ip, port)
         return ep
 
-    def seed(self, endpoints: Iterable[Endpoint]) -> None:
-        """Put these endpoints in the memo, so a dump that shows them again returns
-        the same objects (a re-read compares its sockets' tuples with the
-        records': by identity first, instead of ``ipaddress``'s Python ``__eq__``).
+    def seed_addresses(self, ips: Iterable[IPAddress]) -> None:
+        """File these address objects under the raw bytes the kernel sends for them.
 
-        Each is filed under the raw bytes the kernel sends for it, so the memo
-        still maps those bytes to an equal Endpoint.
+        A dump that shows them then builds its endpoints on the very same
+        objects, so a re-read compares addresses by identity first (a handful
+        of objects seeded, instead of ``ipaddress``'s Python ``__eq__`` per
+        socket, or an Endpoint seeded per socket).
         """
-        known: dict[int, dict[int, Endpoint]] = {}  # id(ip) -> its ports
-        for ep in endpoints:
-            ip = ep.ip
-            ports = known.get(id(ip))
-            if ports is None:
-                family = (
-                    socket.AF_INET if isinstance(ip, ipaddress.IPv4Address) else socket.AF_INET6
-                )
-                addresses = self.addresses(family)
-                raw = ip.packed.ljust(16, b"\0")
-                entry = addresses.get(raw)
-                if entry is None:
-                    entry = addresses[raw] = (ip, {})
-                ports = known[id(ip)] = entry[1]
-            ports.setdefault(ep.port, ep)
+        for ip in ips:
+            family = socket.AF_INET if ip.__class__ is ipaddress.IPv4Address else socket.AF_INET6
+            self.addresses(family).setdefault(ip.packed.ljust(16, b"\0"), (ip, {}))
 
 
 def encode_dump(family: int, states: int, seq: int, *, with_info: bool = True) -> bytes:
