@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from halfclose.agent.core.classify import Evidence, candidates, classify_paired
@@ -38,6 +38,7 @@ from halfclose.agent.kernel.natrules.generation import RulesGeneration
 from halfclose.agent.kernel.natrules.sources import detect
 from halfclose.agent.kernel.netns import NetnsHandle
 from halfclose.agent.kernel.sockdiag import SockDiag
+from halfclose.agent.kernel.tcpmib import TcpCounters
 from halfclose.errors import UserError
 
 DUMP_STATES = (TcpState.FIN_WAIT2, TcpState.CLOSE_WAIT)
@@ -68,6 +69,12 @@ class ScanSettings:
     # The netns's half-closed conntrack timeouts (part 4) are re-read when
     # older than this.  Short: a raised timeout must raise the bar soon.
     timeouts_max_age_seconds: float = 5.0
+    # > 0: a netns whose last dump found no FIN_WAIT2 or CLOSE_WAIT socket at
+    # all, and whose TCP counters have not moved since they were read just
+    # before it, is not dumped again (such a dump can only be empty:
+    # kernel/tcpmib.py) for up to this many seconds after that dump.  0: every
+    # scan dumps.
+    quiet_skip_max_seconds: float = 0.0
     # Look up each finding's owning process in /proc during the scan.  A walk
     # reads one link per fd of the holders (40,000 at 20k leaks, the scan's
     # largest stage), so a caller that reports only some findings (the agent)
@@ -140,6 +147,11 @@ class Scanner:
         self._rules_at = 0.0
         self._rules_token: tuple[int] | None = None
         self._generation = RulesGeneration(handle)
+        self._tcp = TcpCounters(handle)
+        # (TCP counters, time) read before the last dump, when it found no
+        # half-closed socket at all; None otherwise.
+        self._quiet: tuple[bytes, float] | None = None
+        self.dumps_skipped = 0
         self._timeouts: HalfClosedTimeouts | UnprovenReason | None = None
         self._timeouts_at = 0.0
         self._timeout_files = TimeoutFiles(handle)
@@ -231,7 +243,7 @@ class Scanner:
                 return tproxy_all or sport in dump_ports
             return sport not in dump_ports
 
-        examined, sockets = self._diag.dump(DUMP_STATES, keep)
+        examined, sockets = self._dump(keep, settings)
         lap("dump+decode")
         findings, more = self._judge(sockets, ports, capture, nat_eps, settings, lap=lap)
         warnings.extend(more)
@@ -261,6 +273,35 @@ class Scanner:
             timeouts=timeouts,
             stages=lap.stages,
         )
+
+    def _dump(
+        self, keep: Callable[[int, int, int], bool], settings: ScanSettings
+    ) -> tuple[int, list[SocketRecord]]:
+        """The state-filtered dump, or (0, []) when it provably has nothing.
+
+        Proof: the last dump found no FIN_WAIT2/CLOSE_WAIT socket, and no TCP
+        segment arrived in the netns since the counters were read before it
+        (a socket enters either state only on a received segment, counted
+        before it is processed).  Bounded by ``quiet_skip_max_seconds`` all
+        the same.
+        """
+        if settings.quiet_skip_max_seconds <= 0:
+            self._quiet = None
+            return self._diag.dump(DUMP_STATES, keep)
+        counters = self._tcp.read(settings.proc_root)
+        now = time.monotonic()
+        quiet = self._quiet
+        if (
+            quiet is not None
+            and counters is not None
+            and counters == quiet[0]
+            and now - quiet[1] < settings.quiet_skip_max_seconds
+        ):
+            self.dumps_skipped += 1
+            return 0, []
+        examined, sockets = self._diag.dump(DUMP_STATES, keep)
+        self._quiet = (counters, now) if counters is not None and examined == 0 else None
+        return examined, sockets
 
     def _nat_endpoints(
         self, max_age: float, wanted: Collection[SocketRecord] = ()
@@ -365,6 +406,7 @@ class Scanner:
         self._ct.close()
         self._timeout_files.close()
         self._generation.close()
+        self._tcp.close()
 
     def __enter__(self) -> Scanner:
         return self
