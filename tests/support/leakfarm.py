@@ -119,7 +119,9 @@ for i in range(first, first + n):
 print("READY", flush=True)
 for line in sys.stdin:
     if line.strip() == "close":
-        for s in conns: s.close()
+        for s in conns:
+            while s.recv(4096): pass  # unread data would make close() send an RST, not the FIN
+            s.close()
         conns.clear()
         print("CLOSED", flush=True)
 """
