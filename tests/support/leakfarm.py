@@ -274,12 +274,19 @@ def leaked_pairs(n: int, prefix: str = "hct") -> Iterator[Leaks]:
             a.send("close")
             a.expect("CLOSED")
         deadline = time.monotonic() + 60
-        while (got := count(ns, "state", "fin-wait-2", "state", "close-wait")) != 2 * n:
+        # Each side on its own: a sum could pass with a pair lost (an RST) and
+        # a server's orphan still in FIN_WAIT2 (tcp_fin_timeout) in its place.
+        while True:
+            down = count(ns, "state", "fin-wait-2", "sport", "= :15001")
+            up = count(ns, "state", "close-wait")
+            if (down, up) == (n, n):
+                break
             if time.monotonic() > deadline:
                 summary = run("ss", "-Htan", netns=ns).split()[0::5]
                 states = {st: summary.count(st) for st in set(summary)}
                 raise TimeoutError(
-                    f"fixture: {got} half-closed sockets, not {2 * n}: {states} ({_loss(ns)})"
+                    f"fixture: {down} FIN_WAIT2 on :15001 and {up} CLOSE_WAIT, not {n} each: "
+                    f"{states} ({_loss(ns)})"
                 )
             time.sleep(0.5)
         for a in apps:
