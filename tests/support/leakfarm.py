@@ -18,12 +18,13 @@ RST their lost FIN draws.
 
 Loopback drops packets: the per-CPU backlog (``netdev_max_backlog``, 1000,
 host-wide) overflows when softirqs are deferred on a busy machine, and the
-40,000 FINs of the close burst at 20k pairs are such a burst.  An ACK of a FIN
-lost after conntrack saw it makes the sender retransmit the FIN (tail loss
-probe), and conntrack cannot tell a retransmitted FIN from the other side's:
-CLOSE_WAIT/FIN_WAIT -> LAST_ACK -> TIME_WAIT, 30 s / 120 s by default.  Those
-states get a short life here too (``_TIMEOUTS``), and the app is only told to
-close once every FIN is acknowledged (no FIN_WAIT1 left) and no NAT entry is left.
+40,000 FINs of the close burst at 20k pairs are such a burst.  A FIN or its
+ACK lost after conntrack saw it makes the sender retransmit the FIN (tail loss
+probe or RTO), and conntrack cannot tell a retransmitted FIN from the other
+side's: CLOSE_WAIT/FIN_WAIT -> LAST_ACK -> TIME_WAIT, 30 s / 120 s by default.
+Those states get a short life here too (``_TIMEOUTS``), and the app is only told
+to close once every FIN is acknowledged (no FIN_WAIT1 left) and no NAT entry is
+left.
 
 The proxies watch their downstream sockets (epoll): when one is destroyed they
 close its upstream leg, as Envoy does, so a kill's upstream verification has
