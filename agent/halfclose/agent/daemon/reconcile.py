@@ -312,9 +312,9 @@ class NetnsReconciler:
             # the re-reads' processes were ~3 % of a core at 110 netns).
             rules_unchanged_max_age_seconds=600.0,
             # An idle netns (no half-closed socket, no TCP segment since) is
-            # dumped once a minute, not every interval: each dump walks the
+            # dumped every 5 min, not every interval: each dump walks the
             # node's whole TCP hash (issue 11).
-            quiet_skip_max_seconds=60.0,
+            quiet_skip_max_seconds=300.0,
             owners=False,  # looked up below, only for what is reported
         )
 

@@ -70,10 +70,10 @@ class ScanSettings:
     # older than this.  Short: a raised timeout must raise the bar soon.
     timeouts_max_age_seconds: float = 5.0
     # > 0: a netns whose last dump found no FIN_WAIT2 or CLOSE_WAIT socket at
-    # all, and whose TCP counters have not moved since they were read just
-    # before it, is not dumped again (such a dump can only be empty:
-    # kernel/tcpmib.py) for up to this many seconds after that dump.  0: every
-    # scan dumps.
+    # all, while its TCP counters stood still from QUIET_SETTLE_SECONDS before
+    # it until now, is not dumped (such a dump can only be empty:
+    # kernel/tcpmib.py), for up to this many seconds after that dump.  0:
+    # every scan dumps.
     quiet_skip_max_seconds: float = 0.0
     # Look up each finding's owning process in /proc during the scan.  A walk
     # reads one link per fd of the holders (40,000 at 20k leaks, the scan's
@@ -128,6 +128,20 @@ class _Rules:
         return self.found is None or bool(self.found.unreadable)
 
 
+# A segment counted this long before a dump has been processed by then.
+QUIET_SETTLE_SECONDS = 1.0
+
+
+@dataclass(slots=True)
+class _Quiet:
+    """The netns's TCP counters, since when they read so, and when a dump
+    proved it had no half-closed socket under them (None: not proven)."""
+
+    counters: bytes
+    since: float
+    proven_at: float | None = None
+
+
 class Scanner:
     """Scans one netns; keeps its netlink sockets open across scans.
 
@@ -148,9 +162,7 @@ class Scanner:
         self._rules_token: tuple[int] | None = None
         self._generation = RulesGeneration(handle)
         self._tcp = TcpCounters(handle)
-        # (TCP counters, time) read before the last dump, when it found no
-        # half-closed socket at all; None otherwise.
-        self._quiet: tuple[bytes, float] | None = None
+        self._quiet: _Quiet | None = None
         self.dumps_skipped = 0
         self._timeouts: HalfClosedTimeouts | UnprovenReason | None = None
         self._timeouts_at = 0.0
@@ -279,11 +291,13 @@ class Scanner:
     ) -> tuple[int, list[SocketRecord]]:
         """The state-filtered dump, or (0, []) when it provably has nothing.
 
-        Proof: the last dump found no FIN_WAIT2/CLOSE_WAIT socket, and no TCP
-        segment arrived in the netns since the counters were read before it
-        (a socket enters either state only on a received segment, counted
-        before it is processed).  Bounded by ``quiet_skip_max_seconds`` all
-        the same.
+        Proof: a dump found no FIN_WAIT2/CLOSE_WAIT socket, and no TCP segment
+        arrived in the netns from ``QUIET_SETTLE_SECONDS`` before that dump
+        until now (the counters are the same).  A socket enters either state
+        only on a received segment, counted on arrival; the settling time is
+        for one counted before the counters were read but processed after the
+        dump (a socket's backlog runs when its owner releases it).  Bounded
+        by ``quiet_skip_max_seconds`` all the same.
         """
         if settings.quiet_skip_max_seconds <= 0:
             self._quiet = None
@@ -291,16 +305,19 @@ class Scanner:
         counters = self._tcp.read(settings.proc_root)
         now = time.monotonic()
         quiet = self._quiet
-        if (
-            quiet is not None
-            and counters is not None
-            and counters == quiet[0]
-            and now - quiet[1] < settings.quiet_skip_max_seconds
+        if counters is None:
+            quiet = self._quiet = None
+        elif quiet is None or quiet.counters != counters:
+            quiet = self._quiet = _Quiet(counters, since=now)
+        elif (
+            quiet.proven_at is not None and now - quiet.proven_at < settings.quiet_skip_max_seconds
         ):
             self.dumps_skipped += 1
             return 0, []
         examined, sockets = self._diag.dump(DUMP_STATES, keep)
-        self._quiet = (counters, now) if counters is not None and examined == 0 else None
+        if quiet is not None:
+            settled = now - quiet.since >= QUIET_SETTLE_SECONDS
+            quiet.proven_at = now if examined == 0 and settled else None
         return examined, sockets
 
     def _nat_endpoints(

@@ -5,10 +5,11 @@ Why the agent asks: a sock_diag dump walks the kernel's host-wide TCP hash
 so an idle netns's scan costs in proportion to the node's sockets (0.5-10 ms
 here).  A socket reaches FIN_WAIT2 or CLOSE_WAIT only by receiving a segment
 (the ACK of its FIN, the peer's FIN), and the kernel counts every received
-TCP segment in the receiving netns's ``InSegs`` before it processes it.  So
-when a dump of a netns found no such socket and its ``Tcp:`` counters have
-not moved since they were read just before that dump, a dump now would find
-none either (``engine/scan.py`` skips it, for a bounded time).
+TCP segment in the receiving netns's ``InSegs`` on arrival, before it
+processes it.  So when a dump of a netns found no such socket, and its
+``Tcp:`` counters have not moved from a while before that dump (time for
+the segments counted to be processed) until now, a dump now would find none
+either (``engine/scan.py`` skips it, for a bounded time).
 
 The file is opened once inside the netns, through ``/proc/thread-self/net``
 (``/proc/net`` is the main thread's netns); an fd of a ``/proc/net`` file
