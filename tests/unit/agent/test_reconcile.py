@@ -161,6 +161,29 @@ def test_expected_expiry_is_dated_by_the_silence_within_the_kernels_whole_second
     assert schedule.expected_expiry(leaked(1)) is None
 
 
+def test_an_entry_a_retransmitted_fin_moved_on_still_dates_the_leak() -> None:
+    """A second FIN of the proxy's (its ACK lost after conntrack saw it) moves the
+    entry to LAST_ACK, the app's ACK to TIME_WAIT (120 s), though the app never
+    closed: the leak forms when that timer runs out, and is judged then."""
+
+    def moved(state: str, timeout: int) -> Finding:
+        entry = ConntrackEntry(reply(1), reply(1), state, timeout)
+        return Finding(
+            Kind.AT_RISK, sock(1), None, entry, capture=Capture.RULE, min_silence_seconds=60.0
+        )
+
+    for state, timeout in (("TIME_WAIT", 117), ("LAST_ACK", 25)):
+        f = moved(state, timeout)
+        # The entry goes within [timeout, timeout + 1): no bar dates it inside that second.
+        due = timeout + 1 + schedule.EXPIRY_MARGIN
+        assert schedule.expiry_delay(f) == pytest.approx(due)
+        assert schedule.expected_expiry(f) == timeout
+        slow = schedule.Timing(interval=300.0, min_idle=60.0, kills=True)
+        assert schedule.next_delay([f], slow) == pytest.approx(due)
+    # An entry in a state that forms no leak when it ends (a live connection's) dates nothing.
+    assert schedule.expiry_delay(moved("ESTABLISHED", 400)) is None
+
+
 def test_next_run_defaults_to_the_interval_and_never_spins() -> None:
     assert schedule.next_delay([], TIMING) == 30.0
     assert schedule.next_delay([at_risk(1, 0)], TIMING) >= schedule.MIN_SCAN_SPACING

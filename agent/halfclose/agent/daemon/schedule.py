@@ -41,29 +41,47 @@ class Timing:
     kills: bool  # KillSockets (not dry run): a ripening leak will be acted on
 
 
+# The states of an at-risk socket's entry whose timer, running out, forms the
+# leak.  CLOSE_WAIT: the proxy's FIN was acked.  LAST_ACK and TIME_WAIT: the
+# proxy's FIN came *again* (its ACK was lost after conntrack saw it, e.g. a
+# loopback backlog drop, and TCP retransmitted it); conntrack cannot tell a
+# second FIN of one side from the other side's, so the entry moves on as if
+# the app had closed, while the app never did and the proxy's socket stays in
+# FIN_WAIT2.  The leak then forms when that state's timer runs out (TIME_WAIT:
+# 120 s by default, not CLOSE_WAIT's 60).
+FORMING_STATES = frozenset({"CLOSE_WAIT", "LAST_ACK", "TIME_WAIT"})
+
+
 def expiry_delay(finding: Finding) -> float | None:
-    """Seconds until an at-risk socket's CLOSE_WAIT entry runs out (and the leak forms)."""
+    """Seconds until an at-risk socket's entry runs out (and the leak forms)."""
     entry = finding.entry
-    if finding.kind is Kind.AT_RISK and entry is not None and entry.tcp_state == "CLOSE_WAIT":
-        # ctnetlink reports whole seconds left (rounded down).
-        return entry.timeout + EXPIRY_MARGIN
+    if finding.kind is Kind.AT_RISK and entry is not None and entry.tcp_state in FORMING_STATES:
+        # ctnetlink reports whole seconds left (rounded down).  For CLOSE_WAIT
+        # the silence bar (``proof_delay``) places the expiry inside that
+        # second; another state's timer is not the bar's: wait the whole second.
+        whole = 0.0 if entry.tcp_state == "CLOSE_WAIT" else 1.0
+        return entry.timeout + whole + EXPIRY_MARGIN
     return None
 
 
 def expected_expiry(finding: Finding) -> float | None:
-    """Seconds until an at-risk socket's CLOSE_WAIT entry is expected to expire.
+    """Seconds until an at-risk socket's entry is expected to expire.
 
     ctnetlink rounds the seconds left down, so the entry goes within
     [timeout, timeout + 1).  Its timer was re-armed by the connection's last
     packet, which the socket's silence dates: expiry ~ the netns's half-closed
     timeout (the silence bar less the delayed-ACK margin) minus that silence,
     kept inside the kernel's bounds.  Without it, a scan at "0 s left" would
-    date the leak up to a second early and overstate its lifetime.
+    date the leak up to a second early and overstate its lifetime.  Another
+    state's timer (``FORMING_STATES``) is not the one the bar derives from:
+    its seconds left are all there is.
     """
     entry = finding.entry
-    if finding.kind is not Kind.AT_RISK or entry is None or entry.tcp_state != "CLOSE_WAIT":
+    if finding.kind is not Kind.AT_RISK or entry is None or entry.tcp_state not in FORMING_STATES:
         return None
     low = float(entry.timeout)
+    if entry.tcp_state != "CLOSE_WAIT":
+        return low
     silence, bar = finding.socket.silence_seconds, finding.min_silence_seconds
     if silence is None or bar is None:
         return low
