@@ -170,9 +170,11 @@ def kill_phase(out: dict[str, object]) -> None:
         with leaked_pairs(LEAKS, prefix="hcb") as lk:
             argv = ["ss", "-K", "state", "fin-wait-2", f"( sport = :{PORT} )"]
             times["ss_k"].append(_timed_run(_in_netns(lk.netns, argv))[0])
-            left = count(lk.netns, "state", "fin-wait-2")
+            # The proxy's sockets only: an upstream server's socket stays in
+            # FIN_WAIT2 until the proxy, told its downstream died, closes its leg.
+            left = count(lk.netns, "state", "fin-wait-2", f"( sport = :{PORT} )")
             if left:
-                raise RuntimeError(f"ss -K left {left} FIN_WAIT2 sockets")
+                raise RuntimeError(f"ss -K left {left} FIN_WAIT2 sockets on :{PORT}")
         with leaked_pairs(LEAKS, prefix="hcb") as lk, NetnsHandle.from_name(lk.netns) as h:
             # The collector paused for the whole command, as the CLI runs it
             # (cli/scan.py): a pause per step would hand the scan's deferred
