@@ -15,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -161,3 +161,27 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: flo
             return
         time.sleep(interval)
     raise TimeoutError("condition not met in time")
+
+
+def redirect_pod(
+    netns: str,
+    app_ip: str,
+    service: tuple[str, int],
+    proxy_port: int,
+    timeouts: Mapping[str, int],
+) -> None:
+    """A sidecar pod in miniature: the app's address and the service's on lo, the
+    service REDIRECTed to ``proxy_port`` (as istio-iptables does), and the netns's
+    conntrack TCP timeouts (``{"close_wait": 1, ...}``) set."""
+    run("ip", "addr", "add", f"{app_ip}/24", "dev", "lo", netns=netns)
+    run("ip", "addr", "add", f"{service[0]}/32", "dev", "lo", netns=netns)
+    run(
+        "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", service[0],
+        "--dport", str(service[1]), "-j", "REDIRECT", "--to-ports", str(proxy_port),
+        netns=netns,
+    )  # fmt: skip
+    for name, seconds in timeouts.items():
+        run(
+            "sysctl", "-qw", f"net.netfilter.nf_conntrack_tcp_timeout_{name}={seconds}",
+            netns=netns,
+        )  # fmt: skip

@@ -32,7 +32,7 @@ from halfclose.agent.engine.act import Executor
 from halfclose.agent.engine.recheck import recheck
 from halfclose.agent.engine.scan import Scanner, ScanSettings
 from halfclose.agent.kernel.netns import NetnsHandle
-from support.scratchnet import run, scratch_netns, skip_unless_root, ss
+from support.scratchnet import redirect_pod, run, scratch_netns, skip_unless_root, ss
 
 pytestmark = pytest.mark.kernel
 
@@ -44,16 +44,9 @@ SETTINGS = ScanSettings(capture_ports=frozenset({PROXY_PORT}), rules_max_age_sec
 
 
 def _pod(ns: str) -> None:
-    run("ip", "addr", "add", f"{APP_IP}/24", "dev", "lo", netns=ns)
-    run("ip", "addr", "add", f"{SERVICE[0]}/32", "dev", "lo", netns=ns)
-    run(
-        "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", SERVICE[0],
-        "--dport", str(SERVICE[1]), "-j", "REDIRECT", "--to-ports", str(PROXY_PORT), netns=ns,
-    )  # fmt: skip
-    for name in ("close_wait", "fin_wait"):
-        run(
-            "sysctl", "-qw", f"net.netfilter.nf_conntrack_tcp_timeout_{name}={CLOSE_WAIT}", netns=ns
-        )
+    redirect_pod(
+        ns, APP_IP, SERVICE, PROXY_PORT, {"close_wait": CLOSE_WAIT, "fin_wait": CLOSE_WAIT}
+    )
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from halfclose.agent.daemon import schedule
 from halfclose.agent.engine.recheck import recheck
 from halfclose.agent.engine.scan import Scanner, ScanSettings
 from halfclose.agent.kernel.netns import NetnsHandle
-from support.scratchnet import run, scratch_netns, skip_unless_root, ss, wait_for
+from support.scratchnet import redirect_pod, run, scratch_netns, skip_unless_root, ss, wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -39,16 +39,9 @@ SETTINGS = ScanSettings(capture_ports=frozenset({PROXY_PORT}), rules_max_age_sec
 
 
 def _pod(ns: str) -> None:
-    run("ip", "addr", "add", f"{APP_IP}/24", "dev", "lo", netns=ns)
-    run("ip", "addr", "add", f"{SERVICE[0]}/32", "dev", "lo", netns=ns)
-    run(
-        "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", SERVICE[0],
-        "--dport", str(SERVICE[1]), "-j", "REDIRECT", "--to-ports", str(PROXY_PORT), netns=ns,
-    )  # fmt: skip
-    timeouts = {"close_wait": HALF_CLOSED, "fin_wait": HALF_CLOSED, "last_ack": TIME_WAIT,
-                "time_wait": TIME_WAIT}  # fmt: skip
-    for name, seconds in timeouts.items():
-        run("sysctl", "-qw", f"net.netfilter.nf_conntrack_tcp_timeout_{name}={seconds}", netns=ns)
+    half_closed = {"close_wait": HALF_CLOSED, "fin_wait": HALF_CLOSED}
+    redirect_pod(ns, APP_IP, SERVICE, PROXY_PORT, {**half_closed, "last_ack": TIME_WAIT,
+                                                   "time_wait": TIME_WAIT})  # fmt: skip
 
 
 def _entry_state(ns: str, app_port: int) -> str | None:
