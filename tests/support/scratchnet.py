@@ -11,6 +11,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -185,3 +186,35 @@ def redirect_pod(
             "sysctl", "-qw", f"net.netfilter.nf_conntrack_tcp_timeout_{name}={seconds}",
             netns=netns,
         )  # fmt: skip
+
+
+@contextlib.contextmanager
+def proxied_pairs(
+    handle: Any, n: int, app_ip: str, service: tuple[str, int], proxy_port: int
+) -> Iterator[list[tuple[socket.socket, socket.socket]]]:
+    """``n`` connections of the app's to ``service``, REDIRECTed to a listener on
+    ``proxy_port`` inside ``handle``'s netns (see ``redirect_pod``), each past one
+    exchange of data: (app, proxy) sockets, closed at exit."""
+    held: list[socket.socket] = []
+    pairs: list[tuple[socket.socket, socket.socket]] = []
+    try:
+        with handle.entered():
+            listener = socket.socket()
+            held.append(listener)
+            listener.bind(("0.0.0.0", proxy_port))
+            listener.listen(16)
+            for _ in range(n):
+                app = socket.socket()
+                held.append(app)
+                app.bind((app_ip, 0))
+                app.connect(service)
+                down, _ = listener.accept()
+                held.append(down)
+                pairs.append((app, down))
+        for app, down in pairs:
+            app.sendall(b"hello")
+            assert down.recv(16) == b"hello"
+        yield pairs
+    finally:
+        for s in held:
+            s.close()

@@ -32,7 +32,14 @@ from halfclose.agent.engine.act import Executor
 from halfclose.agent.engine.recheck import recheck
 from halfclose.agent.engine.scan import Scanner, ScanSettings
 from halfclose.agent.kernel.netns import NetnsHandle
-from support.scratchnet import redirect_pod, run, scratch_netns, skip_unless_root, ss
+from support.scratchnet import (
+    proxied_pairs,
+    redirect_pod,
+    run,
+    scratch_netns,
+    skip_unless_root,
+    ss,
+)
 
 pytestmark = pytest.mark.kernel
 
@@ -53,31 +60,11 @@ def _pod(ns: str) -> None:
 def half_closed(handle: NetnsHandle, n: int) -> Iterator[list[tuple[socket.socket, socket.socket]]]:
     """``n`` proxied connections whose proxy forwarded the upstream's FIN
     (``shutdown(SHUT_WR)``) while the app stays open: (app, proxy) sockets."""
-    held: list[socket.socket] = []
-    pairs: list[tuple[socket.socket, socket.socket]] = []
-    try:
-        with handle.entered():
-            listener = socket.socket()
-            held.append(listener)
-            listener.bind(("0.0.0.0", PROXY_PORT))
-            listener.listen(16)
-            for _ in range(n):
-                app = socket.socket()
-                held.append(app)
-                app.bind((APP_IP, 0))
-                app.connect(SERVICE)
-                down, _ = listener.accept()
-                held.append(down)
-                pairs.append((app, down))
+    with proxied_pairs(handle, n, APP_IP, SERVICE, PROXY_PORT) as pairs:
         for app, down in pairs:
-            app.sendall(b"hello")
-            assert down.recv(16) == b"hello"
             down.shutdown(socket.SHUT_WR)
             assert app.recv(16) == b""  # the FIN arrived: the entry is in CLOSE_WAIT
         yield pairs
-    finally:
-        for s in held:
-            s.close()
 
 
 def _entries(ns: str, app_port: int) -> str:

@@ -26,7 +26,15 @@ from halfclose.agent.daemon import schedule
 from halfclose.agent.engine.recheck import recheck
 from halfclose.agent.engine.scan import Scanner, ScanSettings
 from halfclose.agent.kernel.netns import NetnsHandle
-from support.scratchnet import redirect_pod, run, scratch_netns, skip_unless_root, ss, wait_for
+from support.scratchnet import (
+    proxied_pairs,
+    redirect_pod,
+    run,
+    scratch_netns,
+    skip_unless_root,
+    ss,
+    wait_for,
+)
 
 pytestmark = pytest.mark.kernel
 
@@ -53,24 +61,13 @@ def _entry_state(ns: str, app_port: int) -> str | None:
 
 def test_an_entry_moved_on_by_a_retransmitted_fin_dates_the_leak() -> None:
     skip_unless_root("iptables", "conntrack", "ss", "sysctl")
-    with scratch_netns("finrx") as ns, NetnsHandle.from_name(ns) as handle:
+    with (
+        scratch_netns("finrx") as ns,
+        NetnsHandle.from_name(ns) as handle,
+    ):
         _pod(ns)
-        held: list[socket.socket] = []
-        try:
-            with handle.entered():
-                listener = socket.socket()
-                held.append(listener)
-                listener.bind(("0.0.0.0", PROXY_PORT))
-                listener.listen(1)
-                app = socket.socket()
-                held.append(app)
-                app.bind((APP_IP, 0))
-                app.connect(SERVICE)
-                down, _ = listener.accept()
-                held.append(down)
+        with proxied_pairs(handle, 1, APP_IP, SERVICE, PROXY_PORT) as [(app, down)]:
             app_port = app.getsockname()[1]
-            app.sendall(b"hello")
-            assert down.recv(16) == b"hello"
             # Every packet of the app's to the proxy is dropped after conntrack.
             drop = ["OUTPUT", "-p", "tcp", "-s", APP_IP, "--sport", str(app_port),
                     "--dport", str(PROXY_PORT), "-j", "DROP"]  # fmt: skip
@@ -101,6 +98,3 @@ def test_an_entry_moved_on_by_a_retransmitted_fin_dates_the_leak() -> None:
                 assert result is not None
                 (after,) = result.findings
                 assert after.kind is Kind.LEAKED, (after.kind, after.reason, after.entry)
-        finally:
-            for s in held:
-                s.close()
