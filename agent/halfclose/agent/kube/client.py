@@ -120,7 +120,13 @@ class WatchStream:
 
     def events(self) -> Iterator[JSON]:
         """One JSON object per line until the server ends the stream (a broken
-        stream raises: ``IncompleteRead``, a reset, or a read timeout)."""
+        stream raises: ``IncompleteRead``, a reset, or a read timeout).
+
+        The API server ends every event with a newline; bytes left without one
+        when a stream ends cleanly are an event a proxy cut off (it ended the
+        body between two of its reads).  They are dropped, not decoded: the
+        caller resumes from the last event it got, which brings that one again.
+        """
         # read1, not readline: on a chunked body readline goes through peek(),
         # which turns a broken stream into a quiet end (and a cut line).
         buffer = b""
@@ -136,8 +142,6 @@ class WatchStream:
                 for line in lines:
                     if line.strip():
                         yield json.loads(line)
-            if buffer.strip():
-                yield json.loads(buffer)
         finally:
             self.connection.close()
 
